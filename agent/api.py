@@ -1,0 +1,418 @@
+"""The Prefect REST client: auth headers, retries with backoff, typed errors, tolerant parsing.
+
+Every call goes through `PrefectClient._request`:
+
+- transport errors (timeouts included), 408, 429 and 5xx are retried with exponential backoff
+  and full jitter, honouring `Retry-After` (seconds or an HTTP date, capped); after the last
+  attempt `ApiUnavailable` names the method, path and last error;
+- 401 and 403 fail at once with `CredentialsRefused` (retrying cannot fix a key);
+- any other 4xx is `ApiError(status, detail)`;
+- a body that does not parse (invalid JSON, an HTML error page, the wrong shape) is
+  `MalformedResponse`, never a raw json or pydantic exception. In list responses a malformed
+  item is logged (logger "agent.api") and skipped; the other items are kept.
+
+Claims. `set_flow_run_state` sends a fresh `state_details.transition_id` per proposal (kept
+across the retries of that proposal). Observed against Prefect 3.8.8 (tests/integration/
+test_api_live.py): when a second client proposes PENDING for a run that is already PENDING,
+the server answers **ABORT** with the reason "This run is in a PENDING state and cannot
+transition to a PENDING state." (it never answers ACCEPT twice), so only one claimant wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
+from urllib.parse import quote
+from uuid import UUID, uuid4
+
+import httpx
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from agent import __version__
+from agent.schemas import Deployment, FlowRun, Identified, OrchestrationResult, State
+
+log = logging.getLogger("agent.api")
+
+# The API version Prefect 3.8.8's own client sends (prefect/client/constants.py).
+API_VERSION = "0.8.4"
+RETRY_STATUSES = frozenset({408, 429})
+EXCERPT_CHARS = 200
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiConfig(Protocol):
+    """What the client reads from `settings.ApiSettings`."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def key(self) -> SecretStr | None: ...
+    @property
+    def auth_string(self) -> SecretStr | None: ...
+    @property
+    def timeout(self) -> float: ...
+
+
+class PrefectApiError(Exception):
+    """Base of every error the client raises."""
+
+
+class ApiUnavailable(PrefectApiError):
+    """The server could not be reached or kept failing (transport errors, 408, 429, 5xx)."""
+
+
+class CredentialsRefused(PrefectApiError):
+    """401 or 403: the key or auth string is wrong or lacks permission."""
+
+
+class ApiError(PrefectApiError):
+    """A definite client error (4xx other than 401/403/408/429)."""
+
+    def __init__(self, status: int, detail: str, method: str = "", path: str = "") -> None:
+        self.status = status
+        self.detail = detail
+        where = f"{method} {path} " if method else ""
+        super().__init__(f"{where}answered HTTP {status}: {detail}")
+
+
+class MalformedResponse(PrefectApiError):
+    """A response body that is not what the endpoint documents."""
+
+    def __init__(self, method: str, path: str, status: int, problem: str, body: str) -> None:
+        self.method, self.path, self.status, self.problem = method, path, status, problem
+        self.excerpt = excerpt(body)
+        super().__init__(
+            f"{method} {path} answered HTTP {status} with a malformed body ({problem}): "
+            f"{self.excerpt!r}"
+        )
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One short line about a validation error, without the (possibly huge) input."""
+    errors = exc.errors(include_input=False, include_url=False)
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """`Retry-After` as seconds from now (>= 0), or None when absent or unreadable."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def auth_headers(config: ApiConfig) -> dict[str, str]:
+    # Like Prefect's own client: a self-hosted auth string wins over a Cloud key.
+    if config.auth_string is not None and config.auth_string.get_secret_value():
+        token = base64.b64encode(config.auth_string.get_secret_value().encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    if config.key is not None and config.key.get_secret_value():
+        return {"Authorization": f"Bearer {config.key.get_secret_value()}"}
+    return {}
+
+
+def _display_url(url: str) -> str:
+    # A URL with user:pass@ must not put the password into messages.
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "<the configured API URL>"
+
+
+class PrefectClient:
+    """An async context manager around one `httpx.AsyncClient` for the Prefect API."""
+
+    def __init__(
+        self,
+        api: ApiConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_attempts: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 10.0,
+        retry_after_max: float = 60.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.url = _display_url(api.url)
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._retry_after_max = retry_after_max
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._auth = auth_headers(api)
+        headers = {
+            "X-PREFECT-API-VERSION": API_VERSION,
+            "User-Agent": f"runner-agent/{__version__}",
+            **self._auth,
+        }
+        self._http = httpx.AsyncClient(
+            base_url=api.url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(api.timeout),
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header (if any), for other connections such as websockets."""
+        return dict(self._auth)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed `attempt` (1-based): full jitter, or the server's word."""
+        if retry_after is not None:
+            return min(retry_after, self._retry_after_max)
+        cap = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
+        return self._rng.uniform(0.0, cap)
+
+    async def _request(
+        self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None
+    ) -> httpx.Response:
+        last_error = "no attempt made"
+        for attempt in range(1, self._max_attempts + 1):
+            retry_after: float | None = None
+            try:
+                response = await self._http.request(
+                    method, path.lstrip("/"), json=body, params=params
+                )
+            except httpx.DecodingError as exc:
+                raise MalformedResponse(method, path, 0, f"undecodable body: {exc}", "") from exc
+            except httpx.RequestError as exc:
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                status = response.status_code
+                if status in (401, 403):
+                    raise CredentialsRefused(
+                        f"the API credentials were refused by {self.url} "
+                        f"(HTTP {status} on {method} {path}); check api.key / api.auth_string"
+                    )
+                if status in RETRY_STATUSES or status >= 500:
+                    last_error = f"HTTP {status}: {excerpt(response.text.strip())}"
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                elif status >= 400:
+                    raise ApiError(status, _detail(response), method, path)
+                else:
+                    return response
+            if attempt < self._max_attempts:
+                delay = self.backoff(attempt, retry_after)
+                log.debug("%s %s failed (%s); attempt %d/%d, retrying in %.2fs",
+                          method, path, last_error, attempt, self._max_attempts, delay)
+                await self._sleep(delay)
+        raise ApiUnavailable(
+            f"{method} {path} failed after {self._max_attempts} attempt(s) "
+            f"against {self.url}: {last_error}"
+        )
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except (ValueError, RecursionError) as exc:
+            raise self._malformed(response, f"not JSON: {type(exc).__name__}") from exc
+
+    def _malformed(self, response: httpx.Response, problem: str) -> MalformedResponse:
+        try:
+            text = response.text
+        except (UnicodeDecodeError, LookupError):
+            text = repr(response.content[:EXCERPT_CHARS])
+        return MalformedResponse(
+            response.request.method, self._path_of(response), response.status_code, problem, text
+        )
+
+    def _path_of(self, response: httpx.Response) -> str:
+        """The request's path relative to the API URL, as callers wrote it."""
+        path, base = response.request.url.path, self._http.base_url.path
+        return "/" + path[len(base):] if path.startswith(base) else path
+
+    def _one(self, response: httpx.Response, model: type[M]) -> M:
+        data = self._json(response)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise self._malformed(
+                response, f"not a {model.__name__}: {describe_validation(exc)}"
+            ) from exc
+
+    def _many(self, response: httpx.Response, model: type[M]) -> list[M]:
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise self._malformed(response, f"expected a list of {model.__name__}")
+        items: list[M] = []
+        for index, item in enumerate(data):
+            try:
+                items.append(model.model_validate(item))
+            except ValidationError as exc:
+                item_id = item.get("id") if isinstance(item, dict) else None
+                log.warning(
+                    "skipping malformed %s #%d (id %s) from %s %s: %s; item: %s",
+                    model.__name__, index, excerpt(str(item_id), 60),
+                    response.request.method, self._path_of(response),
+                    describe_validation(exc), excerpt(_dump(item)),
+                )
+        return items
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def health(self) -> None:
+        response = await self._request("GET", "/health")
+        if self._json(response) is not True:
+            raise ApiUnavailable(f"GET /health on {self.url} answered {excerpt(response.text)!r}")
+
+    async def upsert_flow(self, name: str) -> UUID:
+        response = await self._request("POST", "/flows/", body={"name": name})
+        return self._one(response, Identified).id
+
+    async def upsert_deployment(self, body: dict[str, Any]) -> UUID:
+        response = await self._request("POST", "/deployments/", body=body)
+        return self._one(response, Identified).id
+
+    async def update_deployment(self, deployment_id: UUID, patch: dict[str, Any]) -> None:
+        await self._request("PATCH", f"/deployments/{deployment_id}", body=patch)
+
+    async def read_deployment(self, deployment_id: UUID) -> Deployment:
+        response = await self._request("GET", f"/deployments/{deployment_id}")
+        return self._one(response, Deployment)
+
+    async def read_deployment_by_name(
+        self, flow_name: str, deployment_name: str
+    ) -> dict[str, Any] | None:
+        """The server's deployment as raw JSON (for comparing with a wanted body), or None."""
+        path = f"/deployments/name/{quote(flow_name, safe='')}/{quote(deployment_name, safe='')}"
+        try:
+            response = await self._request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = self._json(response)
+        self._one(response, Identified)  # it must at least carry an id
+        if not isinstance(data, dict):  # pragma: no cover - Identified rejects non-objects
+            raise self._malformed(response, "expected an object")
+        return data
+
+    async def filter_deployments(self, body: dict[str, Any]) -> list[Deployment]:
+        response = await self._request("POST", "/deployments/filter", body=body)
+        return self._many(response, Deployment)
+
+    async def get_scheduled_flow_runs(
+        self, deployment_ids: Iterable[UUID], scheduled_before: datetime, limit: int
+    ) -> list[FlowRun]:
+        """SCHEDULED runs of these deployments due before `scheduled_before`, soonest first."""
+        if scheduled_before.tzinfo is None:
+            scheduled_before = scheduled_before.replace(tzinfo=UTC)
+        body = {
+            "deployment_ids": [str(d) for d in deployment_ids],
+            "scheduled_before": scheduled_before.isoformat(),
+            "limit": limit,
+        }
+        response = await self._request("POST", "/deployments/get_scheduled_flow_runs", body=body)
+        return self._many(response, FlowRun)
+
+    async def create_flow_run(
+        self,
+        deployment_id: UUID,
+        *,
+        state: dict[str, Any] | None = None,
+        parameters: dict[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        name: str | None = None,
+    ) -> FlowRun:
+        """A run of a deployment (SCHEDULED for now unless `state` says otherwise)."""
+        fields = {"state": state, "parameters": parameters, "name": name,
+                  "tags": list(tags) if tags is not None else None}
+        body = {key: value for key, value in fields.items() if value is not None}
+        path = f"/deployments/{deployment_id}/create_flow_run"
+        return self._one(await self._request("POST", path, body=body), FlowRun)
+
+    async def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
+        response = await self._request("GET", f"/flow_runs/{flow_run_id}")
+        return self._one(response, FlowRun)
+
+    async def filter_flow_runs(self, body: dict[str, Any]) -> list[FlowRun]:
+        response = await self._request("POST", "/flow_runs/filter", body=body)
+        return self._many(response, FlowRun)
+
+    async def set_flow_run_state(
+        self, flow_run_id: UUID, state: dict[str, Any], *, force: bool
+    ) -> OrchestrationResult:
+        """Propose `state`; its transition_id is a fresh uuid4 unless the caller set one."""
+        details = dict(state.get("state_details") or {})
+        details.setdefault("transition_id", str(uuid4()))
+        body = {"state": {**state, "state_details": details}, "force": force}
+        response = await self._request("POST", f"/flow_runs/{flow_run_id}/set_state", body=body)
+        return self._one(response, OrchestrationResult)
+
+    async def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
+        response = await self._request(
+            "GET", "/flow_run_states/", params={"flow_run_id": str(flow_run_id)}
+        )
+        return self._many(response, State)
+
+    async def create_logs(self, logs: Sequence[dict[str, Any]]) -> None:
+        if logs:
+            await self._request("POST", "/logs/", body=list(logs))
+
+    async def emit_events(self, events: Sequence[dict[str, Any]]) -> None:
+        if events:
+            await self._request("POST", "/events", body=list(events))
+
+
+def _detail(response: httpx.Response) -> str:
+    """FastAPI's `{"detail": ...}` when present, else an excerpt of the body."""
+    try:
+        data = response.json()
+    except (ValueError, RecursionError):
+        return excerpt(response.text.strip()) or response.reason_phrase
+    if isinstance(data, dict) and "detail" in data:
+        data = data["detail"]
+    return excerpt(data if isinstance(data, str) else _dump(data))
+
+
+def _dump(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)

@@ -1,0 +1,255 @@
+"""Process lifecycle of `runner-agent run`: event loop, signals, reload, the service stack.
+
+The services are entered in an AsyncExitStack and torn down in exactly the reverse order:
+API client (first in, last out), flow-run log shipper, then the runner and the watchdog in one
+TaskGroup. So the runner stops first, its last messages are flushed while the client still
+lives, and the client closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from agent import __version__
+from agent.api import PrefectClient
+from agent.cancellation import CANCELLING_EVENT, CancellationWatcher
+from agent.events import EventEmitter
+from agent.heartbeats import Heartbeats
+from agent.deployments import DeploymentRegistry
+from agent.flowlogs import FlowRunLogs
+from agent.launcher import select_launcher
+from agent.logs import LogSetup, configure_logging
+from agent.notify import Liveness, Notifier, run_watchdog
+from agent.runner import Runner
+from agent.settings import ConfigError, Settings, load_settings
+from agent.storage import Storage
+from agent.subscription import EventSubscription
+
+log = logging.getLogger("agent.daemon")
+
+EX_OK = 0
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
+
+
+class StartupError(Exception):
+    """A host problem found before start (exit 78: restarting would not help)."""
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    values = []
+    for secret in (settings.api.key, settings.api.auth_string):
+        if secret is not None:
+            values.append(secret.get_secret_value())
+    return values
+
+
+def prepare_directories(settings: Settings) -> None:
+    """Create the state and runtime directories (0700) and prove they are writable."""
+    for directory in (settings.agent.state_dir, settings.agent.runtime_dir):
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe = directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StartupError(
+                f"{directory}: not a writable directory ({exc.strerror or exc})"
+            ) from exc
+
+
+def _credentials_dir(environ: Mapping[str, str]) -> Path | None:
+    value = environ.get("CREDENTIALS_DIRECTORY")
+    return Path(value) if value else None
+
+
+def run(
+    settings: Settings,
+    *,
+    config_path: Path | None,
+    environ: Mapping[str, str],
+    log_level: str = "info",
+) -> int:
+    log_setup = configure_logging(log_level, environ=environ)
+    log_setup.set_secrets(secrets_of(settings))
+    try:
+        prepare_directories(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EX_CONFIG
+    daemon = Daemon(settings, config_path=config_path, environ=environ, log_setup=log_setup)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(daemon.main())
+    return uvloop.run(daemon.main())
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None,
+        environ: Mapping[str, str],
+        log_setup: LogSetup,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.environ = environ
+        self.log_setup = log_setup
+        self.notifier = Notifier(environ)
+        self.liveness = Liveness()
+        self._runner: Runner | None = None
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            return await self._serve(stop)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def _serve(self, stop: asyncio.Event) -> int:
+        settings = self.settings
+        launcher = select_launcher(
+            settings.agent.launcher, slice=settings.agent.slice, is_root=os.geteuid() == 0
+        )
+        token = settings.api.key.get_secret_value() if settings.api.key else None
+        async with AsyncExitStack() as stack:
+            # Entered in this order, torn down in reverse: client last out.
+            client = await stack.enter_async_context(PrefectClient(settings.api))
+            emitter = await stack.enter_async_context(
+                EventEmitter(client.emit_events, api_url=settings.api.url, token=token,
+                             headers=client.auth_headers())
+            )
+            flow_logs = await stack.enter_async_context(FlowRunLogs(client.create_logs))
+            runner = Runner(
+                settings,
+                client=client,
+                launcher=launcher,
+                flow_logs=flow_logs,
+                liveness=self.liveness,
+                registry=DeploymentRegistry(client, settings.agent.state_dir),
+                storage=Storage(
+                    settings.agent.state_dir,
+                    credentials_dir=_credentials_dir(self.environ),
+                    environ=self.environ,
+                ),
+            )
+            self._runner = runner
+            heartbeats = Heartbeats(
+                emitter=emitter,
+                settings=lambda: runner.settings,
+                supervisors=lambda: runner.supervisors,
+                flow_names=runner.flow_names,
+                launcher_name=launcher.name,
+                liveness=self.liveness,
+            )
+            runner.on_cancelled = heartbeats.emit_cancelled
+            subscription = EventSubscription(
+                settings.api.url, token=token, headers=client.auth_headers(),
+                on_connection_change=lambda _up: watcher.connection_changed(),
+            )
+            watcher = CancellationWatcher(
+                client=client,
+                supervisors=lambda: runner.supervisors,
+                poll_interval=lambda: runner.settings.agent.poll_interval,
+                websocket_connected=lambda: subscription.connected,
+                liveness=self.liveness,
+            )
+            subscription.subscribe(CANCELLING_EVENT, watcher.on_event)
+            runner.on_deployments_changed = lambda ids: subscription.set_related(
+                SCHEDULED_EVENT, [f"prefect.deployment.{i}" for i in ids]
+            )
+            subscription.subscribe(SCHEDULED_EVENT, lambda _event: runner.wake())
+            interval = self.notifier.watchdog_interval or min(
+                settings.agent.heartbeat_interval, 30.0
+            )
+            async with asyncio.TaskGroup() as group:
+                runner_task = group.create_task(runner.run(), name="runner")
+                services = [
+                    group.create_task(
+                        run_watchdog(self.notifier, self.liveness, interval=interval,
+                                     on_tick=heartbeats.agent_tick, status=runner.status_text),
+                        name="watchdog",
+                    ),
+                    group.create_task(heartbeats.run(), name="heartbeats"),
+                    group.create_task(watcher.run(), name="cancellation"),
+                ]
+                if settings.agent.events_websocket:
+                    services.append(group.create_task(subscription.run(), name="subscription"))
+                log.info(
+                    "runner-agent %s started as %r on %s (launcher %s, limit %d, %d deployments)",
+                    __version__,
+                    settings.agent.name,
+                    socket.gethostname(),
+                    launcher.name,
+                    settings.agent.limit,
+                    len(settings.deployments),
+                )
+                self.notifier.status(runner.status_text())
+                self.notifier.ready()
+                await stop.wait()
+                self.notifier.stopping()
+                log.info("stopping; flow runs keep running in their own units")
+                runner.stop()
+                await runner_task
+                for task in services:
+                    task.cancel()
+        return EX_OK
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one when the new one is invalid."""
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_path, self.environ)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.notifier.ready()
+            return
+        restart_needed = [
+            name
+            for name, old_value, new_value in (
+                ("api", self.settings.api, new.api),
+                ("agent.state_dir", self.settings.agent.state_dir, new.agent.state_dir),
+                ("agent.runtime_dir", self.settings.agent.runtime_dir, new.agent.runtime_dir),
+                ("agent.launcher", self.settings.agent.launcher, new.agent.launcher),
+                ("agent.slice", self.settings.agent.slice, new.agent.slice),
+            )
+            if old_value != new_value
+        ]
+        if restart_needed:
+            log.warning(
+                "reload: changes to %s take effect at the next restart", ", ".join(restart_needed)
+            )
+            # Keep what the running services were built from; apply everything else.
+            old = self.settings.agent
+            new = new.model_copy(update={
+                "api": self.settings.api,
+                "agent": new.agent.model_copy(update={
+                    "state_dir": old.state_dir, "runtime_dir": old.runtime_dir,
+                    "launcher": old.launcher, "slice": old.slice,
+                }),
+            })
+        self.log_setup.set_secrets(secrets_of(self.settings) + secrets_of(new))
+        self.settings = new
+        if self._runner is not None:
+            self._runner.apply(new)
+        log.info("reloaded the config (%d deployments)", len(new.deployments))
+        with contextlib.suppress(Exception):
+            self.notifier.ready()

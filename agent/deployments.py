@@ -1,0 +1,177 @@
+"""Registering the config's `[[deployment]]`s with the Prefect server.
+
+The config is the source of truth: at start and on reload every deployment is upserted, and the
+deployments this host registered before but that left the config are paused (never deleted, so
+their history stays). Stopping the agent pauses nothing: restarts must not lose schedules.
+
+An upsert makes the server delete the deployment's future auto-scheduled runs and schedule them
+again, so a deployment whose server copy already matches the config is left untouched. Without
+that, every agent restart in a fleet would churn every schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from agent.api import PrefectApiError, PrefectClient
+from agent.settings import CronSchedule, DeploymentSettings
+
+log = logging.getLogger("agent.deployments")
+
+REGISTRY_FILE = "deployments.json"
+
+
+@dataclass(frozen=True)
+class RegisteredDeployment:
+    name: str
+    id: UUID
+    flow_id: UUID
+    flow_name: str
+
+
+def schedule_body(deployment: DeploymentSettings) -> list[dict[str, Any]]:
+    schedule = deployment.schedule
+    if schedule is None:
+        return []
+    if isinstance(schedule, CronSchedule):
+        spec: dict[str, Any] = {"cron": schedule.cron, "timezone": schedule.timezone}
+    else:
+        spec = {"interval": float(schedule.interval)}
+    return [{"schedule": spec, "active": True}]
+
+
+def deployment_body(deployment: DeploymentSettings, flow_id: UUID) -> dict[str, Any]:
+    return {
+        "name": deployment.name,
+        "flow_id": str(flow_id),
+        "paused": False,
+        "schedules": schedule_body(deployment),
+        "parameters": dict(deployment.parameters),
+        "tags": list(deployment.tags),
+        "description": deployment.description or None,
+        # A git deployment's code lives in a per-commit checkout chosen at claim time.
+        "path": str(deployment.path) if deployment.path is not None else None,
+        "entrypoint": deployment.entrypoint,
+        "enforce_parameter_schema": False,
+    }
+
+
+def _schedules_of(existing: Mapping[str, Any]) -> list[dict[str, Any]]:
+    result = []
+    for item in existing.get("schedules") or []:
+        schedule = dict(item.get("schedule") or {})
+        if "cron" in schedule:
+            spec: dict[str, Any] = {"cron": schedule["cron"], "timezone": schedule.get("timezone")}
+        else:
+            spec = {"interval": float(schedule.get("interval") or 0)}
+        result.append({"schedule": spec, "active": bool(item.get("active"))})
+    return result
+
+
+def is_up_to_date(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """True when the server's copy already says what the config says."""
+    for key in ("paused", "parameters", "description", "path", "entrypoint"):
+        if existing.get(key) != wanted.get(key):
+            return False
+    if sorted(existing.get("tags") or []) != sorted(wanted["tags"]):
+        return False
+    return bool(_schedules_of(existing) == wanted["schedules"])
+
+
+class DeploymentRegistry:
+    """Keeps the server's deployments in line with the config.
+
+    The names this host registered are remembered in `<state_dir>/deployments.json` so that a
+    deployment removed from the config can be paused after a restart too.
+    """
+
+    def __init__(self, client: PrefectClient, state_dir: Path) -> None:
+        self._client = client
+        self._registry_path = state_dir / REGISTRY_FILE
+
+    async def sync(
+        self, deployments: tuple[DeploymentSettings, ...]
+    ) -> dict[str, RegisteredDeployment]:
+        """Upsert every deployment, pause the removed ones; return name -> registration.
+
+        A deployment that fails to register is logged and left out; the others still run.
+        """
+        registered: dict[str, RegisteredDeployment] = {}
+        for deployment in deployments:
+            try:
+                registered[deployment.name] = await self._upsert(deployment)
+            except PrefectApiError as exc:
+                log.error(
+                    "could not register deployment %r: %s",
+                    deployment.name,
+                    exc,
+                    extra={"deployment": deployment.name},
+                )
+        remembered = {name: reg.id for name, reg in registered.items()}
+        configured = {d.name for d in deployments}
+        for name, deployment_id in self._load().items():
+            if name in configured:
+                # Configured but failed to register this time: keep it on the books.
+                remembered.setdefault(name, deployment_id)
+                continue
+            try:
+                await self._client.update_deployment(deployment_id, {"paused": True})
+                log.info(
+                    "paused deployment %r: it was removed from the config",
+                    name,
+                    extra={"deployment": name},
+                )
+            except PrefectApiError as exc:
+                log.warning("could not pause removed deployment %r: %s", name, exc)
+                remembered[name] = deployment_id  # the next start or reload tries again
+        self._save(remembered)
+        return registered
+
+    async def _upsert(self, deployment: DeploymentSettings) -> RegisteredDeployment:
+        flow_id = await self._client.upsert_flow(deployment.flow_name)
+        wanted = deployment_body(deployment, flow_id)
+        existing = await self._client.read_deployment_by_name(
+            deployment.flow_name, deployment.name
+        )
+        if existing is not None and is_up_to_date(existing, wanted):
+            deployment_id = UUID(str(existing["id"]))
+            log.info(
+                "deployment %r is up to date (%s)",
+                deployment.name,
+                deployment_id,
+                extra={"deployment": deployment.name},
+            )
+        else:
+            deployment_id = await self._client.upsert_deployment(wanted)
+            log.info(
+                "registered deployment %r (%s)",
+                deployment.name,
+                deployment_id,
+                extra={"deployment": deployment.name},
+            )
+        return RegisteredDeployment(deployment.name, deployment_id, flow_id, deployment.flow_name)
+
+    def _load(self) -> dict[str, UUID]:
+        try:
+            raw = json.loads(self._registry_path.read_text())
+            return {str(name): UUID(str(value)) for name, value in dict(raw).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._registry_path, exc)
+            return {}
+
+    def _save(self, registered: Mapping[str, UUID]) -> None:
+        tmp = self._registry_path.with_suffix(".tmp")
+        data = json.dumps({name: str(value) for name, value in sorted(registered.items())})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(data)
+        tmp.replace(self._registry_path)

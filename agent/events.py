@@ -1,0 +1,384 @@
+"""Events out: Prefect-shaped event builders and a bounded, batching emitter.
+
+The builders are pure functions of plain values and produce the JSON bodies that
+`POST /api/events` takes (prefect/events/schemas/events.py `Event`). The shapes follow what
+Prefect 3.8 itself emits, so automations written for Prefect's engine and runner (such as the
+documented zombie-run automation on `prefect.flow-run.heartbeat`) match them unchanged.
+
+`EventEmitter.emit()` never blocks and never raises: events wait in a bounded buffer (oldest
+dropped first, and counted) and a background task posts them in batches, retrying with backoff
+through API outages. If the server refuses `POST /api/events` (404/405), it switches to the
+`/api/events/in` websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from uuid import UUID, uuid4
+
+from agent.subscription import open_prefect_socket, websocket_url
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+log = logging.getLogger("agent.events")
+
+Event = dict[str, Any]
+SendEvents = Callable[[list[Event]], Awaitable[None]]
+Id = UUID | str
+
+FLOW_RUN_HEARTBEAT = "prefect.flow-run.heartbeat"
+AGENT_HEARTBEAT = "runner-agent.heartbeat"
+CANCELLED_FLOW_RUN = "prefect.runner.cancelled-flow-run"
+
+
+# -- builders ----------------------------------------------------------------------------
+
+
+def slugify(text: str) -> str:
+    """Like python-slugify's default, which Prefect's runner uses for its resource id."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+
+
+def runner_resource(agent_name: str) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"prefect.runner.{slugify(agent_name)}",
+        "prefect.resource.name": agent_name,
+    }
+
+
+def tag_resources(tags: Iterable[str]) -> list[dict[str, str]]:
+    """Tags as related resources, sorted and unique (prefect.events.related)."""
+    return [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in sorted(set(tags))
+    ]
+
+
+def build_event(
+    name: str,
+    resource: Mapping[str, str],
+    related: Iterable[Mapping[str, str]] = (),
+    payload: Mapping[str, Any] | None = None,
+    *,
+    occurred: datetime | None = None,
+    event_id: UUID | None = None,
+) -> Event:
+    return {
+        "id": str(event_id or uuid4()),
+        "occurred": (occurred or datetime.now(UTC)).isoformat(),
+        "event": name,
+        "resource": dict(resource),
+        "related": [dict(r) for r in related],
+        "payload": dict(payload or {}),
+    }
+
+
+def flow_run_heartbeat(
+    *,
+    flow_run_id: Id,
+    flow_run_name: str | None,
+    flow_id: Id | None,
+    flow_name: str | None,
+    deployment_id: Id | None,
+    tags: Iterable[str] = (),
+    occurred: datetime | None = None,
+) -> Event:
+    """`prefect.flow-run.heartbeat`, shaped like FlowRunEngine._build_heartbeat_event_template.
+
+    As there, the deployment carries no name and the tags are the run's own.
+    """
+    related: list[dict[str, str]] = []
+    if flow_id:
+        related.append({
+            "prefect.resource.id": f"prefect.flow.{flow_id}",
+            "prefect.resource.role": "flow",
+            "prefect.resource.name": flow_name or "",
+        })
+    if deployment_id:
+        related.append({
+            "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+            "prefect.resource.role": "deployment",
+        })
+    related += tag_resources(tags)
+    resource = {
+        "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+        "prefect.resource.name": flow_run_name or "",
+    }
+    return build_event(FLOW_RUN_HEARTBEAT, resource, related, occurred=occurred)
+
+
+def agent_heartbeat(
+    *,
+    agent_name: str,
+    host: str,
+    version: str,
+    limit: int | None,
+    running: int,
+    launcher: str,
+    occurred: datetime | None = None,
+) -> Event:
+    """`runner-agent.heartbeat` on the resource `prefect.runner.<agent name>`."""
+    payload = {
+        "host": host,
+        "version": version,
+        "limit": limit,
+        "running": running,
+        "launcher": launcher,
+    }
+    return build_event(
+        AGENT_HEARTBEAT, runner_resource(agent_name), (), payload, occurred=occurred
+    )
+
+
+def cancelled_flow_run(
+    *,
+    agent_name: str,
+    flow_run_id: Id,
+    flow_run_name: str | None,
+    flow_id: Id | None,
+    flow_name: str | None,
+    deployment_id: Id | None,
+    deployment_name: str | None,
+    tags: Iterable[str] = (),
+    deployment_tags: Iterable[str] = (),
+    occurred: datetime | None = None,
+) -> Event:
+    """`prefect.runner.cancelled-flow-run`, shaped like prefect.runner._event_emitter.
+
+    The runner is the resource; related are the deployment, flow, flow run (in that order),
+    then the union of the deployment's and the run's tags.
+    """
+    related: list[dict[str, str]] = []
+    if deployment_id:
+        related.append({
+            "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+            "prefect.resource.role": "deployment",
+            "prefect.resource.name": deployment_name or "",
+        })
+    if flow_id:
+        related.append({
+            "prefect.resource.id": f"prefect.flow.{flow_id}",
+            "prefect.resource.role": "flow",
+            "prefect.resource.name": flow_name or "",
+        })
+    related.append({
+        "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+        "prefect.resource.role": "flow-run",
+        "prefect.resource.name": flow_run_name or "",
+    })
+    related += tag_resources([*deployment_tags, *tags])
+    return build_event(
+        CANCELLED_FLOW_RUN, runner_resource(agent_name), related, occurred=occurred
+    )
+
+
+# -- emitter -----------------------------------------------------------------------------
+
+
+# The server says `POST /api/events` does not exist here: use the websocket instead.
+_ENDPOINT_REFUSED = frozenset({404, 405})
+# The server refuses these events themselves: retrying the same batch would block the queue.
+_EVENTS_REJECTED = frozenset({400, 409, 413, 422})
+
+
+def _status(exc: BaseException) -> object:
+    """The HTTP status an API error carries, whatever the attribute is called."""
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status
+
+
+class EventEmitter:
+    def __init__(
+        self,
+        send: SendEvents,
+        *,
+        api_url: str | None = None,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_buffered: int = 5_000,
+        batch_size: int = 200,
+        flush_interval: float = 1.0,
+        max_backoff: float = 30.0,
+        drop_report_interval: float = 60.0,
+        shutdown_timeout: float = 3.0,
+        open_timeout: float = 10.0,
+    ) -> None:
+        """`send` posts one batch (PrefectClient.emit_events); `api_url` enables the fallback."""
+        self._send = send
+        self._ws_url = websocket_url(api_url, "events/in") if api_url else None
+        self._token = token
+        self._headers = dict(headers or {})
+        self._max_buffered = max_buffered
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_backoff = max_backoff
+        self._drop_report_interval = drop_report_interval
+        self._shutdown_timeout = shutdown_timeout
+        self._open_timeout = open_timeout
+        self._buffer: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ws: ClientConnection | None = None
+        self.use_websocket = False
+        self.sent = 0
+        self.dropped = 0
+        self.rejected = 0
+        self._reported_drops = 0
+        self._last_drop_report = 0.0
+
+    # -- producer side (sync, never blocks, never raises) ----------------------------
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._buffer.append(event)
+            self._trim()
+            if len(self._buffer) >= self._batch_size:
+                self._wakeup.set()
+        except Exception:  # pragma: no cover - a deque append does not fail in practice
+            log.exception("could not queue an event")
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "pending": len(self._buffer),
+        }
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def _trim(self) -> None:
+        while len(self._buffer) > self._max_buffered:
+            self._buffer.popleft()
+            self.dropped += 1
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> EventEmitter:
+        self._task = asyncio.create_task(self.run(), name="event-emitter")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """One bounded last flush, then close the websocket (for TaskGroup use after run())."""
+        try:
+            async with asyncio.timeout(self._shutdown_timeout):
+                await self.flush()
+        except Exception as exc:
+            log.debug("final event flush failed: %r", exc)
+        await self._close_ws()
+        self._report_drops(force=True)
+        if self._buffer:
+            log.warning("%d events were not delivered at shutdown", len(self._buffer))
+
+    async def run(self) -> None:
+        """Post batches until cancelled."""
+        backoff = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wakeup.wait(), timeout=backoff or self._flush_interval
+                )
+            self._wakeup.clear()
+            self._report_drops()
+            try:
+                await self.flush()
+                backoff = 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if _status(exc) in _ENDPOINT_REFUSED and not self.use_websocket and self._ws_url:
+                    log.warning(
+                        "the server refused POST /events (%s); sending events over %s",
+                        exc, self._ws_url,
+                    )
+                    self.use_websocket = True
+                    continue
+                backoff = min(self._max_backoff, max(backoff * 2, self._flush_interval))
+                log.warning(
+                    "could not send %d events, retrying in %.0fs: %r", self.pending, backoff, exc
+                )
+                await self._close_ws()
+
+    async def flush(self) -> None:
+        """Send everything buffered; on failure the batch returns to the front, in order."""
+        while self._buffer:
+            count = min(self._batch_size, len(self._buffer))
+            batch = [self._buffer.popleft() for _ in range(count)]
+            try:
+                if self.use_websocket:
+                    await self._send_ws(batch)
+                else:
+                    await self._send(batch)
+            except Exception as exc:
+                if _status(exc) in _EVENTS_REJECTED:
+                    self.rejected += len(batch)
+                    log.error("the server rejected %d events, dropped them: %r", len(batch), exc)
+                    continue
+                self._requeue(batch)
+                raise
+            except BaseException:
+                self._requeue(batch)
+                raise
+            self.sent += len(batch)
+
+    def _requeue(self, batch: list[Event]) -> None:
+        self._buffer.extendleft(reversed(batch))
+        self._trim()
+
+    async def _send_ws(self, batch: list[Event]) -> None:
+        assert self._ws_url is not None
+        if self._ws is None:
+            self._ws = await open_prefect_socket(
+                self._ws_url, token=self._token, headers=self._headers,
+                open_timeout=self._open_timeout,
+            )
+        for event in batch:
+            await self._ws.send(json.dumps(event))
+        # A pong after the sends means the server has read them (as Prefect's checkpoint).
+        pong = await self._ws.ping()
+        async with asyncio.timeout(self._open_timeout):
+            await pong
+
+    async def _close_ws(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    def _report_drops(self, *, force: bool = False) -> None:
+        new = self.dropped - self._reported_drops
+        now = time.monotonic()
+        if new and (force or now - self._last_drop_report >= self._drop_report_interval):
+            log.warning("dropped %d events while the API was unreachable", new)
+            self._reported_drops = self.dropped
+            self._last_drop_report = now

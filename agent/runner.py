@@ -1,0 +1,249 @@
+"""The runner facade: polls for scheduled runs and hands each to a supervisor.
+
+New behaviour goes into the component that owns it (supervisor, launcher, deployments,
+states), not here. The runner owns the slots (`agent.limit`), the poll loop and the set of
+supervisors, and it decides the shutdown order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from agent.api import PrefectApiError, PrefectClient
+from agent.deployments import DeploymentRegistry, RegisteredDeployment
+from agent.flowlogs import FlowRunLogs
+from agent.launcher import Launcher
+from agent.notify import Liveness
+from agent.records import RunRecords
+from agent.reporting import Reporter
+from agent.schemas import FlowRun
+from agent.settings import DeploymentSettings, Settings
+from agent.storage import Storage
+from agent.supervisor import CRITICAL_PHASES, Phase, RunContext, Supervisor
+from agent.workspace import Workspaces
+
+log = logging.getLogger("agent.runner")
+
+POLL_JITTER = 0.3
+# How long a stop waits for claims and launches in flight, so no run is left half-started.
+CRITICAL_SECTION_GRACE = 15.0
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: PrefectClient,
+        launcher: Launcher,
+        flow_logs: FlowRunLogs,
+        liveness: Liveness,
+        registry: DeploymentRegistry,
+        storage: Storage,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._launcher = launcher
+        self._flow_logs = flow_logs
+        self._liveness = liveness
+        self._registry = registry
+        self._monotonic = monotonic
+        self._records = RunRecords(settings.agent.state_dir)
+        self._workspaces = Workspaces(lambda: self._settings, storage)
+        self._reporter = Reporter(client)
+        self._registered: dict[str, RegisteredDeployment] = {}
+        self._needs_sync = True
+        self._supervisors: dict[UUID, Supervisor] = {}
+        self._tasks: dict[UUID, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.last_poll: float | None = None
+        self.api_ok: bool | None = None
+        # Hooks set by the daemon: the events subscription and heartbeats hang off these.
+        self.on_cancelled: Callable[[Supervisor], None] | None = None
+        self.on_deployments_changed: Callable[[list[UUID]], None] | None = None
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def supervisors(self) -> dict[UUID, Supervisor]:
+        return self._supervisors
+
+    def flow_names(self) -> dict[UUID, str]:
+        return {reg.flow_id: reg.flow_name for reg in self._registered.values()}
+
+    def running_count(self) -> int:
+        return sum(1 for s in self._supervisors.values() if s.phase is Phase.RUNNING)
+
+    def wake(self) -> None:
+        """Poll now instead of at the next interval (an event announced a due run)."""
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+
+    def apply(self, settings: Settings) -> None:
+        """Take a reloaded config; deployments are synced on the next loop turn."""
+        self._settings = settings
+        self._needs_sync = True
+        self._wakeup.set()
+
+    def status_text(self) -> str:
+        limit = self._settings.agent.limit
+        if self.last_poll is None:
+            poll = "no poll yet"
+        else:
+            poll = f"last poll {self._monotonic() - self.last_poll:.0f}s ago"
+        api = {None: "API not checked yet", True: "API ok", False: "API unreachable"}[self.api_ok]
+        return f"{len(self._supervisors)}/{limit} runs; {poll}; {api}"
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _stale_after(self) -> float:
+        agent = self._settings.agent
+        # One poll may take a full API timeout plus a jittered interval; allow twice that.
+        return 2 * (agent.poll_interval * (1 + POLL_JITTER) + self._settings.api.timeout) + 5
+
+    async def run(self) -> None:
+        self._liveness.register("poll", self._stale_after())
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._recover(group)
+                while not self._stopping.is_set():
+                    await self._poll_once(group)
+                    self.last_poll = self._monotonic()
+                    self._liveness.register("poll", self._stale_after())
+                    self._liveness.progress("poll")
+                    await self._sleep_until_next_poll()
+                await self._shutdown_supervisors()
+        finally:
+            self._liveness.unregister("poll")
+
+    async def _sleep_until_next_poll(self) -> None:
+        interval = self._settings.agent.poll_interval
+        delay = interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+        self._wakeup.clear()
+
+    async def _poll_once(self, group: asyncio.TaskGroup) -> None:
+        try:
+            async with asyncio.timeout(2 * self._settings.api.timeout + 5):
+                if self._needs_sync:
+                    self._registered = await self._registry.sync(self._settings.deployments)
+                    self._needs_sync = len(self._registered) < len(self._settings.deployments)
+                    if self.on_deployments_changed is not None:
+                        self.on_deployments_changed([r.id for r in self._registered.values()])
+                runs = await self._fetch_due_runs()
+            self.api_ok = True
+        except TimeoutError:
+            log.warning("poll timed out")
+            self.api_ok = False
+            return
+        except PrefectApiError as exc:
+            log.warning("poll failed: %s", exc)
+            self.api_ok = False
+            return
+        for flow_run in runs:
+            self._start_supervisor(group, flow_run)
+
+    async def _fetch_due_runs(self) -> list[FlowRun]:
+        free = self._settings.agent.limit - len(self._supervisors)
+        deployment_ids = [reg.id for reg in self._registered.values()]
+        if free <= 0 or not deployment_ids:
+            return []
+        before = datetime.now(UTC) + timedelta(seconds=self._settings.agent.prefetch)
+        runs = await self._client.get_scheduled_flow_runs(
+            deployment_ids, scheduled_before=before, limit=free
+        )
+        return [r for r in runs if r.id not in self._supervisors][:free]
+
+    def _deployment_for(self, flow_run: FlowRun) -> DeploymentSettings | None:
+        for name, reg in self._registered.items():
+            if reg.id == flow_run.deployment_id:
+                for deployment in self._settings.deployments:
+                    if deployment.name == name:
+                        return deployment
+        return None
+
+    def _start_supervisor(self, group: asyncio.TaskGroup, flow_run: FlowRun) -> None:
+        deployment = self._deployment_for(flow_run)
+        if deployment is None:
+            log.warning("run %s belongs to no configured deployment; skipping", flow_run.id)
+            return
+        supervisor = Supervisor(self._context(), flow_run.id, deployment, flow_run=flow_run)
+        self._track(group, supervisor, supervisor.run())
+
+    def _context(self) -> RunContext:
+        return RunContext(
+            settings=self._settings,
+            client=self._client,
+            launcher=self._launcher,
+            flow_logs=self._flow_logs,
+            records=self._records,
+            reporter=self._reporter,
+            workspaces=self._workspaces,
+            on_cancelled=self.on_cancelled,
+        )
+
+    def _track(
+        self, group: asyncio.TaskGroup, supervisor: Supervisor, work: Coroutine[Any, Any, None]
+    ) -> None:
+        self._supervisors[supervisor.id] = supervisor
+        task = group.create_task(self._supervise(supervisor, work), name=f"run-{supervisor.id}")
+        self._tasks[supervisor.id] = task
+
+    def _recover(self, group: asyncio.TaskGroup) -> None:
+        """Pick up the runs a previous agent process left behind; they count against `limit`."""
+        for record in self._records.all():
+            deployment = next(
+                (d for d in self._settings.deployments if d.name == record.deployment), None
+            )
+            supervisor = Supervisor(
+                self._context(), record.id, deployment, deployment_name=record.deployment
+            )
+            log.info("recovering run %s (left in phase %s)", record.id, record.phase,
+                     extra={"flow_run_id": str(record.id), "deployment": record.deployment})
+            self._track(group, supervisor, supervisor.resume(record))
+
+    async def _supervise(self, supervisor: Supervisor, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # One run's bug must not take the agent down; the run is left for recovery.
+            log.exception(
+                "supervisor of run %s failed", supervisor.id, extra={"flow_run_id": str(supervisor.id)}
+            )
+        finally:
+            self._supervisors.pop(supervisor.id, None)
+            self._tasks.pop(supervisor.id, None)
+            self._wakeup.set()  # a slot is free
+
+    async def _shutdown_supervisors(self) -> None:
+        """Let claims and launches in flight finish, then stop watching the runs.
+
+        The runs themselves keep running in their own units; a restarted agent adopts them.
+        """
+        deadline = self._monotonic() + CRITICAL_SECTION_GRACE
+        while self._monotonic() < deadline and any(
+            s.phase in CRITICAL_PHASES for s in self._supervisors.values()
+        ):
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks.values()):
+            task.cancel()

@@ -1,0 +1,135 @@
+"""Tolerant models of the Prefect API's response bodies (Prefect 3.8 shapes).
+
+Only the fields the agent reads are declared; everything else is ignored, so a newer server that
+adds fields keeps working. `null` where a collection is expected reads as empty. Validation
+errors are turned into `api.MalformedResponse` by the client; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+class StateType(StrEnum):
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
+
+
+class SetStateStatus(StrEnum):
+    """The orchestration decision; a StrEnum, so `result.status == "ACCEPT"` holds."""
+
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    ABORT = "ABORT"
+    WAIT = "WAIT"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _empty_dict(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _empty_list(value: Any) -> Any:
+    return [] if value is None else value
+
+
+def _empty_str(value: Any) -> Any:
+    return "" if value is None else value
+
+
+Text = Annotated[str, BeforeValidator(_empty_str)]
+AnyDict = Annotated[dict[str, Any], BeforeValidator(_empty_dict)]
+StrList = Annotated[list[str], BeforeValidator(_empty_list)]
+DictList = Annotated[list[dict[str, Any]], BeforeValidator(_empty_list)]
+
+
+class State(_Model):
+    id: UUID | None = None
+    type: StateType
+    name: str | None = None
+    timestamp: datetime | None = None
+    message: str | None = None
+    state_details: AnyDict = Field(default_factory=dict)
+
+
+class FlowRun(_Model):
+    id: UUID
+    name: Text = ""
+    flow_id: UUID | None = None
+    deployment_id: UUID | None = None
+    state: State | None = None
+    tags: StrList = Field(default_factory=list)
+    parameters: AnyDict = Field(default_factory=dict)
+    expected_start_time: datetime | None = None
+    next_scheduled_start_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    work_queue_name: str | None = None
+    run_count: int = 0
+    infrastructure_pid: str | None = None
+
+    @property
+    def state_type(self) -> StateType | None:
+        return self.state.type if self.state is not None else None
+
+
+class Deployment(_Model):
+    id: UUID
+    name: str
+    flow_id: UUID
+    paused: bool = False
+    path: str | None = None
+    entrypoint: str | None = None
+    description: str | None = None
+    parameters: AnyDict = Field(default_factory=dict)
+    tags: StrList = Field(default_factory=list)
+    schedules: DictList = Field(default_factory=list)
+    work_queue_name: str | None = None
+    status: str | None = None
+
+
+class OrchestrationDetails(_Model):
+    """The union of Prefect's accept/reject/abort/wait details: only what the agent reads."""
+
+    type: str | None = None
+    reason: str | None = None
+    delay_seconds: float | None = None
+
+
+class OrchestrationResult(_Model):
+    status: SetStateStatus
+    details: OrchestrationDetails = Field(default_factory=OrchestrationDetails)
+    state: State | None = None
+
+    @field_validator("details", mode="before")
+    @classmethod
+    def _no_details(cls, value: Any) -> Any:
+        return OrchestrationDetails() if value is None else value
+
+
+class Identified(_Model):
+    """Any object of which only the id matters (an upserted flow or deployment)."""
+
+    id: UUID

@@ -1,0 +1,139 @@
+"""What a run needs on disk before it starts: its code, a private TMPDIR, a run directory.
+
+- Code: the deployment's `path`, or an immutable per-commit git checkout leased from storage for
+  the run's whole life (so no running flow sees its code change under it).
+- TMPDIR: `<state_dir>/runs/<id>/tmp`, 0700, owned by the flow's user, removed when the run ends.
+- Run directory: `<runtime_dir>/runs/<id>`, where the wrapper records the exit status; it lives
+  on /run so it survives an agent restart but not a reboot (a reboot ends the run anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+from agent.launcher import LaunchError
+from agent.settings import DeploymentSettings, FlowRunSettings, Settings
+from agent.storage import Checkout, Storage
+from agent.values import format_duration, format_size
+
+log = logging.getLogger("agent.workspace")
+
+
+def engine_environment(
+    settings: Settings, flow_run: FlowRunSettings, flow_run_id: UUID, tmpdir: Path
+) -> dict[str, str]:
+    """The engine's environment. Secrets go here, never into argv."""
+    env = dict(flow_run.env)
+    env["PREFECT__FLOW_RUN_ID"] = str(flow_run_id)
+    env["PREFECT_API_URL"] = settings.api.url
+    if settings.api.key is not None:
+        env["PREFECT_API_KEY"] = settings.api.key.get_secret_value()
+    if settings.api.auth_string is not None:
+        env["PREFECT_API_AUTH_STRING"] = settings.api.auth_string.get_secret_value()
+    env["TMPDIR"] = str(tmpdir)
+    # Runs of one commit share a checkout; keep bytecode out of it.
+    env.setdefault("PYTHONPYCACHEPREFIX", str(tmpdir / "pycache"))
+    return env
+
+
+def limits_text(flow_run: FlowRunSettings) -> str:
+    cpu = f"{flow_run.cpu_quota}%" if flow_run.cpu_quota is not None else "none"
+    tasks = str(flow_run.tasks_max) if flow_run.tasks_max is not None else "infinity"
+    runtime = format_duration(flow_run.runtime_max) if flow_run.runtime_max else "infinity"
+    return (
+        f"MemoryMax={format_size(flow_run.memory_max)} CPUQuota={cpu} "
+        f"TasksMax={tasks} RuntimeMaxSec={runtime}"
+    )
+
+
+@dataclass
+class Workspace:
+    flow_run_id: UUID
+    working_dir: Path
+    tmpdir: Path
+    run_dir: Path
+    checkout: Checkout | None = None
+
+
+class Workspaces:
+    def __init__(self, settings: Callable[[], Settings], storage: Storage) -> None:
+        self._settings = settings
+        self._storage = storage
+
+    def tmpdir(self, flow_run_id: UUID) -> Path:
+        return self._settings().agent.state_dir / "runs" / str(flow_run_id) / "tmp"
+
+    def run_dir(self, flow_run_id: UUID) -> Path:
+        return self._settings().agent.runtime_dir / "runs" / str(flow_run_id)
+
+    async def prepare(
+        self,
+        flow_run_id: UUID,
+        deployment: DeploymentSettings,
+        flow_run: FlowRunSettings,
+        note: Callable[[str, int], None],
+    ) -> Workspace:
+        """Raises LaunchError (or StorageError, whose message is the run's crash reason)."""
+        checkout = None
+        if deployment.git is not None:
+            checkout = await self._storage.prepare(deployment.name, deployment.git)
+            note(checkout.describe(), logging.INFO)
+            if checkout.warning:
+                note(checkout.warning, logging.WARNING)
+            working_dir = checkout.path
+        elif deployment.path is not None:
+            working_dir = deployment.path
+        else:  # settings guarantee one of them
+            raise LaunchError(f"deployment {deployment.name!r} has no code source")
+        try:
+            owner = _owner(flow_run.user)
+            tmpdir, run_dir = self.tmpdir(flow_run_id), self.run_dir(flow_run_id)
+            for directory in (tmpdir, run_dir):
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if owner is not None:
+                    os.chown(directory, *owner)
+        except BaseException:
+            if checkout is not None:
+                checkout.release()
+            raise
+        return Workspace(flow_run_id, working_dir, tmpdir, run_dir, checkout)
+
+    def adopt(self, flow_run_id: UUID, working_dir: Path | None) -> Workspace:
+        """The workspace of a run started by a previous agent process."""
+        checkout = self._storage.adopt(working_dir) if working_dir is not None else None
+        return Workspace(
+            flow_run_id,
+            working_dir or Path("/"),
+            self.tmpdir(flow_run_id),
+            self.run_dir(flow_run_id),
+            checkout,
+        )
+
+    async def finish(self, workspace: Workspace) -> None:
+        """The run has ended: give its code back, remove its scratch space, collect garbage."""
+        shutil.rmtree(workspace.tmpdir, ignore_errors=True)
+        shutil.rmtree(workspace.run_dir, ignore_errors=True)
+        if workspace.checkout is not None:
+            workspace.checkout.release()
+            names = [d.name for d in self._settings().deployments]
+            try:
+                await self._storage.gc(deployments=names)
+            except Exception as exc:
+                log.warning("storage clean-up failed: %s", exc)
+
+
+def _owner(user: str) -> tuple[int, int] | None:
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise LaunchError(f"unknown user {user!r} (flow_run.user)") from None
+    return entry.pw_uid, entry.pw_gid

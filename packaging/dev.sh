@@ -1,0 +1,102 @@
+#!/bin/bash
+# Developer entry point. Two commands matter (see README):
+#   packaging/dev.sh demo   - local SQLite Prefect server + demo deployment + agent -> COMPLETED
+#   packaging/dev.sh test   - ruff, mypy --strict, and the whole pytest suite
+# Both install what they need first (apt packages, cached venvs), so they work on a fresh Debian 12.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${RUNNER_AGENT_TEST_CACHE:-/var/cache/runner-agent-tests}"
+PREFECT_PIN="prefect==3.8.8"
+FASTAPI_PIN="fastapi==0.150.0"
+# Debian's interpreter, not pyenv's: the venvs are also used inside the booted test container.
+BASE_PYTHON="/usr/bin/python3"
+APT_PACKAGES=(python3 python3-venv python3-dev git systemd-container debootstrap build-essential
+              debhelper devscripts lintian fakeroot ansible-core psmisc iproute2 procps)
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+need_root() {
+    if [[ $EUID -ne 0 ]]; then
+        log "run as root (sudo): the test bed boots systemd containers and manages cgroups"
+        exit 1
+    fi
+}
+
+install_apt() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        log "apt-get install ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# A venv is rebuilt when the hash of what defines it changes; the key is part of its path.
+build_venv() {  # build_venv DIR PIP_ARGS...
+    local dir="$1"; shift
+    if [[ -x "$dir/bin/python" && -f "$dir/.complete" ]]; then
+        return 0
+    fi
+    log "building venv $dir"
+    rm -rf "$dir"
+    "$BASE_PYTHON" -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+    touch "$dir/.complete"
+}
+
+prefect_venv() {
+    local key
+    key="$(printf '%s %s %s' "$PREFECT_PIN" "$FASTAPI_PIN" "$("$BASE_PYTHON" -V)" | sha256sum | cut -c1-12)"
+    PREFECT_VENV="$CACHE/prefect-$key"
+    build_venv "$PREFECT_VENV" "$PREFECT_PIN" "$FASTAPI_PIN"
+    export RUNNER_AGENT_TEST_PREFECT_VENV="$PREFECT_VENV"
+}
+
+agent_venv() {
+    local key
+    # Keyed on the dependency lists only, so unrelated pyproject edits keep the venv.
+    key="$("$BASE_PYTHON" -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print(sys.version, p["dependencies"], p["optional-dependencies"])' "$REPO/pyproject.toml" | sha256sum | cut -c1-12)"
+    AGENT_VENV="$CACHE/agent-$key"
+    build_venv "$AGENT_VENV" -e "$REPO[test]"
+    # The editable install points at this checkout; a fresh clone elsewhere re-points it.
+    if ! "$AGENT_VENV/bin/python" -c "import agent, sys; sys.exit(not agent.__file__.startswith('$REPO/'))" 2>/dev/null; then
+        "$AGENT_VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$REPO"
+    fi
+    export RUNNER_AGENT_TEST_AGENT_VENV="$AGENT_VENV"
+}
+
+setup() {
+    need_root
+    install_apt
+    mkdir -p "$CACHE"
+    prefect_venv
+    agent_venv
+}
+
+cmd_test() {
+    setup
+    cd "$REPO"
+    log "ruff"
+    "$AGENT_VENV/bin/ruff" check .
+    log "mypy --strict agent"
+    "$AGENT_VENV/bin/mypy" --strict agent
+    log "pytest"
+    "$AGENT_VENV/bin/python" -m pytest "$@"
+}
+
+cmd_demo() {
+    setup
+    exec "$AGENT_VENV/bin/python" "$REPO/packaging/demo.py" --prefect-venv "$PREFECT_VENV" "$@"
+}
+
+case "${1:-}" in
+    test) shift; cmd_test "$@" ;;
+    demo) shift; cmd_demo "$@" ;;
+    setup) setup; echo "PREFECT_VENV=$PREFECT_VENV"; echo "AGENT_VENV=$AGENT_VENV" ;;
+    *) echo "usage: $0 {demo|test [pytest args]|setup}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,218 @@
+"""Runs the real `runner-agent run` as a subprocess against the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def render_config(sections: dict[str, dict[str, Any]], deployments: Sequence[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    for deployment in deployments:
+        lines.append("[[deployment]]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in deployment.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        api_url: str,
+        python: str,
+        deployments: Sequence[dict[str, Any]],
+        name: str = "agent",
+        agent: dict[str, Any] | None = None,
+        flow_run: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.name = name
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "agent.toml"
+        agent_section = {
+            "name": name,
+            "limit": 4,
+            "poll_interval": "1s",
+            "prefetch": "5s",
+            "heartbeat_interval": "5s",
+            "cancel_grace": "5s",
+            "launcher": "process",
+            "state_dir": str(workdir / "state"),
+            "runtime_dir": str(workdir / "run"),
+        }
+        agent_section.update(agent or {})
+        flow_run_section: dict[str, Any] = {"python": python}
+        flow_run_section.update(flow_run or {})
+        self.config_path.write_text(
+            render_config(
+                {"api": {"url": api_url, "timeout": "10s"}, "agent": agent_section,
+                 "flow_run": flow_run_section},
+                deployments,
+            )
+        )
+        self.config_path.chmod(0o600)
+        self.log_path = workdir / "agent.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNNER_AGENT_"))}
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.env.pop("JOURNAL_STREAM", None)
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.config_path), "--log-level", "debug", "run"],
+            stdout=log,
+            stderr=log,
+            env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"agent {self.name} did not stop within {timeout}s") from None
+        return self.proc.returncode
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def running_agent(*args: Any, **kwargs: Any) -> Iterator[AgentProcess]:
+    agent = AgentProcess(*args, **kwargs)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        # Leave no flow process behind, whatever happened in the test.
+        kill_process_groups_under(agent.workdir)
+
+
+def kill_process_groups_under(workdir: Path) -> None:
+    """Kill processes whose cwd or command line points into the test's directory."""
+    import psutil
+
+    marker = str(workdir)
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "environ"]):
+        try:
+            info = proc.info
+            environ = info.get("environ") or {}
+            if marker in " ".join(info.get("cmdline") or []) or marker in (info.get("cwd") or "") or (
+                marker in environ.get("TMPDIR", "")
+            ):
+                if proc.pid != os.getpid():
+                    proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Api:
+    """Small synchronous helper for test assertions against the real server."""
+
+    def __init__(self, api_url: str) -> None:
+        self.client = httpx.Client(base_url=api_url, timeout=30)
+
+    def deployment_id(self, flow_name: str, name: str) -> str | None:
+        response = self.client.get(f"/deployments/name/{flow_name}/{name}")
+        return response.json()["id"] if response.status_code == 200 else None
+
+    def wait_deployment(self, flow_name: str, name: str, timeout: float = 30) -> str:
+        return str(wait_for(lambda: self.deployment_id(flow_name, name), timeout, what=f"deployment {name}"))
+
+    def create_run(self, deployment_id: str, **body: Any) -> str:
+        response = self.client.post(f"/deployments/{deployment_id}/create_flow_run", json=body)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def run(self, flow_run_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/flow_runs/{flow_run_id}")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def state(self, flow_run_id: str) -> dict[str, Any]:
+        return dict(self.run(flow_run_id)["state"] or {})
+
+    def wait_final(self, flow_run_id: str, timeout: float = 90) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            state = self.state(flow_run_id)
+            return state if state.get("type") in FINAL else None
+
+        return dict(wait_for(final, timeout, what=f"run {flow_run_id} to finish"))
+
+    def history(self, flow_run_id: str) -> list[dict[str, Any]]:
+        response = self.client.get("/flow_run_states/", params={"flow_run_id": flow_run_id})
+        response.raise_for_status()
+        return sorted(response.json(), key=lambda s: s["timestamp"])
+
+    def logs(self, flow_run_id: str) -> list[str]:
+        response = self.client.post(
+            "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+        )
+        response.raise_for_status()
+        return [entry["message"] for entry in response.json()]
+
+    def close(self) -> None:
+        self.client.close()

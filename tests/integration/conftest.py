@@ -1,0 +1,39 @@
+"""Fixtures for tests against the session's real Prefect server (see tests/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.prefect_server import PrefectServer, make_flow_dir
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under tests/integration is an integration test, marked or not.
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def prefect_http(prefect_server: PrefectServer) -> Iterator[httpx.Client]:
+    """A plain sync client on the server's API, for assertions independent of agent.api."""
+    with httpx.Client(base_url=prefect_server.api_url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def prefect_ahttp(prefect_server: PrefectServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=prefect_server.api_url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+def flow_dir_factory(tmp_path: Path) -> Callable[[str], Path]:
+    """`flow_dir_factory(source)` writes `flow.py` into a fresh directory under tmp_path."""
+    return lambda source: make_flow_dir(tmp_path, source)

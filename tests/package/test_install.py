@@ -1,0 +1,173 @@
+"""apt install, run, upgrade and purge the .deb on a clean Debian 12 booted with systemd.
+
+One container for the module, used in order: install -> active with a real config -> a flow run
+COMPLETED -> upgrade during a running flow -> purge. Each test states what it needs from the
+previous one; a failure early makes the later ones fail on that state, which the message names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.agent_process import Api, render_config, wait_for
+from tests.integration.prefect_server import PrefectServer
+from tests.package.debbuild import build_deb, higher_version
+from tests.package.guest import FLOWS, Guest, boot_guest
+
+pytestmark = pytest.mark.system
+
+DEB_DIR = "/debs"
+FLOW_DIR = "/srv/flows"
+
+
+@pytest.fixture(scope="module")
+def upgrade_deb(built_deb: Path) -> Path:
+    """The same tree rebuilt with a higher version, next to the first .deb."""
+    return build_deb(built_deb.parent, version=higher_version(), nocheck=True)
+
+
+@pytest.fixture(scope="module")
+def guest(
+    debian_root: Path,
+    built_deb: Path,
+    upgrade_deb: Path,
+    prefect_server: PrefectServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Guest]:
+    flows = tmp_path_factory.mktemp("pkg-flows")
+    (flows / "flow.py").write_text(FLOWS)
+    flows.chmod(0o755)
+    with boot_guest(
+        debian_root,
+        binds={built_deb.parent: DEB_DIR, flows: FLOW_DIR},
+        prefect_venv=Path(prefect_server.python).parent.parent,
+    ) as booted:
+        yield booted
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server: PrefectServer) -> Api:
+    return Api(prefect_server.api_url)
+
+
+def agent_config(prefect_server: PrefectServer) -> str:
+    return render_config(
+        {
+            "api": {"url": prefect_server.api_url},
+            "agent": {"name": "pkg-test", "poll_interval": "1s", "prefetch": "0s"},
+            "flow_run": {"python": prefect_server.python},
+        },
+        [
+            {
+                "name": "pkg-hello",
+                "flow_name": "pkg-hello",
+                "entrypoint": "flow.py:hello",
+                "path": FLOW_DIR,
+            },
+            {
+                "name": "pkg-sleeper",
+                "flow_name": "pkg-sleeper",
+                "entrypoint": "flow.py:sleeper",
+                "path": FLOW_DIR,
+            },
+        ],
+    )
+
+
+def main_pid(guest: Guest) -> int:
+    return int(guest.sh("systemctl show -P MainPID runner-agent.service").strip())
+
+
+def test_apt_install_resolves_dependencies_and_creates_the_user(
+    guest: Guest, built_deb: Path
+) -> None:
+    out = guest.sh(f"apt-get install -y --no-install-recommends {DEB_DIR}/{built_deb.name} 2>&1")
+    assert "Setting up runner-agent" in out, out
+    assert guest.sh("dpkg-query -W -f '${Status} ${Version}' runner-agent") == (
+        f"install ok installed {built_deb.name.split('_')[1]}"
+    )
+    assert guest.sh("getent passwd runner-agent | cut -d: -f6,7").strip() == (
+        "/var/lib/runner-agent:/usr/sbin/nologin"
+    )
+    assert guest.sh("systemctl is-enabled runner-agent.service").strip() == "enabled"
+    # postinst byte-compiled the venv, so root never writes stray byte-code into /usr/lib.
+    assert guest.sh("ls /usr/lib/runner-agent/lib/python3.11/site-packages/agent/__pycache__")
+
+
+def test_enable_now_with_a_real_config_gives_an_active_service(
+    guest: Guest, prefect_server: PrefectServer, api: Api
+) -> None:
+    guest.write("/etc/runner-agent/agent.d/50-test.toml", agent_config(prefect_server))
+    guest.sh("runner-agent check-config >/dev/null")
+    # postinst already started it with the shipped defaults; pick up the config, then the
+    # operator's documented command.
+    guest.sh("systemctl restart runner-agent.service")
+    guest.sh("systemctl enable --now runner-agent.service")
+    assert guest.sh("systemctl is-active runner-agent.service").strip() == "active"
+    api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
+
+
+def test_a_flow_run_completes_through_the_installed_agent(guest: Guest, api: Api) -> None:
+    deployment = api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
+    run_id = api.create_run(deployment)
+    state = api.wait_final(run_id, timeout=180)
+    assert state["type"] == "COMPLETED", (state, guest.journal())
+
+
+def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
+    guest: Guest, api: Api, upgrade_deb: Path
+) -> None:
+    deployment = api.wait_deployment("pkg-sleeper", "pkg-sleeper", timeout=60)
+    run_id = api.create_run(deployment, parameters={"seconds": 25})
+    wait_for(lambda: api.state(run_id).get("type") == "RUNNING", 120, what="the sleeper to run")
+    scope = f"runner-agent-run-{run_id}.scope"
+    scope_pid = guest.sh(f"systemctl show -P MainPID {scope} || true").strip()
+    before = main_pid(guest)
+
+    out = guest.sh(f"apt-get install -y {DEB_DIR}/{upgrade_deb.name} 2>&1")
+    assert "Unpacking runner-agent" in out and "Setting up runner-agent" in out, out
+
+    new_version = upgrade_deb.name.split("_")[1]
+    assert guest.sh("runner-agent version").splitlines()[0] == f"runner-agent {new_version}"
+    assert guest.sh("systemctl is-active runner-agent.service").strip() == "active"
+    assert main_pid(guest) not in (0, before), "the upgrade did not restart the agent"
+    # The run's scope lived through the restart, and the adopted run finishes normally.
+    assert guest.sh(f"systemctl is-active {scope} || true").strip() == "active"
+    if scope_pid not in ("", "0"):
+        assert guest.sh(f"systemctl show -P MainPID {scope}").strip() == scope_pid
+    state = api.wait_final(run_id, timeout=180)
+    assert state["type"] == "COMPLETED", (state, guest.journal())
+
+
+def test_purge_leaves_no_files_user_or_units(guest: Guest, api: Api) -> None:
+    # Nothing may still run in the slice (a flow would keep its unit loaded).
+    wait_for(
+        lambda: not guest.sh("systemctl list-units --plain --no-legend 'runner-agent-run-*'"),
+        60,
+        what="flow scopes to finish",
+    )
+    out = guest.sh("apt-get purge -y runner-agent 2>&1")
+    assert "Purging configuration files for runner-agent" in out, out
+    assert "not empty so not removed" not in out, out
+    leftovers = guest.sh(
+        f"find / -xdev \\( -path {DEB_DIR} -o -path {FLOW_DIR} -o -path /proc \\) -prune "
+        "-o -name '*runner-agent*' -print"
+    )
+    assert leftovers.split() == []
+    for path in (
+        "/etc/runner-agent",
+        "/var/lib/runner-agent",
+        "/run/runner-agent",
+        "/usr/lib/runner-agent",
+        "/usr/bin/runner-agent",
+    ):
+        assert guest.sh(f"test -e {path} && echo {path} || true").strip() == ""
+    assert guest.sh("getent passwd runner-agent || true").strip() == ""
+    assert guest.sh("getent group runner-agent || true").strip() == ""
+    assert guest.sh("systemctl list-unit-files --no-legend 'runner-agent*' || true").strip() == ""
+    units = guest.sh("systemctl list-units --all --plain --no-legend 'runner-agent*' || true")
+    assert units.strip() == ""
+    assert "no packages found" in guest.sh("dpkg-query -W runner-agent 2>&1 || true")

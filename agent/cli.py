@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__
+from agent import __version__, status
 from agent.settings import ConfigError, Settings, load_settings
 
 EX_OK = 0
@@ -108,6 +108,18 @@ def commands() -> tuple[Command, ...]:
             check_config_arguments,
         ),
         Command("version", "print the version", version_command),
+        Command(
+            "status",
+            "show this host's flow runs: phase, age, memory, CPU, limits",
+            status.status_command,
+            status.status_arguments,
+        ),
+        Command(
+            "logs",
+            "show a flow run's output from the journal (also after it ended)",
+            status.logs_command,
+            status.logs_arguments,
+        ),
     )
 
 

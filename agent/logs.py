@@ -2,7 +2,8 @@
 
 `configure_logging` is called once at start-up and replaces the root logger's handlers; nothing
 happens at import time. Records are JSON objects (time, level, logger, message, context fields
-such as `flow_run_id`, `deployment`, `unit`, any other `extra=` keys, `exc_info`).
+such as `flow_run_id`, `deployment`, `unit`, any other `extra=` keys, `exc_info`);
+`run_logger` binds the context fields of one flow run to a logger.
 
 When stderr is connected to the journal (`$JOURNAL_STREAM` names the stream's device and inode),
 records go to journald's socket with the native protocol instead, so the context fields become
@@ -22,7 +23,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -236,6 +237,31 @@ class JournalHandler(logging.Handler):
     def close(self) -> None:
         self._sock.close()
         super().close()
+
+
+class RunLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger adapter whose context fields are merged with each call's own `extra=`."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+def run_logger(
+    logger: logging.Logger,
+    *,
+    flow_run_id: object = None,
+    deployment: str | None = None,
+    unit: str | None = None,
+    **fields: object,
+) -> RunLogger:
+    """`logger` with run context: the fields that are not None go into every record."""
+    context = {"flow_run_id": flow_run_id, "deployment": deployment, "unit": unit, **fields}
+    return RunLogger(logger, {
+        key: str(value) if key == "flow_run_id" else value  # a UUID as its text
+        for key, value in context.items()
+        if value is not None
+    })
 
 
 @dataclass

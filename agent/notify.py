@@ -5,8 +5,9 @@ WATCHDOG=1 when one of the registered loops (poll, cancellation, heartbeats) has
 progress, and a blocked event loop stops the pings by itself. systemd then restarts the agent;
 flow runs keep running in their own units.
 
-The protocol is sent directly with `socket.sendto` rather than through the `sdnotify` package,
-because that package reads `os.environ` instead of the environment it is given.
+The protocol (one datagram per message) is sent directly rather than through the `sdnotify`
+package: that package reads `os.environ` instead of the environment it is given, and sends on a
+blocking socket, so a full queue on the manager's side would stall the event loop.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ class Notifier:
         self.send("WATCHDOG=1")
 
     def send(self, message: str) -> None:
-        """Send one message; failures are logged at debug level, never raised."""
+        """Send one message; failures are logged at debug level, never raised.
+
+        Non-blocking: when the manager's queue is full the message is dropped rather than
+        stalling the event loop (a stalled loop would then miss its own watchdog pings).
+        """
         if self._address is None:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message.encode(), self._address)
+                sock.sendto(message.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             log.debug("sd_notify %r failed: %s", message, exc)
 

@@ -36,16 +36,16 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 src="$tmp/runner-agent"
 mkdir "$src"
-# What the package is built from; caches, VCS data and test container roots stay behind.
+# The whole tree (the unit tests run during the build may read any of it); caches, VCS data,
+# build products and test container roots stay behind.
 tar -C "$REPO" -c \
-    --exclude=.git --exclude=__pycache__ --exclude='*.pyc' --exclude=.mypy_cache \
+    --exclude=./.git --exclude=__pycache__ --exclude='*.pyc' --exclude=.mypy_cache \
     --exclude=.ruff_cache --exclude=.pytest_cache --exclude=.hypothesis --exclude='*.egg-info' \
-    --exclude=tests/system/roots --exclude=debian/runner-agent --exclude=debian/.debhelper \
-    --exclude=debian/files --exclude='debian/*.substvars' --exclude='debian/*.log' \
-    --exclude=debian/debhelper-build-stamp \
-    debian agent systemd packaging tests pyproject.toml README.md \
-    $(cd "$REPO" && ls -d LICENSE 2>/dev/null) \
-    | tar -C "$src" -x
+    --exclude=./build --exclude=./dist --exclude=./tests/system/roots \
+    --exclude=./debian/runner-agent --exclude=./debian/.debhelper --exclude=./debian/files \
+    --exclude='./debian/*.substvars' --exclude='./debian/*.log' \
+    --exclude=./debian/debhelper-build-stamp \
+    . | tar -C "$src" -x
 
 if [[ -n "$version" ]]; then
     sed -i "s/^__version__ = .*/__version__ = \"$version\"/" "$src/agent/__init__.py"

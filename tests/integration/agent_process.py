@@ -173,22 +173,32 @@ class Api:
     """Small synchronous helper for test assertions against the real server."""
 
     def __init__(self, api_url: str) -> None:
+        # SQLite under a burst of runs answers 503 (database locked) now and then; retry those.
         self.client = httpx.Client(base_url=api_url, timeout=30)
+        self._retry_statuses = {502, 503, 504}
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(8):
+            response = self.client.request(method, url, **kwargs)
+            if response.status_code not in self._retry_statuses:
+                return response
+            time.sleep(0.25 * (attempt + 1))
+        return response
 
     def deployment_id(self, flow_name: str, name: str) -> str | None:
-        response = self.client.get(f"/deployments/name/{flow_name}/{name}")
+        response = self.request("GET", f"/deployments/name/{flow_name}/{name}")
         return response.json()["id"] if response.status_code == 200 else None
 
     def wait_deployment(self, flow_name: str, name: str, timeout: float = 30) -> str:
         return str(wait_for(lambda: self.deployment_id(flow_name, name), timeout, what=f"deployment {name}"))
 
     def create_run(self, deployment_id: str, **body: Any) -> str:
-        response = self.client.post(f"/deployments/{deployment_id}/create_flow_run", json=body)
+        response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)
         response.raise_for_status()
         return str(response.json()["id"])
 
     def run(self, flow_run_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/flow_runs/{flow_run_id}")
+        response = self.request("GET", f"/flow_runs/{flow_run_id}")
         response.raise_for_status()
         return dict(response.json())
 
@@ -203,13 +213,13 @@ class Api:
         return dict(wait_for(final, timeout, what=f"run {flow_run_id} to finish"))
 
     def history(self, flow_run_id: str) -> list[dict[str, Any]]:
-        response = self.client.get("/flow_run_states/", params={"flow_run_id": flow_run_id})
+        response = self.request("GET", "/flow_run_states/", params={"flow_run_id": flow_run_id})
         response.raise_for_status()
         return sorted(response.json(), key=lambda s: s["timestamp"])
 
     def logs(self, flow_run_id: str) -> list[str]:
-        response = self.client.post(
-            "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+        response = self.request(
+            "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
         )
         response.raise_for_status()
         return [entry["message"] for entry in response.json()]

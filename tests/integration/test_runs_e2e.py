@@ -97,9 +97,10 @@ def test_failing_flow_stays_failed(basic_agent: AgentProcess, api: Api) -> None:
     run_id = api.create_run(deployment_id)
     state = api.wait_final(run_id)
     assert state["type"] == "FAILED", state
-    # The agent saw a non-zero exit but must not overwrite the engine's own final state.
+    # The agent saw the exit (the engine exits 0 after reporting FAILED itself) and must not
+    # overwrite the engine's own final state.
     wait_for(
-        lambda: any("Process exited with status 1" in m for m in api.logs(run_id)), 20,
+        lambda: any("Process exited with status" in m for m in api.logs(run_id)), 20,
         what="the agent's exit note",
     )
     assert api.state(run_id)["type"] == "FAILED"

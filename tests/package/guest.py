@@ -31,6 +31,18 @@ FLOWS = textwrap.dedent(
 )
 
 
+SNAPSHOT_PRUNE = (
+    "/proc",
+    "/sys",
+    "/var/cache/apt",
+    "/var/lib/apt",
+    "/var/log",
+    "/root",
+    "/tmp",
+    "/var/tmp",
+)
+
+
 class GuestCommandFailed(AssertionError):
     pass
 
@@ -51,6 +63,24 @@ class Guest:
                 f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
             )
         return proc.stdout
+
+    def systemctl(self, *args: str) -> None:
+        """`systemctl ARGS` that must succeed; a failure carries the agent's journal."""
+        proc = self.container.exec(["systemctl", *args], check=False, timeout=300)
+        if proc.returncode != 0:
+            raise GuestCommandFailed(
+                f"systemctl {' '.join(args)} exited {proc.returncode}: {proc.stderr}\n"
+                f"journal of runner-agent.service:\n{self.journal()}"
+            )
+
+    def active(self, unit: str = "runner-agent.service") -> str:
+        return self.sh(f"systemctl is-active {unit} || true").strip()
+
+    def snapshot(self) -> set[str]:
+        """Every path of the container's root file system, except apt's and the logs' own
+        bookkeeping and home/tmp directories (which flows, not packages, write to)."""
+        pruned = " -o ".join(f"-path {p}" for p in SNAPSHOT_PRUNE)
+        return set(self.sh(f"find / -xdev \\( {pruned} \\) -prune -o -print").split("\n")) - {""}
 
     def write(self, path: str, text: str, mode: int = 0o644) -> None:
         self.container.write_file(path, text, mode)

@@ -49,6 +49,12 @@ def guest(
 
 
 @pytest.fixture(scope="module")
+def clean_state(guest: Guest) -> set[str]:
+    """The container's files before the package was installed (for the purge test)."""
+    return guest.snapshot()
+
+
+@pytest.fixture(scope="module")
 def api(prefect_server: PrefectServer) -> Api:
     return Api(prefect_server.api_url)
 
@@ -82,8 +88,9 @@ def main_pid(guest: Guest) -> int:
 
 
 def test_apt_install_resolves_dependencies_and_creates_the_user(
-    guest: Guest, built_deb: Path
+    guest: Guest, built_deb: Path, clean_state: set[str]
 ) -> None:
+    assert "/usr/bin/runner-agent" not in clean_state
     out = guest.sh(f"apt-get install -y --no-install-recommends {DEB_DIR}/{built_deb.name} 2>&1")
     assert "Setting up runner-agent" in out, out
     assert guest.sh("dpkg-query -W -f '${Status} ${Version}' runner-agent") == (
@@ -104,9 +111,9 @@ def test_enable_now_with_a_real_config_gives_an_active_service(
     guest.sh("runner-agent check-config >/dev/null")
     # postinst already started it with the shipped defaults; pick up the config, then the
     # operator's documented command.
-    guest.sh("systemctl restart runner-agent.service")
-    guest.sh("systemctl enable --now runner-agent.service")
-    assert guest.sh("systemctl is-active runner-agent.service").strip() == "active"
+    guest.systemctl("restart", "runner-agent.service")
+    guest.systemctl("enable", "--now", "runner-agent.service")
+    assert guest.active() == "active", guest.journal()
     api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
 
 
@@ -132,17 +139,17 @@ def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
 
     new_version = upgrade_deb.name.split("_")[1]
     assert guest.sh("runner-agent version").splitlines()[0] == f"runner-agent {new_version}"
-    assert guest.sh("systemctl is-active runner-agent.service").strip() == "active"
+    assert guest.active() == "active", guest.journal()
     assert main_pid(guest) not in (0, before), "the upgrade did not restart the agent"
     # The run's scope lived through the restart, and the adopted run finishes normally.
-    assert guest.sh(f"systemctl is-active {scope} || true").strip() == "active"
+    assert guest.active(scope) == "active", guest.journal(scope)
     if scope_pid not in ("", "0"):
         assert guest.sh(f"systemctl show -P MainPID {scope}").strip() == scope_pid
     state = api.wait_final(run_id, timeout=180)
     assert state["type"] == "COMPLETED", (state, guest.journal())
 
 
-def test_purge_leaves_no_files_user_or_units(guest: Guest, api: Api) -> None:
+def test_purge_leaves_no_files_user_or_units(guest: Guest, clean_state: set[str]) -> None:
     # Nothing may still run in the slice (a flow would keep its unit loaded).
     wait_for(
         lambda: not guest.sh("systemctl list-units --plain --no-legend 'runner-agent-run-*'"),
@@ -152,19 +159,9 @@ def test_purge_leaves_no_files_user_or_units(guest: Guest, api: Api) -> None:
     out = guest.sh("apt-get purge -y runner-agent 2>&1")
     assert "Purging configuration files for runner-agent" in out, out
     assert "not empty so not removed" not in out, out
-    leftovers = guest.sh(
-        f"find / -xdev \\( -path {DEB_DIR} -o -path {FLOW_DIR} -o -path /proc \\) -prune "
-        "-o -name '*runner-agent*' -print"
-    )
-    assert leftovers.split() == []
-    for path in (
-        "/etc/runner-agent",
-        "/var/lib/runner-agent",
-        "/run/runner-agent",
-        "/usr/lib/runner-agent",
-        "/usr/bin/runner-agent",
-    ):
-        assert guest.sh(f"test -e {path} && echo {path} || true").strip() == ""
+    # Every path the install, the runs, the upgrade and the purge left behind.
+    assert sorted(guest.snapshot() - clean_state) == []
+    assert guest.sh("ls -d /run/runner-agent 2>/dev/null || true").strip() == ""
     assert guest.sh("getent passwd runner-agent || true").strip() == ""
     assert guest.sh("getent group runner-agent || true").strip() == ""
     assert guest.sh("systemctl list-unit-files --no-legend 'runner-agent*' || true").strip() == ""

@@ -31,12 +31,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
-def require_test_bed() -> None:
-    """Fail in CI, skip (with the reason) elsewhere, when the bed cannot run here."""
+def require_test_bed(*extra_tools: tuple[str, str]) -> None:
+    """Fail in CI, skip (with the reason) elsewhere, when the bed cannot run here.
+
+    `extra_tools` are more (command, Debian package) pairs that the caller needs.
+    """
+    tools = (("systemd-nspawn", "systemd-container"), ("nsenter", "util-linux"), *extra_tools)
     problems = [f"{tool} is missing (apt-get install {package})"
-                for tool, package in (("systemd-nspawn", "systemd-container"),
-                                      ("nsenter", "util-linux"))
-                if shutil.which(tool) is None]
+                for tool, package in tools if shutil.which(tool) is None]
     if os.geteuid() != 0:
         problems.append("the system tests need root (cgroups, systemd-nspawn)")
     if not problems:
@@ -75,12 +77,7 @@ def host_container() -> Iterator[Container]:
 @pytest.fixture(scope="session")
 def debian_root() -> Path:
     """The cached debootstrapped bookworm root (built on first use, about 70 s)."""
-    require_test_bed()
-    if shutil.which("debootstrap") is None:
-        require_missing = "debootstrap is missing (apt-get install debootstrap)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(require_missing, pytrace=False)
-        pytest.skip(require_missing)
+    require_test_bed(("debootstrap", "debootstrap"))
     try:
         return build_debian_root()
     except TestBedError as exc:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def leftovers(name: str) -> list[str]:
         found += [str(p) for p in hierarchy.mountpoint.glob(f"**/{name}")]
     if Path("/run/systemd/nspawn/propagate", name).exists():
         found.append(f"/run/systemd/nspawn/propagate/{name}")
+    found += [str(p) for p in Path(tempfile.gettempdir()).glob(f"{name}.*")]
     return found
 
 
@@ -106,6 +108,18 @@ def test_journal_attributes_a_long_lived_scope_output(host_container: Container)
         host_container.systemctl("stop", unit, check=False)
 
 
+def test_binds_and_setenv_reach_the_units(tmp_path: Path) -> None:
+    require_test_bed()
+    (tmp_path / "seen").write_text("from the host")
+    with Container.host(setenv={"RATB_FOO": "bar baz"}, binds_ro=[f"{tmp_path}:/mnt/ratb"],
+                        enforce_limits=False) as container:
+        result = container.exec(["systemd-run", "--quiet", "--wait", "--pipe", "--",
+                                 "sh", "-c", 'echo "$RATB_FOO"; cat /mnt/ratb/seen'])
+        assert result.stdout.splitlines() == ["bar baz", "from the host"]
+        denied = container.exec(["touch", "/mnt/ratb/x"], check=False)
+        assert denied.returncode != 0  # read-only bind
+
+
 def test_teardown_leaves_no_process_and_no_cgroup() -> None:
     require_test_bed()
     container = Container.host()
@@ -118,11 +132,13 @@ def test_teardown_leaves_no_process_and_no_cgroup() -> None:
     assert not any(p.exists() for _h, p in container.hierarchies)
 
 
-def test_sigterm_of_the_test_process_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_to_the_test_process_cleans_up(signum: signal.Signals) -> None:
     require_test_bed()
     script = textwrap.dedent("""
-        import sys, time
+        import signal, time
         from tests.system.testbed import Container
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
         c = Container.host(enforce_limits=False)
         c.start()
         print(c.name, flush=True)
@@ -135,8 +151,8 @@ def test_sigterm_of_the_test_process_cleans_up(tmp_path: Path) -> None:
         name = child.stdout.readline().strip()
         assert name.startswith(f"{PREFIX}-"), name
         assert leftovers(name)
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=60) == -signal.SIGTERM  # the signal is re-raised
+        child.send_signal(signum)
+        assert child.wait(timeout=60) == -signum  # the signal is re-raised after clean-up
     finally:
         child.kill()
         child.wait()
@@ -178,3 +194,28 @@ def test_debootstrapped_bookworm_boots_and_runs_python(debian_root: Path) -> Non
         # The cached root stays pristine: writes go to the overlay.
         container.write_file("/etc/ratb-written", "x")
     assert not (debian_root / "etc/ratb-written").exists()
+
+
+def test_a_crashed_session_container_is_cleaned_at_the_next_start() -> None:
+    require_test_bed()
+    script = textwrap.dedent("""
+        import time
+        from tests.system.testbed import Container
+        c = Container.host(enforce_limits=False)
+        c.start()
+        print(c.name, flush=True)
+        time.sleep(120)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None
+    name = child.stdout.readline().strip()
+    child.kill()  # no clean-up can run: the container and its cgroups stay behind
+    child.wait()
+    try:
+        assert any("nspawn pid" in trace for trace in leftovers(name))
+        cleaned = clean_stale()
+        assert any(name in what for what in cleaned), cleaned
+        assert leftovers(name) == []
+    finally:
+        clean_stale()

@@ -2,7 +2,7 @@
 
 Used by the system and package tests (see docs/systemd.md, "The test bed"):
 
-    with Container.host() as c:            # the host's own OS, volatile root (~5 s)
+    with Container.host() as c:            # the host's own OS, volatile root (~2 s)
         c.exec(["systemd-run", "--scope", "-p", "MemoryMax=50M", "--", "true"])
     with Container.debian(build_debian_root()) as c:   # a clean, cached debootstrapped bookworm
 
@@ -15,7 +15,7 @@ container's systemd is re-executed, so it writes memory.limit_in_bytes, pids.max
 
 Every name we create starts with PREFIX and carries the creating process's pid, so leftovers of
 a crashed session are recognisable (and are removed at the next start only when their creator is
-gone). Cleanup runs on context exit, at interpreter exit and on SIGTERM.
+gone). Cleanup runs on context exit, at interpreter exit, on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -200,6 +200,10 @@ def clean_stale() -> list[str]:
         for directory in hierarchy.mountpoint.glob(f"**/{PREFIX}-*"):
             if not directory.is_dir() or _creator_alive(directory.name):
                 continue
+            # A container just powered off above may need a moment to empty its cgroups.
+            deadline = time.monotonic() + 5
+            while cgroup_pids(directory) and time.monotonic() < deadline:
+                time.sleep(0.2)
             if cgroup_pids(directory):
                 log.warning("stale cgroup %s still has processes; left alone", directory)
                 continue
@@ -211,6 +215,11 @@ def clean_stale() -> list[str]:
         if not _creator_alive(directory.name):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+    for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*.*"):  # console logs
+        if _NAME.match(directory.name.split(".")[0]) and not _creator_alive(
+                directory.name.split(".")[0]):
+            shutil.rmtree(directory, ignore_errors=True)
+            cleaned.append(f"console log {directory}")
     return cleaned
 
 
@@ -294,8 +303,7 @@ class Container:
         self.hierarchies: list[tuple[Hierarchy, Path]] = []  # with our child cgroup in each
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.leader = 0  # the container's PID 1, as seen from the host
-        self._logdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
-        self.console_log = self._logdir / "console.log"
+        self._logdir: Path | None = None
         self._closed = False
 
     @classmethod
@@ -359,12 +367,16 @@ class Container:
         cgroups = [str(path) for _hierarchy, path in self.hierarchies]
         argv = ["sh", "-c", script, "sh", *cgroups, "--", *self.nspawn_argv()]
         log.info("booting %s: %s", self.name, shlex.join(self.nspawn_argv()))
+        self._logdir = Path(tempfile.mkdtemp(prefix=f"{self.name}."))
         with self.console_log.open("wb") as console:
             # A session of its own: a Ctrl-C in the terminal reaches pytest, which powers off.
             self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
                                            stderr=subprocess.STDOUT, start_new_session=True)
         self.leader = _wait(self._find_leader, 30, f"{self.name}'s PID 1")
         self.wait_running()
+        if self.setenv:
+            # nspawn's --setenv reaches PID 1 only; services get the manager's environment.
+            self.systemctl("set-environment", *(f"{k}={v}" for k, v in self.setenv.items()))
         if self.enforce_limits:
             self._make_controllers_writable()
             self.verify_limits_enforced()
@@ -397,7 +409,12 @@ class Container:
             state = self.system_state()
             return state if state in ("running", "degraded") else ""
 
-        state = _wait(settled, timeout or self.boot_timeout, f"{self.name} to boot", 0.3)
+        try:
+            state = _wait(settled, timeout or self.boot_timeout, f"{self.name} to boot", 0.3)
+        except TestBedError as exc:
+            jobs = self.exec(["systemctl", "list-jobs", "--no-legend"], check=False).stdout
+            raise TestBedError(f"{exc}; pending jobs:\n{jobs}\nconsole:\n{self.console_tail()}"
+                               ) from None
         if state == "degraded":
             failed = self.exec(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
             log.warning("%s is degraded; failed units:\n%s", self.name, failed.stdout)
@@ -443,7 +460,8 @@ class Container:
                     problems.append(str(exc))
             with contextlib.suppress(OSError):
                 Path("/run/systemd/nspawn/propagate", self.name).rmdir()
-            shutil.rmtree(self._logdir, ignore_errors=True)
+            if self._logdir is not None:
+                shutil.rmtree(self._logdir, ignore_errors=True)
         finally:
             _REAPER.live.discard(self)
         if problems:
@@ -475,8 +493,15 @@ class Container:
             time.sleep(0.1)
         raise TestBedError(f"processes survive SIGKILL in {path}: {sorted(cgroup_pids(path))}")
 
+    @property
+    def console_log(self) -> Path:
+        """The container's console output (removed by close())."""
+        if self._logdir is None:
+            raise TestBedError(f"container {self.name} was never started")
+        return self._logdir / "console.log"
+
     def console_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TestBedError):
             text = self.console_log.read_text(errors="replace")
             return "\n".join(text.splitlines()[-lines:])
         return ""
@@ -583,6 +608,24 @@ class Container:
         if result.returncode != 137:
             raise TestBedError(f"MemoryMax=50M is not enforced in {self.name}: a 200 MB "
                                f"allocation exited {result.returncode}: {result.stderr}")
+
+
+def install_units(container: Container, repo: Path) -> None:
+    """The working tree's systemd/ units into the container's /etc/systemd/system."""
+    for unit in sorted((repo / "systemd").iterdir()):
+        if unit.suffix in (".service", ".slice"):
+            container.write_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
+    container.systemctl("daemon-reload")
+
+
+def install_agent(container: Container, venv: Path) -> None:
+    """/usr/bin/runner-agent running the working tree through the dev venv (as the package's).
+
+    Needs a writable /usr (`Container.host(writable_usr=True)`) and the venv and the checkout
+    bound in at their own paths (the venv's install is editable).
+    """
+    container.write_file("/usr/bin/runner-agent",
+                         f'#!/bin/sh\nexec {venv}/bin/python3 -I -m agent "$@"\n', 0o755)
 
 
 # ---------------------------------------------------------------------------------------------

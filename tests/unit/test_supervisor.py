@@ -79,7 +79,9 @@ class FakeLauncher:
     name = "fake"
 
     def __init__(self, *, status: int = 0, result: str | None = None,
-                 fail: str | None = None, finish_at_once: bool = True) -> None:
+                 fail: str | None = None, finish_at_once: bool = True,
+                 engine: Any = None) -> None:
+        self.engine = engine  # what the fake engine reports to the server while it runs
         self.status = status
         self.result = result
         self.fail = fail
@@ -92,6 +94,8 @@ class FakeLauncher:
         self.requests.append(request)
         if self.fail:
             raise LaunchError(self.fail)
+        if self.engine is not None:
+            self.engine()
         self.handle = FakeHandle(request.flow_run_id, f"unit-{request.flow_run_id}", None,
                                  self.status)
         if self.finish_at_once:
@@ -176,7 +180,8 @@ def proposed_types(server: FakeServer) -> list[str]:
 
 async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
     server = FakeServer(uuid4())
-    launcher = FakeLauncher(status=0)
+    completed = {"type": "COMPLETED", "name": "Completed", "message": None}
+    launcher = FakeLauncher(status=0, engine=lambda: setattr(server, "state", completed))
     supervisor, records = await supervise(settings, server, launcher)
     assert proposed_types(server) == ["PENDING"]
     claim = server.proposals[0]

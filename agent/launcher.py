@@ -158,7 +158,8 @@ def check_request(req: LaunchRequest) -> None:
     """Refuse what is sure to fail, with a reason a person can act on."""
     if not req.working_dir.is_dir():
         raise LaunchError(f"working directory does not exist: {req.working_dir}")
-    find_user(req.user)
+    if req.user and find_user(req.user).pw_uid != os.geteuid() and os.geteuid() != 0:
+        raise LaunchError(f"cannot run flows as user {req.user!r}: the agent is not root")
     python = req.python
     if "/" not in python:
         found = shutil.which(python, path=req.env.get("PATH", DEFAULT_PATH))
@@ -174,15 +175,16 @@ def check_request(req: LaunchRequest) -> None:
 
 def base_environment(user: str, *, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A minimal environment for the flow's user; nothing leaks from the agent's own."""
-    entry = find_user(user)
-    env = {
-        "PATH": DEFAULT_PATH,
-        "LANG": "C.UTF-8",
-        "HOME": entry.pw_dir,
-        "USER": entry.pw_name,
-        "LOGNAME": entry.pw_name,
-        "SHELL": entry.pw_shell or "/bin/sh",
-    }
+    env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+    try:
+        entry = find_user(user)
+    except LaunchError:
+        if user:
+            raise
+        # Our own uid without a passwd entry (some containers): no names to give.
+    else:
+        env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name,
+                   SHELL=entry.pw_shell or "/bin/sh")
     env.update(extra or {})
     return env
 

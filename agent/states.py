@@ -25,6 +25,8 @@ _FIXED = {
     1: "general error (usually an unhandled exception); see the flow run's output",
     2: "usage error: the interpreter rejected its command line",
     247: "terminated for high memory usage",
+    # Also what recovery reports (recovery.UNKNOWN_EXIT_STATUS) for a run that left no record.
+    255: "unknown status (the process vanished without recording its exit status)",
 }
 
 

@@ -43,16 +43,17 @@ def api(prefect_server: Any) -> Iterator[Api]:
     client.close()
 
 
-def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool) -> Any:
+def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix: str) -> Any:
+    """Deployments get per-test flow names, so no run is created from another test's config."""
     flows = tmp_path / "flows"
     flows.mkdir()
     (flows / "flows.py").write_text(FLOWS)
     markers = tmp_path / "markers"
     markers.mkdir()
     deployments = [
-        {"name": "sleeper", "flow_name": "cancel-sleeper", "entrypoint": "flows.py:sleeper",
+        {"name": "sleeper", "flow_name": f"cancel-sleeper-{suffix}", "entrypoint": "flows.py:sleeper",
          "path": str(flows), "parameters": {"marker_dir": str(markers)}, "tags": ["cancel-test"]},
-        {"name": "quick", "flow_name": "cancel-quick", "entrypoint": "flows.py:quick",
+        {"name": "quick", "flow_name": f"cancel-quick-{suffix}", "entrypoint": "flows.py:quick",
          "path": str(flows), "parameters": {"marker_dir": str(markers)}},
     ]
     agent = running_agent(
@@ -85,8 +86,10 @@ def events_named(api: Api, name: str, since: datetime) -> list[dict[str, Any]]:
     return list(response.json()["events"])
 
 
-def cancel_running_sleeper(api: Api, agent: AgentProcess, markers: Path) -> tuple[str, list[int]]:
-    deployment_id = api.wait_deployment("cancel-sleeper", "sleeper")
+def cancel_running_sleeper(
+    api: Api, agent: AgentProcess, markers: Path, suffix: str
+) -> tuple[str, list[int]]:
+    deployment_id = api.wait_deployment(f"cancel-sleeper-{suffix}", "sleeper")
     run_id = api.create_run(deployment_id)
     marker = markers / run_id
     wait_for(marker.exists, 90, what="the sleeper to start its grandchild")
@@ -119,9 +122,9 @@ def assert_gone(pids: list[int]) -> None:
 
 def test_cancel_kills_the_whole_run_via_websocket(prefect_server: Any, api: Api, tmp_path: Path) -> None:
     since = datetime.now(UTC) - timedelta(seconds=5)
-    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True)
+    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True, suffix="ws")
     with agent_cm as agent:
-        run_id, pids = cancel_running_sleeper(api, agent, markers)
+        run_id, pids = cancel_running_sleeper(api, agent, markers, "ws")
         assert_gone(pids)
 
         def cancelled_event() -> list[dict[str, Any]]:
@@ -138,18 +141,18 @@ def test_cancel_kills_the_whole_run_via_websocket(prefect_server: Any, api: Api,
 
 
 def test_cancel_works_by_polling_without_websocket(prefect_server: Any, api: Api, tmp_path: Path) -> None:
-    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=False)
+    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=False, suffix="poll")
     with agent_cm as agent:
-        run_id, pids = cancel_running_sleeper(api, agent, markers)
+        run_id, pids = cancel_running_sleeper(api, agent, markers, "poll")
         assert_gone(pids)
         assert "seen by polling" in agent.log_text()
 
 
 def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path: Path) -> None:
     since = datetime.now(UTC) - timedelta(seconds=5)
-    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True)
+    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True, suffix="beat")
     with agent_cm:
-        deployment_id = api.wait_deployment("cancel-sleeper", "sleeper")
+        deployment_id = api.wait_deployment("cancel-sleeper-beat", "sleeper")
         run_id = api.create_run(deployment_id)
         wait_for((markers / run_id).exists, 90, what="the sleeper to run")
 
@@ -160,7 +163,7 @@ def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path:
         beat = wait_for(run_heartbeat, 30, what="a flow-run heartbeat")[0]
         related = {r["prefect.resource.role"]: r for r in beat["related"]}
         assert related["deployment"]["prefect.resource.id"] == f"prefect.deployment.{deployment_id}"
-        assert related["flow"]["prefect.resource.name"] == "cancel-sleeper"
+        assert related["flow"]["prefect.resource.name"] == "cancel-sleeper-beat"
         assert related["tag"]["prefect.resource.id"] == "prefect.tag.cancel-test"
 
         def agent_heartbeat() -> list[dict[str, Any]]:
@@ -178,9 +181,9 @@ def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path:
 def test_run_cancelled_before_its_time_is_never_launched(
     prefect_server: Any, api: Api, tmp_path: Path
 ) -> None:
-    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True)
+    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True, suffix="early")
     with agent_cm as agent:
-        deployment_id = api.wait_deployment("cancel-quick", "quick")
+        deployment_id = api.wait_deployment("cancel-quick-early", "quick")
         start = datetime.now(UTC) + timedelta(seconds=10)
         run_id = api.create_run(deployment_id, state={
             "type": "SCHEDULED", "state_details": {"scheduled_time": start.isoformat()}})

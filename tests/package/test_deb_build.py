@@ -131,9 +131,12 @@ def test_maintainer_scripts_restart_the_service_but_never_touch_the_slice(
     stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
     assert stops and all("runner-agent.service" in line for line in stops)
     assert 'if [ -z "${DPKG_ROOT:-}" ] && [ "$1" = remove ]' in prerm
-    # Stopping or restarting the slice would kill every flow run.
-    for script in (postinst, prerm, postrm):
+    # Stopping or restarting the slice kills every flow run: only a purge may (the agent is
+    # gone for good then), never an install, upgrade or remove.
+    for script in (postinst, prerm):
         assert "runner-agent-flows.slice" not in script
+    purge = postrm[postrm.index("    purge)") : postrm.index(";;", postrm.index("    purge)"))]
+    assert postrm.count("runner-agent-flows.slice") == purge.count("runner-agent-flows.slice") > 0
     assert "userdel runner-agent" in postrm
     assert "rm -rf /var/lib/runner-agent /run/runner-agent /etc/runner-agent" in postrm
 

@@ -208,10 +208,14 @@ def bed(host_container: Container, prefect_server: PrefectServer) -> Iterator[Be
 @pytest.fixture
 def agent(bed: Bed) -> Iterator[Bed]:
     """The agent started for one test; stopped, and every run scope gone, after it."""
+    c = bed.c
+    since = container_time(c)
     try:
         yield bed
     finally:
-        c = bed.c
+        # Shown by pytest only when the test failed: what the agent said meanwhile.
+        print(f"--- agent journal since {since}:")
+        print(bed.journal_since(since, SERVICE, "-o", "short-precise", "-n", "150"))
         c.systemctl("stop", SERVICE, check=False)
         c.exec(["sh", "-c", "systemctl stop 'runner-agent-run-*'"], check=False)
         c.wait_for(lambda: not [u for u in bed.run_scopes() if bed.active(u)], 30,
@@ -284,7 +288,8 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
                    "RuntimeMaxUSec")
     print(f"{unit}: {props}")
     assert props["Slice"] == SLICE
-    assert props["ControlGroup"] == f"/{SLICE}/{unit}"
+    # A dash in a slice's name nests it: runner.slice/runner-agent.slice/runner-agent-flows.slice.
+    assert props["ControlGroup"].endswith(f"/{SLICE}/{unit}"), props
     assert props["MemoryMax"] == str(768 << 20)
     assert props["CPUQuotaPerSecUSec"] == "1.500000s"
     assert props["TasksMax"] == "200"
@@ -380,7 +385,7 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
         assert record["SYSLOG_IDENTIFIER"] == "runner-agent"
         assert record["_SYSTEMD_UNIT"] == SERVICE
     launched = [r for r in per_run if "Launched in" in r["MESSAGE"]]
-    assert launched and launched[0]["PRIORITY"] == "6", per_run
+    assert launched and launched[0]["PRIORITY"] == "6", [r["MESSAGE"] for r in per_run]
     assert launched[0].get("UNIT") == scope(run_id) or scope(run_id) in launched[0]["MESSAGE"]
     # Records of other priorities keep theirs: a warning is 4.
     warnings = [r for r in records if r.get("PRIORITY") == "4"]
@@ -464,10 +469,10 @@ def test_flow_processes_run_as_the_configured_user(agent: Bed) -> None:
         if not cmdline:
             continue  # ended meanwhile
         uids, gids = status["Uid"].split(), status["Gid"].split()
-        seen.append((cmdline[:60], uids, gids))
+        seen.append((cmdline, uids, gids))
         if "prefect.engine" in cmdline:
             assert set(uids) == {str(NOBODY)} and set(gids) == {str(NOBODY)}, (cmdline, status)
-    print(f"processes of {unit}: {seen}")
+    print(f"processes of {unit}: {[(cmd[:50], u, g) for cmd, u, g in seen]}")
     assert any("prefect.engine" in cmdline for cmdline, _u, _g in seen), seen
     assert agent.api.wait_final(run_id)["type"] == "COMPLETED"
     output = agent.c.exec(["runner-agent", "logs", run_id]).stdout

@@ -362,3 +362,11 @@ def no_stray_children() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not left, [p.cmdline() for p in left]
+
+
+async def test_a_non_root_agent_refuses_another_user(
+    tmp_path: Path, launcher: ProcessLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)
+    with pytest.raises(LaunchError, match="cannot run flows as user 'nobody': the agent is not"):
+        await launcher.launch(make_request(tmp_path, "pass", user="nobody"))

@@ -105,7 +105,9 @@ def test_non_final_states(state_type: str) -> None:
         (dict(status=3, result="signal"), "Process exited with status 3: killed by a signal"),
         (dict(status=3), "Process exited with status 3"),
         (dict(status=3, result="exit-code"), "Process exited with status 3"),
-        (dict(status=255), "Process exited with status 255"),
+        (dict(status=255),
+         "Process exited with status 255: unknown status (the process vanished without "
+         "recording its exit status)"),
         (dict(status=0, result="success"), "Process exited with status 0"),
         (dict(status=143, cancelled=True),
          "Process exited with status 143 (SIGTERM): stopped by a cancellation"),

@@ -65,8 +65,11 @@ class CancellationWatcher:
             return
         supervisor = self._supervisors().get(flow_run_id)
         if supervisor is not None:
-            log.info("cancellation event for run %s", flow_run_id,
-                     extra={"flow_run_id": str(flow_run_id)})
+            log.info(
+                "cancellation event for run %s",
+                flow_run_id,
+                extra={"flow_run_id": str(flow_run_id)},
+            )
             supervisor.request_cancel()
 
     def connection_changed(self) -> None:
@@ -113,6 +116,9 @@ class CancellationWatcher:
         for flow_run in runs:
             supervisor = supervisors.get(flow_run.id)
             if supervisor is not None:
-                log.info("run %s is CANCELLING (seen by polling)", flow_run.id,
-                         extra={"flow_run_id": str(flow_run.id)})
+                log.info(
+                    "run %s is CANCELLING (seen by polling)",
+                    flow_run.id,
+                    extra={"flow_run_id": str(flow_run.id)},
+                )
                 supervisor.request_cancel()

@@ -21,10 +21,10 @@ from pathlib import Path
 from agent import __version__
 from agent.api import PrefectClient
 from agent.cancellation import CANCELLING_EVENT, CancellationWatcher
-from agent.events import EventEmitter
-from agent.heartbeats import Heartbeats
 from agent.deployments import DeploymentRegistry
+from agent.events import EventEmitter
 from agent.flowlogs import FlowRunLogs
+from agent.heartbeats import Heartbeats
 from agent.launcher import select_launcher
 from agent.logs import LogSetup, configure_logging
 from agent.notify import Liveness, Notifier, run_watchdog
@@ -134,8 +134,12 @@ class Daemon:
             # Entered in this order, torn down in reverse: client last out.
             client = await stack.enter_async_context(PrefectClient(settings.api))
             emitter = await stack.enter_async_context(
-                EventEmitter(client.emit_events, api_url=settings.api.url, token=token,
-                             headers=client.auth_headers())
+                EventEmitter(
+                    client.emit_events,
+                    api_url=settings.api.url,
+                    token=token,
+                    headers=client.auth_headers(),
+                )
             )
             flow_logs = await stack.enter_async_context(FlowRunLogs(client.create_logs))
             runner = Runner(
@@ -162,7 +166,9 @@ class Daemon:
             )
             runner.on_cancelled = heartbeats.emit_cancelled
             subscription = EventSubscription(
-                settings.api.url, token=token, headers=client.auth_headers(),
+                settings.api.url,
+                token=token,
+                headers=client.auth_headers(),
                 on_connection_change=lambda _up: watcher.connection_changed(),
             )
             watcher = CancellationWatcher(
@@ -184,8 +190,13 @@ class Daemon:
                 runner_task = group.create_task(runner.run(), name="runner")
                 services = [
                     group.create_task(
-                        run_watchdog(self.notifier, self.liveness, interval=interval,
-                                     on_tick=heartbeats.agent_tick, status=runner.status_text),
+                        run_watchdog(
+                            self.notifier,
+                            self.liveness,
+                            interval=interval,
+                            on_tick=heartbeats.agent_tick,
+                            status=runner.status_text,
+                        ),
                         name="watchdog",
                     ),
                     group.create_task(heartbeats.run(), name="heartbeats"),
@@ -239,13 +250,19 @@ class Daemon:
             )
             # Keep what the running services were built from; apply everything else.
             old = self.settings.agent
-            new = new.model_copy(update={
-                "api": self.settings.api,
-                "agent": new.agent.model_copy(update={
-                    "state_dir": old.state_dir, "runtime_dir": old.runtime_dir,
-                    "launcher": old.launcher, "slice": old.slice,
-                }),
-            })
+            new = new.model_copy(
+                update={
+                    "api": self.settings.api,
+                    "agent": new.agent.model_copy(
+                        update={
+                            "state_dir": old.state_dir,
+                            "runtime_dir": old.runtime_dir,
+                            "launcher": old.launcher,
+                            "slice": old.slice,
+                        }
+                    ),
+                }
+            )
         self.log_setup.set_secrets(secrets_of(self.settings) + secrets_of(new))
         self.settings = new
         if self._runner is not None:

@@ -137,9 +137,7 @@ class DeploymentRegistry:
     async def _upsert(self, deployment: DeploymentSettings) -> RegisteredDeployment:
         flow_id = await self._client.upsert_flow(deployment.flow_name)
         wanted = deployment_body(deployment, flow_id)
-        existing = await self._client.read_deployment_by_name(
-            deployment.flow_name, deployment.name
-        )
+        existing = await self._client.read_deployment_by_name(deployment.flow_name, deployment.name)
         if existing is not None and is_up_to_date(existing, wanted):
             deployment_id = UUID(str(existing["id"]))
             log.info(

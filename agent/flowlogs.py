@@ -89,7 +89,9 @@ class FlowRunLogs:
 
     async def flush(self) -> None:
         while self._buffer:
-            batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
+            batch = [
+                self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))
+            ]
             try:
                 await self._send(batch)
             except BaseException:

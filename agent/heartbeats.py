@@ -69,7 +69,8 @@ class Heartbeats:
                     flow_run_id=supervisor.id,
                     flow_run_name=flow_run.name if flow_run else None,
                     flow_id=flow_run.flow_id if flow_run else None,
-                    flow_name=flow_names.get(flow_run.flow_id) if flow_run and flow_run.flow_id
+                    flow_name=flow_names.get(flow_run.flow_id)
+                    if flow_run and flow_run.flow_id
                     else None,
                     deployment_id=flow_run.deployment_id if flow_run else None,
                     tags=flow_run.tags if flow_run else (),

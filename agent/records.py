@@ -87,7 +87,7 @@ class RunRecords:
     def remove(self, flow_run_id: UUID) -> None:
         def make_writable_and_retry(func: Any, path: str, _exc: Any) -> None:
             # A flow's TMPDIR may hold read-only directories.
-            os.chmod(os.path.dirname(path), 0o700)
+            Path(path).parent.chmod(0o700)
             func(path)
 
         try:

@@ -91,11 +91,16 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
         create_time = record.extra.get("create_time")
         if status is None and process_alive(record.pid, create_time):
             sup.mark_running()
-            sup.note(f"Adopted the running flow run ({record.unit or record.pid}) "
-                     "after an agent restart")
-            handle = AdoptedHandle(flow_run_id=sup.id, unit=record.unit, pid=record.pid,
-                                   create_time=create_time,
-                                   read_status=lambda: exit_record(sup, record))
+            sup.note(
+                f"Adopted the running flow run ({record.unit or record.pid}) after an agent restart"
+            )
+            handle = AdoptedHandle(
+                flow_run_id=sup.id,
+                unit=record.unit,
+                pid=record.pid,
+                create_time=create_time,
+                read_status=lambda: exit_record(sup, record),
+            )
             status, result = await sup.follow(handle)
         if status is not None:
             sup.save("exited", exit_status=status, unit_result=result)

@@ -46,15 +46,27 @@ class Reporter:
                 return await self._client.read_flow_run(flow_run_id)
             except ApiUnavailable as exc:
                 if not retry:
-                    log.warning("could not read run %s: %s", flow_run_id, exc,
-                                extra={"flow_run_id": str(flow_run_id)})
+                    log.warning(
+                        "could not read run %s: %s",
+                        flow_run_id,
+                        exc,
+                        extra={"flow_run_id": str(flow_run_id)},
+                    )
                     return None
-                log.warning("API unreachable, retrying the read of run %s in ~%.0fs",
-                            flow_run_id, delay, extra={"flow_run_id": str(flow_run_id)})
+                log.warning(
+                    "API unreachable, retrying the read of run %s in ~%.0fs",
+                    flow_run_id,
+                    delay,
+                    extra={"flow_run_id": str(flow_run_id)},
+                )
             except PrefectApiError as exc:
                 # A definite answer (gone, refused): retrying would not change it.
-                log.warning("could not read run %s: %s", flow_run_id, exc,
-                            extra={"flow_run_id": str(flow_run_id)})
+                log.warning(
+                    "could not read run %s: %s",
+                    flow_run_id,
+                    exc,
+                    extra={"flow_run_id": str(flow_run_id)},
+                )
                 return None
             delay = await self._backoff(delay)
 
@@ -66,11 +78,13 @@ class Reporter:
             try:
                 result = await self._client.set_flow_run_state(flow_run_id, state, force=force)
             except ApiUnavailable as exc:
-                log.warning("API unreachable, will retry setting %s: %s", state["type"], exc,
-                            extra=context)
+                log.warning(
+                    "API unreachable, will retry setting %s: %s", state["type"], exc, extra=context
+                )
             except PrefectApiError as exc:
-                log.error("could not set %s on run %s: %s", state["type"], flow_run_id, exc,
-                          extra=context)
+                log.error(
+                    "could not set %s on run %s: %s", state["type"], flow_run_id, exc, extra=context
+                )
                 return None
             else:
                 if result.status == "WAIT":
@@ -87,7 +101,11 @@ class Reporter:
         if current is None:
             return
         if current.state is not None and current.state.type.is_final:
-            log.info("run %s is %s; nothing to add", flow_run_id, current.state.type.value,
-                     extra={"flow_run_id": str(flow_run_id)})
+            log.info(
+                "run %s is %s; nothing to add",
+                flow_run_id,
+                current.state.type.value,
+                extra={"flow_run_id": str(flow_run_id)},
+            )
             return
         await self.propose(flow_run_id, states.crashed_state(message), force=False)

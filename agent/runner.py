@@ -216,8 +216,12 @@ class Runner:
             supervisor = Supervisor(
                 self._context(), record.id, deployment, deployment_name=record.deployment
             )
-            log.info("recovering run %s (left in phase %s)", record.id, record.phase,
-                     extra={"flow_run_id": str(record.id), "deployment": record.deployment})
+            log.info(
+                "recovering run %s (left in phase %s)",
+                record.id,
+                record.phase,
+                extra={"flow_run_id": str(record.id), "deployment": record.deployment},
+            )
             self._track(group, supervisor, supervisor.resume(record))
 
     async def _supervise(self, supervisor: Supervisor, work: Coroutine[Any, Any, None]) -> None:
@@ -228,7 +232,9 @@ class Runner:
         except Exception:
             # One run's bug must not take the agent down; the run is left for recovery.
             log.exception(
-                "supervisor of run %s failed", supervisor.id, extra={"flow_run_id": str(supervisor.id)}
+                "supervisor of run %s failed",
+                supervisor.id,
+                extra={"flow_run_id": str(supervisor.id)},
             )
         finally:
             self._supervisors.pop(supervisor.id, None)
@@ -240,10 +246,13 @@ class Runner:
 
         The runs themselves keep running in their own units; a restarted agent adopts them.
         """
-        deadline = self._monotonic() + CRITICAL_SECTION_GRACE
-        while self._monotonic() < deadline and any(
-            s.phase in CRITICAL_PHASES for s in self._supervisors.values()
-        ):
-            await asyncio.sleep(0.05)
+        in_flight = [
+            self._tasks[run_id]
+            for run_id, s in self._supervisors.items()
+            if s.phase in CRITICAL_PHASES and run_id in self._tasks
+        ]
+        if in_flight:
+            # A claim or launch runs on to its end (or the grace) before we stop watching.
+            await asyncio.wait(in_flight, timeout=CRITICAL_SECTION_GRACE)
         for task in list(self._tasks.values()):
             task.cancel()

@@ -98,12 +98,16 @@ class Supervisor:
         self._cancel_requested = asyncio.Event()
         self._cancel_started: float | None = None
         self.unit = unit_name(flow_run_id)
-        self.record = RunRecord(flow_run_id=str(flow_run_id), deployment=self.deployment_name,
-                                phase="new")
+        self.record = RunRecord(
+            flow_run_id=str(flow_run_id), deployment=self.deployment_name, phase="new"
+        )
         self.log = logging.LoggerAdapter(
             log,
-            {"flow_run_id": str(flow_run_id), "deployment": self.deployment_name,
-             "unit": self.unit},
+            {
+                "flow_run_id": str(flow_run_id),
+                "deployment": self.deployment_name,
+                "unit": self.unit,
+            },
         )
 
     @property
@@ -167,9 +171,10 @@ class Supervisor:
             return False
         # Durable before the claim: a claim that outlives a crash must be found again.
         self.save("claiming", claimed_at=self.ctx.clock())
-        pending = states.pending_state()
-        pending["message"] = claim_message(self.ctx.settings.agent.name)
         while True:
+            # A fresh transition id per proposal; a WAIT makes the next one a new proposal.
+            pending = states.pending_state()
+            pending["message"] = claim_message(self.ctx.settings.agent.name)
             try:
                 result = await self.ctx.client.set_flow_run_state(self.id, pending, force=False)
             except PrefectApiError as exc:
@@ -183,8 +188,9 @@ class Supervisor:
                 self.log.info("server asked to wait %.1fs before claiming", delay)
                 await asyncio.sleep(delay)
                 continue
-            self.log.info("not claimed (%s): %s", result.status,
-                          result.details.reason or "no reason given")
+            self.log.info(
+                "not claimed (%s): %s", result.status, result.details.reason or "no reason given"
+            )
             return False
         self.note(f"{claim_message(self.ctx.settings.agent.name)} on host {os.uname().nodename!r}")
         return True
@@ -219,8 +225,12 @@ class Supervisor:
                 self.id, self.deployment, flow_run, self.note
             )
             ws = self.workspace
-            self.save("launching", run_dir=str(ws.run_dir), launcher=self.ctx.launcher.name,
-                       extra={"working_dir": str(ws.working_dir)})
+            self.save(
+                "launching",
+                run_dir=str(ws.run_dir),
+                launcher=self.ctx.launcher.name,
+                extra={"working_dir": str(ws.working_dir)},
+            )
             request = LaunchRequest(
                 flow_run_id=self.id,
                 flow_run_name=self.name,
@@ -241,12 +251,18 @@ class Supervisor:
             reason = str(exc)
             self.note(f"Could not launch the flow run: {reason}", logging.ERROR)
             return None, reason
-        self.save("running", pid=handle.pid, unit=handle.unit,
-                   extra={**self.record.extra, "create_time": process_create_time(handle.pid)})
+        self.save(
+            "running",
+            pid=handle.pid,
+            unit=handle.unit,
+            extra={**self.record.extra, "create_time": process_create_time(handle.pid)},
+        )
         self.mark_running()
         where = handle.unit or f"process {handle.pid}"
-        self.note(f"Launched in {where} via the {self.ctx.launcher.name} launcher "
-                  f"({limits_text(flow_run)})")
+        self.note(
+            f"Launched in {where} via the {self.ctx.launcher.name} launcher "
+            f"({limits_text(flow_run)})"
+        )
         return await self.follow(handle)
 
     def mark_running(self) -> None:
@@ -272,8 +288,10 @@ class Supervisor:
 
     async def _kill(self, handle: RunHandle, exited: asyncio.Future[int]) -> None:
         grace = self.ctx.settings.agent.cancel_grace
-        self.note(f"Cancelling: SIGTERM to every process of the run, SIGKILL after "
-                  f"{format_duration(grace)}")
+        self.note(
+            f"Cancelling: SIGTERM to every process of the run, SIGKILL after "
+            f"{format_duration(grace)}"
+        )
         await self.ctx.launcher.terminate(handle)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
@@ -297,6 +315,8 @@ class Supervisor:
             memory_max=self.flow_run_settings.memory_max,
             runtime_max=self.flow_run_settings.runtime_max,
             command=self.flow_run_settings.python,
+            # Scopes are collected at once, so their Result may be gone; the runtime tells.
+            elapsed=self.ctx.clock() - self.started_at if self.started_at else None,
         )
         self.note(message, logging.INFO if status == 0 else logging.WARNING)
         await self.ctx.reporter.crash_unless_final(self.id, message)
@@ -332,8 +352,10 @@ class Supervisor:
         else:
             await self.ctx.reporter.propose(self.id, states.cancelled_state(), force=True)
             took = self.ctx.clock() - (self._cancel_started or self.ctx.clock())
-            self.note(f"Cancelled the flow run ({'killed' if launched else 'never launched'}; "
-                      f"{took:.2f}s after the request)")
+            self.note(
+                f"Cancelled the flow run ({'killed' if launched else 'never launched'}; "
+                f"{took:.2f}s after the request)"
+            )
             if self.ctx.on_cancelled is not None:
                 self.ctx.on_cancelled(self)
         await self.finish()

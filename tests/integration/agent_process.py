@@ -32,7 +32,9 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
-def render_config(sections: dict[str, dict[str, Any]], deployments: Sequence[dict[str, Any]]) -> str:
+def render_config(
+    sections: dict[str, dict[str, Any]], deployments: Sequence[dict[str, Any]]
+) -> str:
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
@@ -78,14 +80,19 @@ class AgentProcess:
         flow_run_section.update(flow_run or {})
         self.config_path.write_text(
             render_config(
-                {"api": {"url": api_url, "timeout": "10s"}, "agent": agent_section,
-                 "flow_run": flow_run_section},
+                {
+                    "api": {"url": api_url, "timeout": "10s"},
+                    "agent": agent_section,
+                    "flow_run": flow_run_section,
+                },
                 deployments,
             )
         )
         self.config_path.chmod(0o600)
         self.log_path = workdir / "agent.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNNER_AGENT_"))}
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNNER_AGENT_"))
+        }
         self.env.pop("NOTIFY_SOCKET", None)
         self.env.pop("JOURNAL_STREAM", None)
         self.env.update(env or {})
@@ -94,7 +101,16 @@ class AgentProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(self.config_path), "--log-level", "debug", "run"],
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "debug",
+                "run",
+            ],
             stdout=log,
             stderr=log,
             env=self.env,
@@ -149,16 +165,20 @@ def kill_process_groups_under(workdir: Path) -> None:
         try:
             info = proc.info
             environ = info.get("environ") or {}
-            if marker in " ".join(info.get("cmdline") or []) or marker in (info.get("cwd") or "") or (
-                marker in environ.get("TMPDIR", "")
-            ):
-                if proc.pid != os.getpid():
-                    proc.kill()
+            mine = (
+                marker in " ".join(info.get("cmdline") or [])
+                or marker in (info.get("cwd") or "")
+                or marker in environ.get("TMPDIR", "")
+            )
+            if mine and proc.pid != os.getpid():
+                proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -190,7 +210,11 @@ class Api:
         return response.json()["id"] if response.status_code == 200 else None
 
     def wait_deployment(self, flow_name: str, name: str, timeout: float = 30) -> str:
-        return str(wait_for(lambda: self.deployment_id(flow_name, name), timeout, what=f"deployment {name}"))
+        return str(
+            wait_for(
+                lambda: self.deployment_id(flow_name, name), timeout, what=f"deployment {name}"
+            )
+        )
 
     def create_run(self, deployment_id: str, **body: Any) -> str:
         response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)
@@ -219,7 +243,9 @@ class Api:
 
     def logs(self, flow_run_id: str) -> list[str]:
         response = self.request(
-            "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+            "POST",
+            "/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200},
         )
         response.raise_for_status()
         return [entry["message"] for entry in response.json()]

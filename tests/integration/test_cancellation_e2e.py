@@ -51,10 +51,21 @@ def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix:
     markers = tmp_path / "markers"
     markers.mkdir()
     deployments = [
-        {"name": "sleeper", "flow_name": f"cancel-sleeper-{suffix}", "entrypoint": "flows.py:sleeper",
-         "path": str(flows), "parameters": {"marker_dir": str(markers)}, "tags": ["cancel-test"]},
-        {"name": "quick", "flow_name": f"cancel-quick-{suffix}", "entrypoint": "flows.py:quick",
-         "path": str(flows), "parameters": {"marker_dir": str(markers)}},
+        {
+            "name": "sleeper",
+            "flow_name": f"cancel-sleeper-{suffix}",
+            "entrypoint": "flows.py:sleeper",
+            "path": str(flows),
+            "parameters": {"marker_dir": str(markers)},
+            "tags": ["cancel-test"],
+        },
+        {
+            "name": "quick",
+            "flow_name": f"cancel-quick-{suffix}",
+            "entrypoint": "flows.py:quick",
+            "path": str(flows),
+            "parameters": {"marker_dir": str(markers)},
+        },
     ]
     agent = running_agent(
         tmp_path / "agent",
@@ -62,8 +73,13 @@ def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix:
         python=prefect_server.python,
         deployments=deployments,
         name=f"cancel-{'ws' if websocket else 'poll'}",
-        agent={"events_websocket": websocket, "cancel_grace": "5s", "poll_interval": "2s",
-               "prefetch": "15s", "heartbeat_interval": "2s"},
+        agent={
+            "events_websocket": websocket,
+            "cancel_grace": "5s",
+            "poll_interval": "2s",
+            "prefetch": "15s",
+            "heartbeat_interval": "2s",
+        },
     )
     return agent, markers
 
@@ -79,8 +95,10 @@ def cancel(api: Api, run_id: str) -> None:
 def events_named(api: Api, name: str, since: datetime) -> list[dict[str, Any]]:
     response = api.client.post(
         "/events/filter",
-        json={"filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
-              "limit": 50},
+        json={
+            "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
+            "limit": 50,
+        },
     )
     response.raise_for_status()
     return list(response.json()["events"])
@@ -120,7 +138,9 @@ def assert_gone(pids: list[int]) -> None:
     wait_for(all_gone, 10, interval=0.2, what=f"processes {pids} to be gone")
 
 
-def test_cancel_kills_the_whole_run_via_websocket(prefect_server: Any, api: Api, tmp_path: Path) -> None:
+def test_cancel_kills_the_whole_run_via_websocket(
+    prefect_server: Any, api: Api, tmp_path: Path
+) -> None:
     since = datetime.now(UTC) - timedelta(seconds=5)
     agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True, suffix="ws")
     with agent_cm as agent:
@@ -128,9 +148,13 @@ def test_cancel_kills_the_whole_run_via_websocket(prefect_server: Any, api: Api,
         assert_gone(pids)
 
         def cancelled_event() -> list[dict[str, Any]]:
-            return [e for e in events_named(api, "prefect.runner.cancelled-flow-run", since)
-                    if any(r["prefect.resource.id"] == f"prefect.flow-run.{run_id}"
-                           for r in e["related"])]
+            return [
+                e
+                for e in events_named(api, "prefect.runner.cancelled-flow-run", since)
+                if any(
+                    r["prefect.resource.id"] == f"prefect.flow-run.{run_id}" for r in e["related"]
+                )
+            ]
 
         events = wait_for(cancelled_event, 30, what="the cancelled-flow-run event")
         event = events[0]
@@ -140,10 +164,12 @@ def test_cancel_kills_the_whole_run_via_websocket(prefect_server: Any, api: Api,
         assert "cancellation event for run" in agent.log_text()
 
 
-def test_cancel_works_by_polling_without_websocket(prefect_server: Any, api: Api, tmp_path: Path) -> None:
+def test_cancel_works_by_polling_without_websocket(
+    prefect_server: Any, api: Api, tmp_path: Path
+) -> None:
     agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=False, suffix="poll")
     with agent_cm as agent:
-        run_id, pids = cancel_running_sleeper(api, agent, markers, "poll")
+        _, pids = cancel_running_sleeper(api, agent, markers, "poll")
         assert_gone(pids)
         assert "seen by polling" in agent.log_text()
 
@@ -157,8 +183,11 @@ def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path:
         wait_for((markers / run_id).exists, 90, what="the sleeper to run")
 
         def run_heartbeat() -> list[dict[str, Any]]:
-            return [e for e in events_named(api, "prefect.flow-run.heartbeat", since)
-                    if e["resource"]["prefect.resource.id"] == f"prefect.flow-run.{run_id}"]
+            return [
+                e
+                for e in events_named(api, "prefect.flow-run.heartbeat", since)
+                if e["resource"]["prefect.resource.id"] == f"prefect.flow-run.{run_id}"
+            ]
 
         beat = wait_for(run_heartbeat, 30, what="a flow-run heartbeat")[0]
         related = {r["prefect.resource.role"]: r for r in beat["related"]}
@@ -167,8 +196,11 @@ def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path:
         assert related["tag"]["prefect.resource.id"] == "prefect.tag.cancel-test"
 
         def agent_heartbeat() -> list[dict[str, Any]]:
-            return [e for e in events_named(api, "runner-agent.heartbeat", since)
-                    if e["resource"]["prefect.resource.id"] == "prefect.runner.cancel-ws"]
+            return [
+                e
+                for e in events_named(api, "runner-agent.heartbeat", since)
+                if e["resource"]["prefect.resource.id"] == "prefect.runner.cancel-ws"
+            ]
 
         payload = wait_for(agent_heartbeat, 30, what="the agent heartbeat")[-1]["payload"]
         assert payload["launcher"] == "process"
@@ -185,8 +217,10 @@ def test_run_cancelled_before_its_time_is_never_launched(
     with agent_cm as agent:
         deployment_id = api.wait_deployment("cancel-quick-early", "quick")
         start = datetime.now(UTC) + timedelta(seconds=10)
-        run_id = api.create_run(deployment_id, state={
-            "type": "SCHEDULED", "state_details": {"scheduled_time": start.isoformat()}})
+        run_id = api.create_run(
+            deployment_id,
+            state={"type": "SCHEDULED", "state_details": {"scheduled_time": start.isoformat()}},
+        )
         # The agent sees it within the 15 s prefetch and waits for its time.
         wait_for(lambda: run_id in agent.log_text(), 15, what="the agent to pick the run up")
         cancel(api, run_id)

@@ -125,7 +125,7 @@ async def test_websocket_fallback_delivers_events(
     ) as emitter:
         emitter.emit(event)
         async with asyncio.timeout(10):
-            while emitter.stats()["sent"] < 1:  # noqa: ASYNC110 - emitter-owned state
+            while emitter.stats()["sent"] < 1:
                 await asyncio.sleep(0.05)
         assert emitter.use_websocket
     stored = await read_back(prefect_ahttp, events.CANCELLED_FLOW_RUN, "prefect.runner.it-agent")

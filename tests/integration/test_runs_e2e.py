@@ -58,12 +58,19 @@ def api(prefect_server: Any) -> Iterator[Api]:
 
 
 def deployment(name: str, flow_dir: Path, func: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "flow_name": f"e2e-{name}", "entrypoint": f"flows.py:{func}",
-            "path": str(flow_dir), **extra}
+    return {
+        "name": name,
+        "flow_name": f"e2e-{name}",
+        "entrypoint": f"flows.py:{func}",
+        "path": str(flow_dir),
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
-def basic_agent(prefect_server: Any, flow_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+def basic_agent(
+    prefect_server: Any, flow_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
     deployments = [
         deployment("hello", flow_dir, "hello"),
         deployment("boom", flow_dir, "boom"),
@@ -100,7 +107,8 @@ def test_failing_flow_stays_failed(basic_agent: AgentProcess, api: Api) -> None:
     # The agent saw the exit (the engine exits 0 after reporting FAILED itself) and must not
     # overwrite the engine's own final state.
     wait_for(
-        lambda: any("Process exited with status" in m for m in api.logs(run_id)), 20,
+        lambda: any("Process exited with status" in m for m in api.logs(run_id)),
+        20,
         what="the agent's exit note",
     )
     assert api.state(run_id)["type"] == "FAILED"
@@ -133,13 +141,24 @@ def overlaps(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_limit_is_never_exceeded(prefect_server: Any, flow_dir: Path, api: Api, tmp_path: Path) -> None:
+def test_limit_is_never_exceeded(
+    prefect_server: Any, flow_dir: Path, api: Api, tmp_path: Path
+) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
-    deployments = [deployment("limited", flow_dir, "record",
-                              parameters={"marker_dir": str(markers), "seconds": 3.0})]
-    with running_agent(tmp_path / "agent", api_url=prefect_server.api_url, python=prefect_server.python,
-                       deployments=deployments, name="e2e-limit", agent={"limit": 2}) as agent:
+    deployments = [
+        deployment(
+            "limited", flow_dir, "record", parameters={"marker_dir": str(markers), "seconds": 3.0}
+        )
+    ]
+    with running_agent(
+        tmp_path / "agent",
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        deployments=deployments,
+        name="e2e-limit",
+        agent={"limit": 2},
+    ) as agent:
         deployment_id = api.wait_deployment("e2e-limited", "limited")
         run_ids = [api.create_run(deployment_id) for _ in range(6)]
         states = [api.wait_final(run_id, timeout=180) for run_id in run_ids]
@@ -157,19 +176,39 @@ def test_two_agents_run_each_run_exactly_once(
 ) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
-    deployments = [deployment("shared", flow_dir, "record",
-                              parameters={"marker_dir": str(markers), "seconds": 0.2})]
-    common = dict(api_url=prefect_server.api_url, python=prefect_server.python, deployments=deployments)
-    with running_agent(tmp_path / "a", name="e2e-a", agent={"limit": 3},
-                       env={"RUNNER_AGENT_TEST_NAME": "a"}, flow_run={"env": {"RUNNER_AGENT_TEST_NAME": "a"}},
-                       **common) as agent_a, \
-         running_agent(tmp_path / "b", name="e2e-b", agent={"limit": 3},
-                       flow_run={"env": {"RUNNER_AGENT_TEST_NAME": "b"}}, **common) as agent_b:
+    deployments = [
+        deployment(
+            "shared", flow_dir, "record", parameters={"marker_dir": str(markers), "seconds": 0.2}
+        )
+    ]
+    common = dict(
+        api_url=prefect_server.api_url, python=prefect_server.python, deployments=deployments
+    )
+    with (
+        running_agent(
+            tmp_path / "a",
+            name="e2e-a",
+            agent={"limit": 3},
+            env={"RUNNER_AGENT_TEST_NAME": "a"},
+            flow_run={"env": {"RUNNER_AGENT_TEST_NAME": "a"}},
+            **common,
+        ) as agent_a,
+        running_agent(
+            tmp_path / "b",
+            name="e2e-b",
+            agent={"limit": 3},
+            flow_run={"env": {"RUNNER_AGENT_TEST_NAME": "b"}},
+            **common,
+        ) as agent_b,
+    ):
         deployment_id = api.wait_deployment("e2e-shared", "shared")
         run_ids = [api.create_run(deployment_id) for _ in range(20)]
         states = [api.wait_final(run_id, timeout=300) for run_id in run_ids]
         assert all(s["type"] == "COMPLETED" for s in states), (
-            states, agent_a.log_text()[-2000:], agent_b.log_text()[-2000:])
+            states,
+            agent_a.log_text()[-2000:],
+            agent_b.log_text()[-2000:],
+        )
     for run_id in run_ids:
         types = [s["type"] for s in api.history(run_id)]
         assert types.count("PENDING") == 1, (run_id, types)

@@ -160,7 +160,7 @@ class Recorder:
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
     async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110 - polls state owned by the code under test
+        while not check():
             await asyncio.sleep(0.01)
 
 

@@ -33,7 +33,10 @@ async def test_messages_are_posted_in_prefect_log_shape() -> None:
                 break
             await asyncio.sleep(0.02)
     sent = [entry for batch in sink.batches for entry in batch]
-    assert [e["message"] for e in sent] == ["Claimed by runner-agent 'a'", "Process exited with status 3"]
+    assert [e["message"] for e in sent] == [
+        "Claimed by runner-agent 'a'",
+        "Process exited with status 3",
+    ]
     assert sent[0]["flow_run_id"] == str(run_id)
     assert sent[0]["name"] == "runner-agent"
     assert sent[1]["level"] == logging.WARNING

@@ -10,7 +10,9 @@ from agent.records import RunRecord, RunRecords
 def test_records_round_trip_with_tight_modes(tmp_path: Path) -> None:
     records = RunRecords(tmp_path)
     run_id = uuid4()
-    record = RunRecord(flow_run_id=str(run_id), deployment="hello", phase="claiming", claimed_at=1.5)
+    record = RunRecord(
+        flow_run_id=str(run_id), deployment="hello", phase="claiming", claimed_at=1.5
+    )
     records.save(record)
     path = records.run_dir(run_id) / "record.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -29,8 +29,13 @@ from agent.workspace import Workspaces
 class FakeServer:
     """Answers the endpoints a supervisor uses; records every request body."""
 
-    def __init__(self, run_id: UUID, *, state: str = "SCHEDULED",
-                 claim_answers: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        run_id: UUID,
+        *,
+        state: str = "SCHEDULED",
+        claim_answers: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.state: dict[str, Any] = {"type": state, "name": state.title(), "message": None}
         self.claim_answers = list(claim_answers or [])
@@ -38,8 +43,14 @@ class FakeServer:
         self.logs: list[dict[str, Any]] = []
 
     def run_body(self) -> dict[str, Any]:
-        return {"id": str(self.run_id), "name": "brave-otter", "flow_id": str(uuid4()),
-                "deployment_id": str(uuid4()), "tags": [], "state": self.state}
+        return {
+            "id": str(self.run_id),
+            "name": "brave-otter",
+            "flow_id": str(uuid4()),
+            "deployment_id": str(uuid4()),
+            "tags": [],
+            "state": self.state,
+        }
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -78,9 +89,15 @@ class FakeHandle:
 class FakeLauncher:
     name = "fake"
 
-    def __init__(self, *, status: int = 0, result: str | None = None,
-                 fail: str | None = None, finish_at_once: bool = True,
-                 engine: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        status: int = 0,
+        result: str | None = None,
+        fail: str | None = None,
+        finish_at_once: bool = True,
+        engine: Any = None,
+    ) -> None:
         self.engine = engine  # what the fake engine reports to the server while it runs
         self.status = status
         self.result = result
@@ -96,8 +113,9 @@ class FakeLauncher:
             raise LaunchError(self.fail)
         if self.engine is not None:
             self.engine()
-        self.handle = FakeHandle(request.flow_run_id, f"unit-{request.flow_run_id}", None,
-                                 self.status)
+        self.handle = FakeHandle(
+            request.flow_run_id, f"unit-{request.flow_run_id}", None, self.status
+        )
         if self.finish_at_once:
             self.handle.released.set()
         return self.handle
@@ -139,34 +157,42 @@ path = "{code}"
 @pytest.fixture
 def settings(tmp_path: Path) -> Any:
     config = tmp_path / "agent.toml"
-    config.write_text(CONFIG.format(state=tmp_path / "state", run=tmp_path / "run",
-                                    code=tmp_path))
+    config.write_text(CONFIG.format(state=tmp_path / "state", run=tmp_path / "run", code=tmp_path))
     config.chmod(0o600)
     return load_settings(config, {})
 
 
-async def supervise(settings: Any, server: FakeServer, launcher: FakeLauncher,
-                    *, record: RunRecord | None = None,
-                    before: Any = None) -> tuple[Supervisor, RunRecords]:
+async def supervise(
+    settings: Any,
+    server: FakeServer,
+    launcher: FakeLauncher,
+    *,
+    record: RunRecord | None = None,
+    before: Any = None,
+) -> tuple[Supervisor, RunRecords]:
     transport = httpx.MockTransport(server.handler)
-    async with PrefectClient(settings.api, transport=transport, max_attempts=1) as client:
-        async with FlowRunLogs(client.create_logs, flush_interval=0.01) as logs:
-            records = RunRecords(settings.agent.state_dir)
-            ctx = RunContext(
-                settings=settings, client=client, launcher=launcher,  # type: ignore[arg-type]
-                flow_logs=logs, records=records, reporter=Reporter(client, sleep=_no_sleep),
-                workspaces=Workspaces(lambda: settings, Storage(settings.agent.state_dir)),
-            )
-            flow_run = FlowRun.model_validate(server.run_body())
-            supervisor = Supervisor(ctx, server.run_id, settings.deployments[0], flow_run=flow_run)
-            if record is not None:
-                work = asyncio.ensure_future(supervisor.resume(record))
-            else:
-                work = asyncio.ensure_future(supervisor.run())
-            if before is not None:
-                await before(supervisor, launcher)
-            await asyncio.wait_for(work, timeout=10)
-            await logs.flush()
+    client = PrefectClient(settings.api, transport=transport, max_attempts=1)
+    async with client, FlowRunLogs(client.create_logs, flush_interval=0.01) as logs:
+        records = RunRecords(settings.agent.state_dir)
+        ctx = RunContext(
+            settings=settings,
+            client=client,
+            launcher=launcher,  # type: ignore[arg-type]
+            flow_logs=logs,
+            records=records,
+            reporter=Reporter(client, sleep=_no_sleep),
+            workspaces=Workspaces(lambda: settings, Storage(settings.agent.state_dir)),
+        )
+        flow_run = FlowRun.model_validate(server.run_body())
+        supervisor = Supervisor(ctx, server.run_id, settings.deployments[0], flow_run=flow_run)
+        if record is not None:
+            work = asyncio.ensure_future(supervisor.resume(record))
+        else:
+            work = asyncio.ensure_future(supervisor.run())
+        if before is not None:
+            await before(supervisor, launcher)
+        await asyncio.wait_for(work, timeout=10)
+        await logs.flush()
     return supervisor, records
 
 
@@ -202,8 +228,7 @@ async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
 
 @pytest.mark.parametrize("status", ["REJECT", "ABORT"])
 async def test_reject_and_abort_skip_the_run(settings: Any, status: str) -> None:
-    server = FakeServer(uuid4(), claim_answers=[{"status": status,
-                                                 "details": {"reason": "taken"}}])
+    server = FakeServer(uuid4(), claim_answers=[{"status": status, "details": {"reason": "taken"}}])
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert launcher.requests == []
@@ -211,10 +236,13 @@ async def test_reject_and_abort_skip_the_run(settings: Any, status: str) -> None
 
 
 async def test_wait_retries_the_claim(settings: Any) -> None:
-    server = FakeServer(uuid4(), claim_answers=[
-        {"status": "WAIT", "details": {"delay_seconds": 0.05}},
-        {"status": "ACCEPT", "details": {}},
-    ])
+    server = FakeServer(
+        uuid4(),
+        claim_answers=[
+            {"status": "WAIT", "details": {"delay_seconds": 0.05}},
+            {"status": "ACCEPT", "details": {}},
+        ],
+    )
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert proposed_types(server)[:2] == ["PENDING", "PENDING"]
@@ -311,8 +339,13 @@ async def test_recovery_reports_a_run_that_exited_while_the_agent_was_away(
     run_dir = tmp_path / "exited-run"
     run_dir.mkdir()
     (run_dir / "exit-status").write_text("3\n")
-    record = RunRecord(flow_run_id=str(run_id), deployment="hello", phase="running",
-                       pid=2**22 + 7, run_dir=str(run_dir))
+    record = RunRecord(
+        flow_run_id=str(run_id),
+        deployment="hello",
+        phase="running",
+        pid=2**22 + 7,
+        run_dir=str(run_dir),
+    )
     launcher = FakeLauncher()
     await supervise(settings, server, launcher, record=record)
     assert launcher.requests == []

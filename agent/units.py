@@ -40,6 +40,7 @@ log = logging.getLogger("agent.units")
 
 UNIT_PREFIX = "runner-agent-run-"
 START_TIMEOUT = 60.0  # systemd-run waits for the manager's job; a hung bus must not hang us
+STARTED_POLL = 0.05  # how often to look for the wrapper's pid record while it starts
 SYSTEMCTL_TIMEOUT = 30.0
 _UNIT_RE = re.compile(rf"^{UNIT_PREFIX}([0-9a-f-]{{36}})\.scope$")
 _GONE = ("not loaded", "not found", "does not exist")
@@ -175,10 +176,9 @@ class SystemdLauncher:
             )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]}: {exc.strerror or exc}") from exc
-        assert process.stderr is not None
         try:
-            # EOF comes when systemd-cat has put the journal on fd 2 and exec'd (or on exit).
-            errors = await asyncio.wait_for(process.stderr.read(), timeout=self._start_timeout)
+            errors = await asyncio.wait_for(_started(process, req.run_dir),
+                                            timeout=self._start_timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -267,3 +267,22 @@ class SystemdLauncher:
 
     def read_exit_record(self, run_dir: Path) -> int | None:
         return read_exit_record(run_dir)
+
+
+async def _started(process: asyncio.subprocess.Process, run_dir: Path) -> bytes:
+    """systemd-run's complaints, once the wrapper runs (its pid record) or stderr reaches EOF.
+
+    EOF alone is not enough: uvloop leaks inheritable copies of a child's stdio fds into the
+    child (seen in the system test bed), so the run itself would hold our stderr pipe open
+    until it ends. The wrapper's pid record proves systemd-run and systemd-cat are done.
+    """
+    assert process.stderr is not None
+    eof = asyncio.ensure_future(process.stderr.read())
+    try:
+        while not eof.done():
+            if read_pid_record(run_dir) is not None:
+                return b""
+            await asyncio.wait({eof}, timeout=STARTED_POLL)
+        return eof.result()
+    finally:
+        eof.cancel()

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from uuid import UUID
 
+from agent.launcher import OUTPUT_LOG
 from agent.records import RunRecord, RunRecords
 from agent.settings import FlowRunSettings, Settings
+from agent.units import unit_name
 from agent.values import format_count, format_cpu_quota, format_duration, format_size
 
 if TYPE_CHECKING:
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
 EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
-UNIT_PREFIX = "runner-agent-run-"
-OUTPUT_LOG = "output.log"  # the process launcher's per-run output, in <runtime_dir>/runs/<id>/
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def logs_arguments(parser: argparse.ArgumentParser) -> None:
 
 def journal_argv(journalctl: str, flow_run_id: UUID, *, follow: bool) -> list[str]:
     """The journal of the run's scope: the flow's own output, also after the run has ended."""
-    argv = [journalctl, "--no-pager", "-o", "cat", "-u", f"{UNIT_PREFIX}{flow_run_id}.scope"]
+    argv = [journalctl, "--no-pager", "-o", "cat", "-u", unit_name(flow_run_id)]
     return [*argv, "-f"] if follow else argv
 
 
@@ -238,7 +238,7 @@ def logs_command(ctx: Context) -> int:
     journalctl = shutil.which("journalctl", path=ctx.environ.get("PATH"))
     if journalctl is not None:
         return stream(journal_argv(journalctl, flow_run_id, follow=ctx.args.follow), ctx.stdout)
-    # Without systemd the process launcher keeps the output next to the exit status.
+    # Without systemd, the process launcher keeps the output next to the exit status.
     settings = ctx.load_settings()
     path = settings.agent.runtime_dir / "runs" / str(flow_run_id) / OUTPUT_LOG
     return print_file(path, ctx.stdout, ctx.error, follow=ctx.args.follow)

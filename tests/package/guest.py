@@ -82,6 +82,16 @@ class Guest:
         pruned = " -o ".join(f"-path {p}" for p in SNAPSHOT_PRUNE)
         return set(self.sh(f"find / -xdev \\( {pruned} \\) -prune -o -print").split("\n")) - {""}
 
+    def packages(self) -> set[str]:
+        """Installed packages (for telling dependencies' files from leftovers)."""
+        out = self.sh("dpkg-query -W -f '${db:Status-Status} ${Package}\\n'")
+        return {line.split()[1] for line in out.splitlines() if line.startswith("installed ")}
+
+    def package_files(self, packages: set[str]) -> set[str]:
+        if not packages:
+            return set()
+        return set(self.sh(f"dpkg -L {' '.join(sorted(packages))}").split("\n")) - {""}
+
     def write(self, path: str, text: str, mode: int = 0o644) -> None:
         self.container.write_file(path, text, mode)
 

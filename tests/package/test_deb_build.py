@@ -26,8 +26,9 @@ from tests.package.debbuild import (
 pytestmark = pytest.mark.system
 
 # Every package the .deb may depend on: the interpreter its venv links to, systemd, passwd
-# (userdel in postrm purge) and the C libraries the bundled wheels' extensions link against.
-ALLOWED_DEPENDS = {"python3", "python3.11", "systemd", "passwd", "libc6", "libgcc-s1"}
+# (userdel in postrm purge), procps (/bin/kill of the unit's ExecReload; minbase lacks it) and
+# the C libraries the bundled wheels' extensions link against.
+ALLOWED_DEPENDS = {"python3", "python3.11", "systemd", "passwd", "procps", "libc6", "libgcc-s1"}
 
 
 def arch() -> str:
@@ -111,10 +112,12 @@ def test_bundled_venv_runs_the_agent(built_deb: Path, tmp_path: Path) -> None:
 
 def test_depends(built_deb: Path) -> None:
     depends = [d.strip() for d in field(built_deb, "Depends").split(",")]
-    for needed in ("python3 (>= 3.11)", "python3 (<< 3.12)", "systemd"):
+    for needed in ("python3 (>= 3.11)", "python3 (<< 3.12)", "systemd", "procps"):
         assert needed in depends
     names = {re.split(r"[\s(:]", d, maxsplit=1)[0] for d in depends}
     assert names <= ALLOWED_DEPENDS, names - ALLOWED_DEPENDS
+    # git only for deployments with [deployment.git]; not needed otherwise.
+    assert field(built_deb, "Suggests") == "git"
 
 
 def test_maintainer_scripts_restart_the_service_but_never_touch_the_slice(

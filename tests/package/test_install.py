@@ -49,9 +49,9 @@ def guest(
 
 
 @pytest.fixture(scope="module")
-def clean_state(guest: Guest) -> set[str]:
-    """The container's files before the package was installed (for the purge test)."""
-    return guest.snapshot()
+def clean_state(guest: Guest) -> tuple[set[str], set[str]]:
+    """The container's files and packages before the install (for the purge test)."""
+    return guest.snapshot(), guest.packages()
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,9 @@ def main_pid(guest: Guest) -> int:
 
 
 def test_apt_install_resolves_dependencies_and_creates_the_user(
-    guest: Guest, built_deb: Path, clean_state: set[str]
+    guest: Guest, built_deb: Path, clean_state: tuple[set[str], set[str]]
 ) -> None:
-    assert "/usr/bin/runner-agent" not in clean_state
+    assert "/usr/bin/runner-agent" not in clean_state[0]
     out = guest.sh(f"apt-get install -y --no-install-recommends {DEB_DIR}/{built_deb.name} 2>&1")
     assert "Setting up runner-agent" in out, out
     assert guest.sh("dpkg-query -W -f '${Status} ${Version}' runner-agent") == (
@@ -115,6 +115,11 @@ def test_enable_now_with_a_real_config_gives_an_active_service(
     guest.systemctl("enable", "--now", "runner-agent.service")
     assert guest.active() == "active", guest.journal()
     api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
+    # Reload (SIGHUP through ExecReload) works on a minimal system and keeps the process.
+    pid = main_pid(guest)
+    guest.systemctl("reload", "runner-agent.service")
+    assert main_pid(guest) == pid
+    assert guest.active() == "active", guest.journal()
 
 
 def test_a_flow_run_completes_through_the_installed_agent(guest: Guest, api: Api) -> None:
@@ -150,7 +155,10 @@ def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
     assert state["type"] == "COMPLETED", (state, guest.journal())
 
 
-def test_purge_leaves_no_files_user_or_units(guest: Guest, clean_state: set[str]) -> None:
+def test_purge_leaves_no_files_user_or_units(
+    guest: Guest, clean_state: tuple[set[str], set[str]]
+) -> None:
+    files_before, packages_before = clean_state
     # Nothing may still run in the slice (a flow would keep its unit loaded).
     wait_for(
         lambda: not guest.sh("systemctl list-units --plain --no-legend 'runner-agent-run-*'"),
@@ -160,8 +168,12 @@ def test_purge_leaves_no_files_user_or_units(guest: Guest, clean_state: set[str]
     out = guest.sh("apt-get purge -y runner-agent 2>&1")
     assert "Purging configuration files for runner-agent" in out, out
     assert "not empty so not removed" not in out, out
-    # Every path the install, the runs, the upgrade and the purge left behind.
-    assert sorted(guest.snapshot() - clean_state) == []
+    # Every path the install, the runs, the upgrade and the purge left behind, except the files
+    # of the dependencies apt installed with the package (they stay, as apt intends).
+    dependencies = guest.packages() - packages_before
+    assert "runner-agent" not in dependencies
+    leftovers = guest.snapshot() - files_before - guest.package_files(dependencies)
+    assert sorted(leftovers) == []
     assert guest.sh("ls -d /run/runner-agent 2>/dev/null || true").strip() == ""
     assert guest.sh("getent passwd runner-agent || true").strip() == ""
     assert guest.sh("getent group runner-agent || true").strip() == ""

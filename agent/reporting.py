@@ -16,7 +16,7 @@ from uuid import UUID
 
 from agent import states
 from agent.api import ApiUnavailable, PrefectApiError, PrefectClient
-from agent.schemas import FlowRun
+from agent.schemas import FlowRun, StateType
 
 log = logging.getLogger("agent.reporting")
 
@@ -95,17 +95,25 @@ class Reporter:
                 return str(result.status)
             delay = await self._backoff(delay)
 
-    async def crash_unless_final(self, flow_run_id: UUID, message: str) -> None:
-        """Mark the run Crashed with `message` unless the engine already reported a final state."""
+    async def crash_unless_final(
+        self, flow_run_id: UUID, message: str, *, replace_crashed: bool = False
+    ) -> None:
+        """Mark the run Crashed with `message` unless the engine already reported a final state.
+
+        With `replace_crashed`, an engine-reported Crashed ("aborted by a termination signal")
+        is replaced by ours, which names the limit that killed the run.
+        """
         current = await self.read_run(flow_run_id, retry=True)
         if current is None:
             return
-        if current.state is not None and current.state.type.is_final:
+        state = current.state
+        replace = replace_crashed and state is not None and state.type is StateType.CRASHED
+        if state is not None and state.type.is_final and not replace:
             log.info(
                 "run %s is %s; nothing to add",
                 flow_run_id,
-                current.state.type.value,
+                state.type.value,
                 extra={"flow_run_id": str(flow_run_id)},
             )
             return
-        await self.propose(flow_run_id, states.crashed_state(message), force=False)
+        await self.propose(flow_run_id, states.crashed_state(message), force=replace)

@@ -319,7 +319,12 @@ class Supervisor:
             elapsed=self.ctx.clock() - self.started_at if self.started_at else None,
         )
         self.note(message, logging.INFO if status == 0 else logging.WARNING)
-        await self.ctx.reporter.crash_unless_final(self.id, message)
+        # The engine reports a killed run as "aborted by a termination signal"; when one of our
+        # limits did it, our message (which names the limit) replaces that.
+        limit_hit = status != 0 and any(
+            name in message for name in ("MemoryMax=", "RuntimeMaxSec=")
+        )
+        await self.ctx.reporter.crash_unless_final(self.id, message, replace_crashed=limit_hit)
         await self.finish()
 
     async def finish(self) -> None:

@@ -299,7 +299,7 @@ def test_watchdog_restarts_a_hung_agent(agent: Bed) -> None:
 def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> None:
     c = agent.c
     agent.start_agent()
-    run_id = agent.run("sleeper", seconds=25)
+    run_id = agent.run("sleeper", seconds=15)
     unit = agent.wait_running(run_id)
     props = c.show(unit, "Slice", "ControlGroup", "MemoryMax", "CPUQuotaPerSecUSec", "TasksMax",
                    "RuntimeMaxUSec")

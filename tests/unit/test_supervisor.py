@@ -362,3 +362,23 @@ async def test_waits_for_the_scheduled_start(settings: Any) -> None:
     await supervise(settings, server, launcher)
     assert datetime.now(UTC) >= start
     assert len(launcher.requests) == 1
+
+
+async def test_a_limit_kill_replaces_the_engines_own_crash_message(settings: Any) -> None:
+    server = FakeServer(uuid4())
+    engine_crash = {"type": "CRASHED", "name": "Crashed",
+                    "message": "Execution was aborted by a termination signal."}
+    launcher = FakeLauncher(status=137, result="oom-kill",
+                            engine=lambda: setattr(server, "state", engine_crash))
+    await supervise(settings, server, launcher)
+    assert proposed_types(server) == ["PENDING", "CRASHED"]
+    assert server.proposals[1]["force"] is True
+    assert "MemoryMax=512M" in server.proposals[1]["state"]["message"]
+
+
+async def test_an_engine_crash_without_a_limit_is_kept(settings: Any) -> None:
+    server = FakeServer(uuid4())
+    engine_crash = {"type": "CRASHED", "name": "Crashed", "message": "engine's own reason"}
+    launcher = FakeLauncher(status=1, engine=lambda: setattr(server, "state", engine_crash))
+    await supervise(settings, server, launcher)
+    assert proposed_types(server) == ["PENDING"]

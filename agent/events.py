@@ -217,8 +217,13 @@ class EventEmitter:
         drop_report_interval: float = 60.0,
         shutdown_timeout: float = 3.0,
         open_timeout: float = 10.0,
+        kind: str = "events",
     ) -> None:
-        """`send` posts one batch (PrefectClient.emit_events); `api_url` enables the fallback."""
+        """`send` posts one batch (PrefectClient.emit_events); `api_url` enables the fallback.
+
+        `kind` names the items in log lines: the same buffer also carries flow-run log messages.
+        """
+        self.kind = kind
         self._send = send
         self._ws_url = websocket_url(api_url, "events/in") if api_url else None
         self._token = token
@@ -294,11 +299,11 @@ class EventEmitter:
             async with asyncio.timeout(self._shutdown_timeout):
                 await self.flush()
         except Exception as exc:
-            log.debug("final event flush failed: %r", exc)
+            log.debug("final %s flush failed: %r", self.kind, exc)
         await self._close_ws()
         self._report_drops(force=True)
         if self._buffer:
-            log.warning("%d events were not delivered at shutdown", len(self._buffer))
+            log.warning("%d %s were not delivered at shutdown", len(self._buffer), self.kind)
 
     async def run(self) -> None:
         """Post batches until cancelled."""
@@ -325,7 +330,8 @@ class EventEmitter:
                     continue
                 backoff = min(self._max_backoff, max(backoff * 2, self._flush_interval))
                 log.warning(
-                    "could not send %d events, retrying in %.0fs: %r", self.pending, backoff, exc
+                    "could not send %d %s, retrying in %.0fs: %r",
+                    self.pending, self.kind, backoff, exc,
                 )
                 await self._close_ws()
 
@@ -342,7 +348,9 @@ class EventEmitter:
             except Exception as exc:
                 if _status(exc) in _EVENTS_REJECTED:
                     self.rejected += len(batch)
-                    log.error("the server rejected %d events, dropped them: %r", len(batch), exc)
+                    log.error(
+                        "the server rejected %d %s, dropped them: %r", len(batch), self.kind, exc
+                    )
                     continue
                 self._requeue(batch)
                 raise
@@ -379,6 +387,6 @@ class EventEmitter:
         new = self.dropped - self._reported_drops
         now = time.monotonic()
         if new and (force or now - self._last_drop_report >= self._drop_report_interval):
-            log.warning("dropped %d events while the API was unreachable", new)
+            log.warning("dropped %d %s while the API was unreachable", new, self.kind)
             self._reported_drops = self.dropped
             self._last_drop_report = now

@@ -34,6 +34,9 @@ log() { printf '[build-deb] %s\n' "$*" >&2; }
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+# World-traversable: unit tests run during the build switch to `nobody` and execute the
+# staged venv's python from under this directory.
+chmod 0755 "$tmp"
 src="$tmp/runner-agent"
 mkdir "$src"
 # The whole tree (the unit tests run during the build may read any of it); caches, VCS data,

@@ -87,11 +87,6 @@ class Guest:
         out = self.sh("dpkg-query -W -f '${db:Status-Status} ${Package}\\n'")
         return {line.split()[1] for line in out.splitlines() if line.startswith("installed ")}
 
-    def package_files(self, packages: set[str]) -> set[str]:
-        if not packages:
-            return set()
-        return set(self.sh(f"dpkg -L {' '.join(sorted(packages))}").split("\n")) - {""}
-
     def write(self, path: str, text: str, mode: int = 0o644) -> None:
         self.container.write_file(path, text, mode)
 

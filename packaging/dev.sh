@@ -68,6 +68,9 @@ agent_venv() {
         "$AGENT_VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$REPO"
     fi
     export RUNNER_AGENT_TEST_AGENT_VENV="$AGENT_VENV"
+    # Venvs of older dependency sets are dead weight (about 150 MB each); keep the cache lean.
+    find "$CACHE" -maxdepth 1 -name 'agent-*' -type d ! -path "$AGENT_VENV" -mtime +1 \
+        -exec rm -rf {} + 2>/dev/null || true
 }
 
 setup() {

@@ -64,7 +64,8 @@ agent_venv() {
     AGENT_VENV="$CACHE/agent-$key"
     build_venv "$AGENT_VENV" -e "$REPO[test]"
     # The editable install points at this checkout; a fresh clone elsewhere re-points it.
-    if ! "$AGENT_VENV/bin/python" -c "import agent, sys; sys.exit(not agent.__file__.startswith('$REPO/'))" 2>/dev/null; then
+    # From / and isolated, so a checkout in the current directory cannot answer for the venv.
+    if ! (cd / && "$AGENT_VENV/bin/python" -I -c "import agent, sys; sys.exit(not agent.__file__.startswith('$REPO/'))") 2>/dev/null; then
         "$AGENT_VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$REPO"
     fi
     export RUNNER_AGENT_TEST_AGENT_VENV="$AGENT_VENV"

@@ -341,7 +341,10 @@ class Container:
         argv += [f"--bind={b}" for b in self.binds]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         argv += [f"--setenv={k}={v}" for k, v in self.setenv.items()]
-        argv += [*self.extra_args, "--boot", "--", "systemd.firstboot=off"]
+        # tmp.mount would hide binds under /tmp (a checkout in /tmp, as CI may use); the volatile
+        # root is a tmpfs already, so /tmp stays in memory without it.
+        argv += [*self.extra_args, "--boot", "--", "systemd.firstboot=off",
+                 "systemd.mask=tmp.mount"]
         return argv
 
     def start(self) -> None:

@@ -27,7 +27,7 @@ from agent.reporting import Reporter
 from agent.schemas import FlowRun
 from agent.settings import DeploymentSettings, Settings
 from agent.storage import Storage
-from agent.supervisor import CRITICAL_PHASES, Phase, RunContext, Supervisor
+from agent.supervisor import CRITICAL_PHASES, RunContext, Supervisor
 from agent.workspace import Workspaces
 
 log = logging.getLogger("agent.runner")
@@ -84,9 +84,6 @@ class Runner:
 
     def flow_names(self) -> dict[UUID, str]:
         return {reg.flow_id: reg.flow_name for reg in self._registered.values()}
-
-    def running_count(self) -> int:
-        return sum(1 for s in self._supervisors.values() if s.phase is Phase.RUNNING)
 
     def wake(self) -> None:
         """Poll now instead of at the next interval (an event announced a due run)."""

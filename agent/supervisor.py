@@ -27,12 +27,12 @@ from agent.reporting import Reporter
 from agent.schemas import FlowRun, StateType
 from agent.settings import DeploymentSettings, Settings
 from agent.storage import StorageError
+from agent.units import unit_name
 from agent.values import format_duration
 from agent.workspace import Workspace, Workspaces, engine_environment, limits_text
 
 log = logging.getLogger("agent.supervisor")
 
-UNIT_PREFIX = "runner-agent-run-"
 
 
 class Phase(enum.Enum):
@@ -60,10 +60,6 @@ class RunContext:
     workspaces: Workspaces
     on_cancelled: Callable[[Supervisor], None] | None = None
     clock: Callable[[], float] = time.time
-
-
-def unit_name(flow_run_id: UUID) -> str:
-    return f"{UNIT_PREFIX}{flow_run_id}.scope"
 
 
 def claim_message(agent_name: str) -> str:

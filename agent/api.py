@@ -6,16 +6,27 @@ Every call goes through `PrefectClient._request`:
   and full jitter, honouring `Retry-After` (seconds or an HTTP date, capped); after the last
   attempt `ApiUnavailable` names the method, path and last error;
 - 401 and 403 fail at once with `CredentialsRefused` (retrying cannot fix a key);
+- a redirect (3xx: e.g. http:// answered by a redirect to https://) is `ApiUnavailable` at once,
+  naming where it points: following it would resend credentials and POST bodies elsewhere, and
+  taking it for success would count logs and events as delivered that never arrived;
 - any other 4xx is `ApiError(status, detail)`;
-- a body that does not parse (invalid JSON, an HTML error page, the wrong shape) is
-  `MalformedResponse`, never a raw json or pydantic exception. In list responses a malformed
-  item is logged (logger "agent.api") and skipped; the other items are kept.
+- a body that does not parse (invalid JSON, an HTML error page, the wrong shape, a run other
+  than the one asked for) is `MalformedResponse`, never a raw json or pydantic exception. In
+  list responses a malformed item is logged (logger "agent.api") and skipped; the other items
+  are kept. Where the body is not read (logs, events, a PATCH), an answer that is not JSON (a
+  proxy's or captive portal's HTML page with 200) is malformed too: it is not the API's word;
+- error messages quote at most an excerpt of the body, with the client's own credentials cut
+  out (a debugging proxy may echo the request's headers).
 
 Claims. `set_flow_run_state` sends a fresh `state_details.transition_id` per proposal (kept
 across the retries of that proposal). Observed against Prefect 3.8.8 (tests/integration/
 test_api_live.py): when a second client proposes PENDING for a run that is already PENDING,
 the server answers **ABORT** with the reason "This run is in a PENDING state and cannot
 transition to a PENDING state." (it never answers ACCEPT twice), so only one claimant wins.
+When an answer is lost after the server applied a proposal, the retry (same transition id) is
+REJECTed with "This run has already made this state transition." and the current state, which
+carries our transition id: the client reads that as the ACCEPT it was (Prefect's
+PreventDuplicateTransitions rule), or the claimant would leave its own claim PENDING for good.
 """
 
 from __future__ import annotations
@@ -38,7 +49,14 @@ import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from agent import __version__
-from agent.schemas import Deployment, FlowRun, Identified, OrchestrationResult, State
+from agent.schemas import (
+    Deployment,
+    FlowRun,
+    Identified,
+    OrchestrationResult,
+    SetStateStatus,
+    State,
+)
 
 log = logging.getLogger("agent.api")
 
@@ -46,6 +64,7 @@ log = logging.getLogger("agent.api")
 API_VERSION = "0.8.4"
 RETRY_STATUSES = frozenset({408, 429})
 EXCERPT_CHARS = 200
+REDACTED = "**********"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -137,6 +156,13 @@ def auth_headers(config: ApiConfig) -> dict[str, str]:
     return {}
 
 
+def _secrets_of(config: ApiConfig, headers: dict[str, str]) -> list[str]:
+    """What must never be quoted: the key, the auth string and the header made from them."""
+    found = {secret.get_secret_value() for secret in (config.key, config.auth_string) if secret}
+    found.update(value.split(" ", 1)[-1] for value in headers.values())
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
 def _display_url(url: str) -> str:
     # A URL with user:pass@ must not put the password into messages.
     try:
@@ -170,6 +196,7 @@ class PrefectClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._auth = auth_headers(api)
+        self._secrets = _secrets_of(api, self._auth)
         headers = {
             "X-PREFECT-API-VERSION": API_VERSION,
             "User-Agent": f"runner-agent/{__version__}",
@@ -221,6 +248,7 @@ class PrefectClient:
                 raise MalformedResponse(method, path, 0, f"undecodable body: {exc}", "") from exc
             except httpx.RequestError as exc:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                last_error = self.scrub(last_error)
             else:
                 status = response.status_code
                 if status in (401, 403):
@@ -228,11 +256,17 @@ class PrefectClient:
                         f"the API credentials were refused by {self.url} "
                         f"(HTTP {status} on {method} {path}); check api.key / api.auth_string"
                     )
+                if 300 <= status < 400:
+                    where = excerpt(self.scrub(response.headers.get("Location", "")), 120)
+                    raise ApiUnavailable(
+                        f"{method} {path} was redirected (HTTP {status}) to {where or 'nowhere'!r}"
+                        f" by {self.url}; set api.url to the API's own address"
+                    )
                 if status in RETRY_STATUSES or status >= 500:
-                    last_error = f"HTTP {status}: {excerpt(response.text.strip())}"
+                    last_error = f"HTTP {status}: {excerpt(self.scrub(response.text.strip()))}"
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 elif status >= 400:
-                    raise ApiError(status, _detail(response), method, path)
+                    raise ApiError(status, self.scrub(_detail(response)), method, path)
                 else:
                     return response
             if attempt < self._max_attempts:
@@ -247,11 +281,24 @@ class PrefectClient:
 
     # -- parsing -----------------------------------------------------------------------------
 
+    def scrub(self, text: str) -> str:
+        """`text` without this client's credentials (an echoing proxy may quote them)."""
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
     def _json(self, response: httpx.Response) -> Any:
         try:
             return response.json()
-        except (ValueError, RecursionError) as exc:
+        except RecursionError as exc:
+            raise self._malformed(response, "JSON nested too deeply") from exc
+        except ValueError as exc:
             raise self._malformed(response, f"not JSON: {type(exc).__name__}") from exc
+
+    def _no_content(self, response: httpx.Response) -> None:
+        """An answer whose body is not read must still be the API's: empty or JSON."""
+        if response.content.strip():
+            self._json(response)
 
     def _malformed(self, response: httpx.Response, problem: str) -> MalformedResponse:
         try:
@@ -259,7 +306,8 @@ class PrefectClient:
         except (UnicodeDecodeError, LookupError):
             text = repr(response.content[:EXCERPT_CHARS])
         return MalformedResponse(
-            response.request.method, self._path_of(response), response.status_code, problem, text
+            response.request.method, self._path_of(response), response.status_code, problem,
+            self.scrub(text),
         )
 
     def _path_of(self, response: httpx.Response) -> str:
@@ -290,7 +338,7 @@ class PrefectClient:
                     "skipping malformed %s #%d (id %s) from %s %s: %s; item: %s",
                     model.__name__, index, excerpt(str(item_id), 60),
                     response.request.method, self._path_of(response),
-                    describe_validation(exc), excerpt(_dump(item)),
+                    describe_validation(exc), excerpt(self.scrub(_dump(item))),
                 )
         return items
 
@@ -310,7 +358,7 @@ class PrefectClient:
         return self._one(response, Identified).id
 
     async def update_deployment(self, deployment_id: UUID, patch: dict[str, Any]) -> None:
-        await self._request("PATCH", f"/deployments/{deployment_id}", body=patch)
+        self._no_content(await self._request("PATCH", f"/deployments/{deployment_id}", body=patch))
 
     async def read_deployment(self, deployment_id: UUID) -> Deployment:
         response = await self._request("GET", f"/deployments/{deployment_id}")
@@ -369,7 +417,10 @@ class PrefectClient:
 
     async def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
         response = await self._request("GET", f"/flow_runs/{flow_run_id}")
-        return self._one(response, FlowRun)
+        flow_run = self._one(response, FlowRun)
+        if flow_run.id != flow_run_id:  # acting on another run's state would be worse than none
+            raise self._malformed(response, f"answered with another run, {flow_run.id}")
+        return flow_run
 
     async def filter_flow_runs(self, body: dict[str, Any]) -> list[FlowRun]:
         response = await self._request("POST", "/flow_runs/filter", body=body)
@@ -383,7 +434,18 @@ class PrefectClient:
         details.setdefault("transition_id", str(uuid4()))
         body = {"state": {**state, "state_details": details}, "force": force}
         response = await self._request("POST", f"/flow_runs/{flow_run_id}/set_state", body=body)
-        return self._one(response, OrchestrationResult)
+        result = self._one(response, OrchestrationResult)
+        current = result.state
+        if (
+            result.status in (SetStateStatus.REJECT, SetStateStatus.ABORT)
+            and current is not None
+            and str(current.state_details.get("transition_id")) == str(details["transition_id"])
+        ):
+            # Our own proposal, applied on an earlier attempt whose answer was lost.
+            log.info("%s on run %s was already accepted (a retried proposal)",
+                     current.type.value, flow_run_id)
+            return result.model_copy(update={"status": SetStateStatus.ACCEPT})
+        return result
 
     async def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
         response = await self._request(
@@ -393,11 +455,11 @@ class PrefectClient:
 
     async def create_logs(self, logs: Sequence[dict[str, Any]]) -> None:
         if logs:
-            await self._request("POST", "/logs/", body=list(logs))
+            self._no_content(await self._request("POST", "/logs/", body=list(logs)))
 
     async def emit_events(self, events: Sequence[dict[str, Any]]) -> None:
         if events:
-            await self._request("POST", "/events", body=list(events))
+            self._no_content(await self._request("POST", "/events", body=list(events)))
 
 
 def _detail(response: httpx.Response) -> str:

@@ -18,6 +18,7 @@ from uuid import UUID
 
 from agent.api import PrefectApiError, PrefectClient
 from agent.notify import Liveness
+from agent.schemas import StateType
 from agent.supervisor import Phase, Supervisor
 
 log = logging.getLogger("agent.cancellation")
@@ -81,7 +82,11 @@ class CancellationWatcher:
         self._liveness.register("cancellation", stale_after)
         try:
             while True:
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except Exception:
+                    # A bug here must not end cancellations for good: log it, poll again.
+                    log.exception("the cancellation poll failed")
                 self._liveness.progress("cancellation")
                 interval = self._poll_interval()
                 if self._websocket_connected():
@@ -115,7 +120,16 @@ class CancellationWatcher:
         supervisors = self._supervisors()
         for flow_run in runs:
             supervisor = supervisors.get(flow_run.id)
-            if supervisor is not None:
+            if supervisor is not None and flow_run.state_type is not StateType.CANCELLING:
+                # The filter asked for CANCELLING runs only; killing on a wrong answer is worse
+                # than a missed poll (the next one, or the event, sees a real cancellation).
+                log.warning(
+                    "ignoring run %s in the cancellation poll's answer: it is %s, not CANCELLING",
+                    flow_run.id,
+                    flow_run.state_type.value if flow_run.state_type else "without a state",
+                    extra={"flow_run_id": str(flow_run.id)},
+                )
+            elif supervisor is not None:
                 log.info(
                     "run %s is CANCELLING (seen by polling)",
                     flow_run.id,

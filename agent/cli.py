@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import __version__, status
+from agent.config_sources import one_line
 from agent.settings import ConfigError, Settings, load_settings
 
 EX_OK = 0
@@ -153,14 +154,14 @@ def render_toml(settings: Settings) -> str:
     sources = ", ".join(settings.sources) or "none (built-in defaults)"
     lines = [
         "# The effective runner-agent config; secrets are redacted.",
-        f"# Files read: {sources}",
+        f"# Files read: {one_line(sources)}",  # a path may hold a line break: keep it a comment
     ]
     for section in ("api", "agent", "flow_run"):
         lines += ["", f"[{section}]"]
         for key, value in data[section].items():
             line = f"{_toml_key(key)} = {_toml_value(value)}"
             origin = settings.secret_sources.get(f"{section}.{key}")
-            lines.append(f"{line}  # from {origin}" if origin else line)
+            lines.append(f"{line}  # from {one_line(origin)}" if origin else line)
     for deployment in data["deployment"]:
         lines += ["", "[[deployment]]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in deployment.items()]
@@ -178,7 +179,13 @@ def render_json(settings: Settings) -> str:
 
 def _toml_key(key: str) -> str:
     bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
-    return key if bare else json.dumps(key)
+    return key if bare else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are TOML's, but TOML also wants DEL escaped, and takes no surrogate pairs
+    # (so no ensure_ascii, which writes an emoji as two).
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_value(value: Any) -> str:
@@ -191,7 +198,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
-    return json.dumps(str(value), ensure_ascii=False)
+    return _toml_string(str(value))
 
 
 # -- argument parsing --------------------------------------------------------------------------

@@ -23,7 +23,14 @@ from typing import Any
 DEFAULT_CONFIG = Path("/etc/runner-agent/agent.toml")
 ENV_PREFIX = "RUNNER_AGENT_"
 SECTIONS = ("api", "agent", "flow_run")
+MAX_SECRET_BYTES = 64 * 1024
+MAX_DEPTH = 32
+# Keys whose values are never shown, not even in an error about their type.
+SECRET_KEYS = frozenset({"api.key", "api.auth_string"})
 Loc = tuple[str | int, ...]
+# `scheme://anything@`: the user info of a URL quoted in an error (greedy up to the last `@`, so
+# a password with a stray `/` or `@` in it goes too).
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
 
 
 class ConfigError(Exception):
@@ -39,7 +46,19 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         where = f"{self.source}: {self.key}" if self.key else self.source
         extra = f" (and {self.more} more)" if self.more else ""
-        return f"{where}: {self.problem}{extra}".replace("\n", " ")
+        problem = self.problem
+        if self.key in SECRET_KEYS:  # "expected a string, got ['<the key>']"
+            problem = problem.split(", got ", 1)[0]
+        # The line goes to stderr and from there to the journal: never a URL's credentials.
+        text = one_line(f"{where}: {problem}{extra}")
+        return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (line breaks of any kind too) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class RawConfig:
@@ -58,6 +77,7 @@ class RawConfig:
 
     def add_file(self, document: dict[str, Any], source: str) -> None:
         self.files.append(source)
+        _check_document(document, source)
         for top, value in document.items():
             if top == "deployment":
                 self._add_deployments(value, source)
@@ -119,6 +139,7 @@ class RawConfig:
             key, sep, sub = rest.partition("__")
             key = key.lower()
             value: Any = environ[name]
+            _check_value(value, source, f"{section}.{key}")
             if sep and key == "env":  # RUNNER_AGENT_FLOW_RUN__ENV__NAME=value
                 value = {sub: value}
             elif sep:
@@ -128,14 +149,60 @@ class RawConfig:
             self._merge(self.data.setdefault(section, {}), {key: value}, (section,), source)
         api = self.data.get("api", {})
         if "url" not in api and environ.get("PREFECT_API_URL"):
+            _check_value(environ["PREFECT_API_URL"], "environment (PREFECT_API_URL)", "api.url")
             self.data["api"] = {**api, "url": environ["PREFECT_API_URL"]}
             self.origins[("api", "url")] = "environment (PREFECT_API_URL)"
+
+
+def _bad_text(text: str) -> str | None:
+    """Why a string cannot be config: a NUL (no path, argv, environment or Postgres text column
+    takes one), or bytes that were not UTF-8 (a variable's value, kept as surrogate escapes)."""
+    if "\x00" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 text"
+    return None
+
+
+def _check_value(value: Any, source: str, key: str, depth: int = 0) -> None:
+    """Every string in `value`, keys included, is usable text, every integer fits 64 bits (as
+    TOML says; tomllib takes any size, and Python cannot print one of 5000 digits) and nothing
+    nests deeper than MAX_DEPTH (`a.a.a...` keys parse flat, then recursion everywhere fails)."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(source, key.split(".")[0], f"nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        problem = _bad_text(value)
+        if problem is not None:
+            raise ConfigError(source, key, problem)
+    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ConfigError(source, key, "integer out of range (TOML integers are 64-bit)")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_value(name, source, f"{key}.{name}", depth + 1)
+            _check_value(item, source, f"{key}.{name}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_value(item, source, f"{key}[{index}]", depth + 1)
+
+
+def _check_document(document: dict[str, Any], source: str) -> None:
+    for top, value in document.items():
+        _check_value(top, source, top)
+        if top != "deployment" or not isinstance(value, list):
+            _check_value(value, source, top)
+            continue
+        for index, item in enumerate(value):
+            name = item.get("name") if isinstance(item, dict) else None
+            ok = isinstance(name, str) and _bad_text(name) is None
+            _check_value(item, source, f"deployment[{name if ok else f'#{index + 1}'}]")
 
 
 def _json_table(text: str, source: str, key: str) -> Any:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise ConfigError(source, key, 'expected a JSON object like {"NAME": "value"}')
@@ -160,11 +227,7 @@ def _dropins(directory: Path) -> list[Path]:
 def _read_toml(path: Path, *, required: bool) -> dict[str, Any] | None:
     source = str(path)
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(source, None, "not a regular file")
-        _check_writers(source, st, "file")
-        text = path.read_bytes().decode("utf-8")
+        text = _read_checked(path, source).decode("utf-8")
         return tomllib.loads(text)
     except FileNotFoundError:
         if required:
@@ -174,6 +237,8 @@ def _read_toml(path: Path, *, required: bool) -> dict[str, Any] | None:
         raise ConfigError(source, None, f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(source, None, "not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(source, None, "invalid TOML: nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
@@ -183,15 +248,55 @@ def _read_toml(path: Path, *, required: bool) -> dict[str, Any] | None:
         else:
             message = f"invalid TOML: {message}"
         raise ConfigError(source, None, message) from None
+    except ValueError as exc:
+        # Not a TOMLDecodeError: a number past Python's 4300-digit limit, a NUL in the path.
+        what = "a number too long" if "digits" in str(exc) else str(exc)
+        raise ConfigError(source, None, f"invalid TOML: {what}") from None
 
 
-def _check_writers(source: str, st: os.stat_result, what: str) -> None:
+def _read_checked(path: Path, source: str) -> bytes:
+    """The file's bytes, once it and every directory above it passed the writers check.
+
+    The checks look at the opened file itself (fstat), so a file swapped in between the check
+    and the read is never read. O_NONBLOCK: a FIFO in its place must not hang the agent.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(source, None, "not a regular file")
+        _check_writers(source, st, "file")
+        _check_directories_above(path, source)
+        return handle.read()
+
+
+def _check_directories_above(path: Path, source: str) -> None:
+    """Who can write a directory above the file can replace the file: apply the same rule to
+    every directory up to `/`, both along the path as given and along its resolved target.
+
+    A sticky directory (`/tmp`, 1777) may be writable by all: there nobody can rename or remove
+    an entry they do not own, and the entry below is checked in turn.
+    """
+    seen: set[Path] = set()
+    for start in (path.absolute().parent, path.resolve().parent):
+        for directory in (start, *start.parents):
+            if directory in seen:
+                continue
+            seen.add(directory)
+            st = directory.stat()
+            _check_writers(source, st, f"directory {directory}",
+                           sticky_ok=bool(st.st_mode & stat.S_ISVTX))
+
+
+def _check_writers(source: str, st: os.stat_result, what: str, *, sticky_ok: bool = False) -> None:
     """Refuse a config file or directory that anyone but root and our own user could change."""
     mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
     tail = "only root and the agent's user may write it"
     if st.st_uid not in (0, os.geteuid()):
         owner = _name(pwd.getpwuid, st.st_uid)
         raise ConfigError(source, None, f"{what} is owned by user {owner} ({mode}); {tail}")
+    if sticky_ok:
+        return
     if st.st_mode & stat.S_IWOTH:
         raise ConfigError(source, None, f"{what} is writable by everyone ({mode}); {tail}")
     if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
@@ -209,11 +314,21 @@ def _name(lookup: Any, number: int) -> str:
 def read_secret(path: Path, source: str, key: str | None) -> str:
     where = f"{path}: " if key else ""
     try:
-        text = path.read_bytes().decode("utf-8").rstrip("\r\n")
+        # Non-blocking and regular files only: a FIFO would hang the start, /dev/zero fill memory.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(source, key, f"{where}not a regular file")
+            data = handle.read(MAX_SECRET_BYTES + 1)
+        if len(data) > MAX_SECRET_BYTES:
+            raise ConfigError(source, key, f"{where}too large for a secret (over 64 KiB)")
+        text = data.decode("utf-8").rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(source, key, f"{where}cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(source, key, f"{where}not UTF-8 text") from None
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(source, key, f"{where}cannot read: {exc}") from None
     if not text.strip():
         raise ConfigError(source, key, f"{where}file is empty")
     if "\n" in text or "\r" in text:

@@ -22,7 +22,8 @@ from agent import __version__
 from agent.api import PrefectClient
 from agent.cancellation import CANCELLING_EVENT, CancellationWatcher
 from agent.deployments import DeploymentRegistry
-from agent.events import EventEmitter
+from agent.events import EventEmitter, with_backlog
+from agent.failpoints import FailpointError, Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.heartbeats import Heartbeats
 from agent.launcher import select_launcher
@@ -54,18 +55,30 @@ def secrets_of(settings: Settings) -> list[str]:
     return values
 
 
+# One file system block of real bytes, fsynced: a disk with less room than a run record
+# needs, a read-only mount or a quota fails here, at start, not at the first claim.
+PROBE_SIZE = 4096
+
+
 def prepare_directories(settings: Settings) -> None:
     """Create the state and runtime directories (0700) and prove they are writable."""
     for directory in (settings.agent.state_dir, settings.agent.runtime_dir):
+        probe = directory / f".write-test-{os.getpid()}"
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            probe = directory / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"\0" * PROBE_SIZE)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StartupError(
                 f"{directory}: not a writable directory ({exc.strerror or exc})"
             ) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
 
 def _credentials_dir(environ: Mapping[str, str]) -> Path | None:
@@ -83,11 +96,20 @@ def run(
     log_setup = configure_logging(log_level, environ=environ)
     log_setup.set_secrets(secrets_of(settings))
     try:
+        failpoints = Failpoints.from_environ(environ)
         prepare_directories(settings)
-    except StartupError as exc:
+    except (FailpointError, StartupError) as exc:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
-    daemon = Daemon(settings, config_path=config_path, environ=environ, log_setup=log_setup)
+    if failpoints:
+        log.warning("failpoints armed (a test-only mechanism): %s", ", ".join(failpoints.actions))
+    daemon = Daemon(
+        settings,
+        config_path=config_path,
+        environ=environ,
+        log_setup=log_setup,
+        failpoints=failpoints,
+    )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
@@ -103,8 +125,10 @@ class Daemon:
         config_path: Path | None,
         environ: Mapping[str, str],
         log_setup: LogSetup,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.settings = settings
+        self.failpoints = failpoints if failpoints is not None else Failpoints()
         self.config_path = config_path
         self.environ = environ
         self.log_setup = log_setup
@@ -154,6 +178,7 @@ class Daemon:
                     credentials_dir=_credentials_dir(self.environ),
                     environ=self.environ,
                 ),
+                failpoints=self.failpoints,
             )
             self._runner = runner
             heartbeats = Heartbeats(
@@ -179,6 +204,12 @@ class Daemon:
                 liveness=self.liveness,
             )
             subscription.subscribe(CANCELLING_EVENT, watcher.on_event)
+
+            def api_back() -> None:
+                emitter.retry_now()
+                flow_logs.retry_now()
+
+            runner.on_api_back = api_back
             runner.on_deployments_changed = lambda ids: subscription.set_related(
                 SCHEDULED_EVENT, [f"prefect.deployment.{i}" for i in ids]
             )
@@ -195,7 +226,8 @@ class Daemon:
                             self.liveness,
                             interval=interval,
                             on_tick=heartbeats.agent_tick,
-                            status=runner.status_text,
+                            # What is queued for an unreachable API shows, and drops too.
+                            status=lambda: with_backlog(runner.status_text(), emitter, flow_logs),
                         ),
                         name="watchdog",
                     ),

@@ -63,26 +63,48 @@ def deployment_body(deployment: DeploymentSettings, flow_id: UUID) -> dict[str, 
     }
 
 
+class _Unlike(Exception):
+    """The server's copy has a shape the config could not have produced."""
+
+
 def _schedules_of(existing: Mapping[str, Any]) -> list[dict[str, Any]]:
     result = []
-    for item in existing.get("schedules") or []:
-        schedule = dict(item.get("schedule") or {})
+    items = existing.get("schedules") or []
+    if not isinstance(items, list):
+        raise _Unlike
+    for item in items:
+        schedule = item.get("schedule") if isinstance(item, dict) else None
+        if not isinstance(schedule, dict):
+            raise _Unlike
         if "cron" in schedule:
             spec: dict[str, Any] = {"cron": schedule["cron"], "timezone": schedule.get("timezone")}
         else:
-            spec = {"interval": float(schedule.get("interval") or 0)}
-        result.append({"schedule": spec, "active": bool(item.get("active"))})
+            interval = schedule.get("interval") or 0
+            if isinstance(interval, bool) or not isinstance(interval, int | float):
+                raise _Unlike
+            spec = {"interval": float(interval)}
+        result.append({"schedule": spec, "active": item.get("active") is True})
     return result
 
 
 def is_up_to_date(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """True when the server's copy already says what the config says."""
-    for key in ("paused", "parameters", "description", "path", "entrypoint"):
+    """True when the server's copy already says what the config says.
+
+    Anything odd in the server's copy (wrong types, another deployment's name) means "not up to
+    date": the upsert then writes the config's version over it.
+    """
+    for key in ("name", "flow_id", "paused", "parameters", "description", "path", "entrypoint"):
         if existing.get(key) != wanted.get(key):
             return False
-    if sorted(existing.get("tags") or []) != sorted(wanted["tags"]):
+    tags = existing.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
         return False
-    return bool(_schedules_of(existing) == wanted["schedules"])
+    if sorted(tags) != sorted(wanted["tags"]):
+        return False
+    try:
+        return bool(_schedules_of(existing) == wanted["schedules"])
+    except (_Unlike, OverflowError):
+        return False
 
 
 class DeploymentRegistry:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID, uuid4
 
 from agent.subscription import open_prefect_socket, websocket_url
@@ -188,6 +188,35 @@ def cancelled_flow_run(
 # -- emitter -----------------------------------------------------------------------------
 
 
+class Backlog(Protocol):
+    """What `backlog_text` reads: an EventEmitter, or FlowRunLogs which wraps one."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def max_buffered(self) -> int: ...
+
+
+def backlog_text(*buffers: Backlog) -> str:
+    """`52/5000 events queued, 3 flow-run log messages dropped`, or "" when all is delivered.
+
+    For the STATUS line: an operator sees how close an outage is to costing data.
+    """
+    parts = [f"{b.pending}/{b.max_buffered} {b.kind} queued" for b in buffers if b.pending]
+    parts += [f"{b.dropped} {b.kind} dropped" for b in buffers if b.dropped]
+    return ", ".join(parts)
+
+
+def with_backlog(status: str, *buffers: Backlog) -> str:
+    """`status`, followed by `; <backlog_text>` when something is queued or was dropped."""
+    backlog = backlog_text(*buffers)
+    return f"{status}; {backlog}" if backlog else status
+
+
 # The server says `POST /api/events` does not exist here: use the websocket instead.
 _ENDPOINT_REFUSED = frozenset({404, 405})
 # The server refuses these events themselves: retrying the same batch would block the queue.
@@ -269,6 +298,15 @@ class EventEmitter:
     def pending(self) -> int:
         return len(self._buffer)
 
+    @property
+    def max_buffered(self) -> int:
+        return self._max_buffered
+
+    def retry_now(self) -> None:
+        """The API is back (a poll got through): end any backoff and send what is queued."""
+        if self._buffer:
+            self._wakeup.set()
+
     def _trim(self) -> None:
         while len(self._buffer) > self._max_buffered:
             self._buffer.popleft()
@@ -304,6 +342,10 @@ class EventEmitter:
         self._report_drops(force=True)
         if self._buffer:
             log.warning("%d %s were not delivered at shutdown", len(self._buffer), self.kind)
+        log.info(
+            "%s: %d sent, %d dropped, %d rejected, %d not delivered",
+            self.kind, self.sent, self.dropped, self.rejected, len(self._buffer),
+        )
 
     async def run(self) -> None:
         """Post batches until cancelled."""

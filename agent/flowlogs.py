@@ -53,8 +53,16 @@ class FlowRunLogs:
         )
 
     @property
+    def kind(self) -> str:
+        return self._buffer.kind
+
+    @property
     def pending(self) -> int:
         return self._buffer.pending
+
+    @property
+    def max_buffered(self) -> int:
+        return self._buffer.max_buffered
 
     @property
     def dropped(self) -> int:
@@ -63,6 +71,12 @@ class FlowRunLogs:
     @property
     def sent(self) -> int:
         return self._buffer.sent
+
+    def stats(self) -> dict[str, int]:
+        return self._buffer.stats()
+
+    def retry_now(self) -> None:
+        self._buffer.retry_now()
 
     async def flush(self) -> None:
         await self._buffer.flush()

@@ -158,6 +158,13 @@ def base_environment(environ: Mapping[str, str]) -> dict[str, str]:
 # `credential.helper=` empties the helper list, so a `store` helper in the user's gitconfig never
 # writes our token to disk; gc.auto=0 keeps fetches predictable in time.
 SAFE_CONFIG = ("-c", "credential.helper=", "-c", "gc.auto=0", "-c", "advice.detachedHead=false")
+# Repositories are the agent's alone: git creates their files 0600 (0400 objects) and their
+# directories 0700, whatever the umask. Work trees (the checkouts flows read) are not affected.
+# Passed as GIT_CONFIG_* (git >= 2.31), which base_environment never lets in from outside.
+PRIVATE_REPOSITORY = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.sharedRepository",
+                      "GIT_CONFIG_VALUE_0": "0600"}
+PRIVATE_DIR = 0o700
+CODE_DIR = 0o755  # a commit's files: flows running as another user read them
 
 
 @dataclass
@@ -178,7 +185,7 @@ class Git:
         stdout: int | None = asyncio.subprocess.PIPE,
     ) -> str:
         """Run `git <SAFE_CONFIG> <args>`; return stdout or raise GitFailed."""
-        env = dict(self.env)
+        env = {**self.env, **PRIVATE_REPOSITORY}
         if extra_env:
             env.update(extra_env)
         try:
@@ -265,7 +272,13 @@ def subdirectory_parts(subdirectory: str) -> tuple[str, ...]:
 
 
 def make_dirs(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    """A private directory (0700), also when an older agent made it 0755. The workspace adds
+    search permission (0711) for flows of another user; that grant is kept."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True, mode=PRIVATE_DIR)
+    if path.stat().st_mode & 0o066:
+        path.chmod(PRIVATE_DIR)
 
 
 def list_dir(path: Path) -> list[Path]:
@@ -273,8 +286,12 @@ def list_dir(path: Path) -> list[Path]:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Make a finished build visible under its final name in one atomic step."""
-    tmp.chmod(0o755)
+    """Make a finished build visible under its final name in one atomic step.
+
+    A commit directory is readable by all (CODE_DIR); a hidden one (the `.repo` cache, with
+    every commit ever fetched) stays the agent's alone.
+    """
+    tmp.chmod(PRIVATE_DIR if final.name.startswith(".") else CODE_DIR)
     tmp.rename(final)
 
 

@@ -34,14 +34,16 @@ SETPRIV = "/usr/bin/setpriv"
 # $1 is the run directory, the rest the engine's argv. The engine runs in the foreground: a
 # trapped TERM/INT (a *handled* disposition, reset to default in the exec'd engine; an ignored one
 # would be inherited) is deferred until the foreground child ends, so a SIGTERM aimed at the whole
-# run still lets the wrapper record the child's status. Both records are atomic (temp + mv).
+# run still lets the wrapper record the child's status. Both records are atomic (temp + mv) and
+# 0600; the umask is set in a subshell so that the engine keeps the one it was given.
 WRAPPER = """\
 dir=$1; shift
-printf '%s\\n' "$$" >"$dir/.pid.$$" && mv -f "$dir/.pid.$$" "$dir/pid"
+(umask 077; printf '%s\\n' "$$" >"$dir/.pid.$$") && mv -f "$dir/.pid.$$" "$dir/pid"
 trap 'true' TERM INT
 "$@"
 status=$?
-printf '%s\\n' "$status" >"$dir/.exit-status.$$" && mv -f "$dir/.exit-status.$$" "$dir/exit-status"
+(umask 077; printf '%s\\n' "$status" >"$dir/.exit-status.$$") &&
+    mv -f "$dir/.exit-status.$$" "$dir/exit-status"
 exit "$status"
 """
 WRAPPER_NAME = "runner-agent-run"  # the wrapper's $0
@@ -261,8 +263,10 @@ class ProcessLauncher:
                         extra={"flow_run_id": str(req.flow_run_id)})
         argv = wrapped_command(req)
         if req.user and find_user(req.user).pw_uid != os.geteuid():
-            # asyncio's user=/group= are unsupported by uvloop; setpriv execs, the pid stays.
-            argv = [*setpriv_prefix(req.user), *argv]
+            # Only the engine changes user: the wrapper keeps writing its records into the
+            # agent's private run directory. (uvloop has no user=/group=; setpriv execs.)
+            at = len(argv) - len(req.command)
+            argv[at:at] = setpriv_prefix(req.user)
         env = base_environment(req.user, extra=req.env)
         output = os.open(req.run_dir / OUTPUT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

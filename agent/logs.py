@@ -14,6 +14,7 @@ record is written as a JSON line to the stream: logging never crashes the agent.
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
@@ -114,7 +115,10 @@ class Redactor(logging.Filter):
         self._pattern: re.Pattern[str] | None = None
 
     def set_secrets(self, values: Iterable[str]) -> None:
-        secrets = sorted({v for v in values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        plain = {v for v in values if len(v) >= MIN_SECRET_LENGTH}
+        # An `Authorization: Basic` header (auth_string) carries the secret base64-encoded.
+        encoded = {base64.b64encode(v.encode()).decode() for v in plain}
+        secrets = sorted(plain | encoded, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, secrets))) if secrets else None
 
     def redact(self, text: str) -> str:

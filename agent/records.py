@@ -3,15 +3,19 @@
 A record is written *before* each step that changes the outside world: before the claim,
 before the launch, after the exit. On start the agent reads them back and finishes each run's
 story exactly once (see recovery.py). Records live in `<state_dir>/runs/<id>/record.json`
-(0600 in a 0700 directory) and are written atomically (temp file, fsync, rename).
+(0600 in a 0700 directory) and are written atomically (temp file, fsync, rename, fsync of the
+directory). A save that fails (a full disk, a read-only file system) raises RecordError and
+leaves the previous record as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,10 @@ from uuid import UUID
 log = logging.getLogger("agent.records")
 
 RECORD_NAME = "record.json"
+
+
+class RecordError(Exception):
+    """A record could not be made durable; str() names the file and the problem."""
 
 
 @dataclass
@@ -49,16 +57,26 @@ class RunRecords:
         return self.root / str(flow_run_id)
 
     def save(self, record: RunRecord) -> None:
+        """Write `record` durably; raises RecordError (the old record then stays as it was)."""
         directory = self.run_dir(record.id)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = directory / RECORD_NAME
         tmp = directory / f".{RECORD_NAME}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        try:
+            # mkdir(parents=True) gives the parents the umask's mode; runs/ must be private too.
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(asdict(record), handle)
+                handle.flush()
+                # ENOSPC may only show here (delayed allocation): a record is durable or it fails.
+                os.fsync(handle.fileno())
+            tmp.replace(path)
+            _fsync_directory(directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from exc
 
     def load(self, flow_run_id: UUID) -> RunRecord | None:
         try:
@@ -69,6 +87,14 @@ class RunRecords:
         except (ValueError, TypeError) as exc:
             log.error("unreadable run record for %s: %s", flow_run_id, exc)
             return None
+
+    def age(self, flow_run_id: UUID) -> float | None:
+        """Seconds since the run's record was last written; None when there is none."""
+        try:
+            mtime = (self.run_dir(flow_run_id) / RECORD_NAME).stat().st_mtime
+        except OSError:
+            return None
+        return max(0.0, time.time() - mtime)
 
     def all(self) -> list[RunRecord]:
         records: list[RunRecord] = []
@@ -96,3 +122,12 @@ class RunRecords:
             pass
         except OSError as exc:
             log.warning("could not remove %s: %s", self.run_dir(flow_run_id), exc)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """The rename itself must survive a power loss, not only the file's bytes."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,15 +1,23 @@
 """Finishing the story of runs that a previous agent process started (after a restart or a
 SIGKILL), from their durable records. See docs/runs.md for the decision table.
+
+Two kinds of evidence tell whether a run's process was started: the agent's record (`running`
+carries the pid and its start time) and the wrapper's own records in the run directory
+(`pid`, written by the wrapper as its first act, and `exit-status`). The wrapper's pid record
+covers the gap between the spawn and the agent's `running` record, so a run caught there is
+adopted, never launched a second time.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from agent.launcher import WRAPPER_NAME, read_pid_record
 from agent.records import RunRecord
 
 if TYPE_CHECKING:
@@ -22,6 +30,21 @@ VANISHED = (
     "The flow run's process ended while the agent was not running and left no exit status "
     "(was the host rebooted?)"
 )
+# How long after a `launching` record a spawned wrapper may take to write its pid record.
+PID_RECORD_GRACE = 5.0
+PID_RECORD_POLL = 0.1
+
+
+def process_create_time(pid: int | None) -> float | None:
+    """The start time that, with the pid, identifies a launched process across restarts."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def process_alive(pid: int | None, create_time: float | None) -> bool:
@@ -37,6 +60,61 @@ def process_alive(pid: int | None, create_time: float | None) -> bool:
         return create_time is None or abs(proc.create_time() - create_time) < 0.05
     except psutil.Error:
         return False
+
+
+def wrapper_start_time(pid: int, run_dir: Path) -> float | None:
+    """The start time of `pid` if it is alive and is the wrapper of the run in `run_dir`.
+
+    The wrapper's argv is `sh -c WRAPPER runner-agent-run <run_dir> <python> ...` (the exec
+    chain of both launchers keeps it), and a run directory belongs to exactly one run, so a
+    recycled pid cannot pass for it.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        argv = proc.cmdline()
+        at = argv.index(WRAPPER_NAME)
+        if argv[at + 1 : at + 2] != [str(run_dir)]:
+            return None
+        return float(proc.create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What the records say about a run's process: it was started, and is it still ours?"""
+
+    pid: int
+    create_time: float | None
+    alive: bool
+
+
+async def find_launched(record: RunRecord, *, record_age: float | None) -> Launched | None:
+    """The run's process, or None when nothing shows that it was ever started.
+
+    `record_age` is how long ago the record was written (None: long ago).
+    """
+    if record.pid is not None:
+        create_time = record.extra.get("create_time")
+        return Launched(record.pid, create_time, process_alive(record.pid, create_time))
+    if record.phase != "launching" or record.run_dir is None:
+        return None
+    run_dir = Path(record.run_dir)
+    pid = read_pid_record(run_dir)
+    # Spawned just before the agent died, the wrapper may not have written its pid yet.
+    waited = record_age if record_age is not None else PID_RECORD_GRACE
+    while pid is None and waited < PID_RECORD_GRACE:
+        await asyncio.sleep(PID_RECORD_POLL)
+        waited += PID_RECORD_POLL
+        pid = read_pid_record(run_dir)
+    if pid is None:
+        return None
+    create_time = wrapper_start_time(pid, run_dir)
+    return Launched(pid, create_time, create_time is not None)
 
 
 class AdoptedHandle:
@@ -85,25 +163,16 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
     if record.phase == "exited":
         await sup.report_exit(record.exit_status, record.unit_result)
         return
+    launched: Launched | None = None
     if record.phase in ("launching", "running"):
+        launched = await find_launched(record, record_age=ctx.records.age(sup.id))
         status = exit_record(sup, record)
-        result = None
-        create_time = record.extra.get("create_time")
-        if status is None and process_alive(record.pid, create_time):
-            sup.mark_running()
-            sup.note(
-                f"Adopted the running flow run ({record.unit or record.pid}) after an agent restart"
-            )
-            handle = AdoptedHandle(
-                flow_run_id=sup.id,
-                unit=record.unit,
-                pid=record.pid,
-                create_time=create_time,
-                read_status=lambda: exit_record(sup, record),
-            )
-            status, result = await sup.follow(handle)
+        if status is None and launched is not None and launched.alive:
+            status, result = await _adopt(sup, record, launched)
+        else:
+            result = None
         if status is not None:
-            sup.save("exited", exit_status=status, unit_result=result)
+            sup.save_after_the_fact("exited", exit_status=status, unit_result=result)
             await sup.report_exit(status, result)
             return
     current = await ctx.reporter.read_run(sup.id, retry=True)
@@ -111,8 +180,8 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
         await sup.finish()
         return
     sup.flow_run = current
-    if record.phase in ("claiming", "launching") and sup.is_our_claim(current):
-        # Claimed but never started: start it now rather than leave it stuck in PENDING.
+    if launched is None and record.phase in ("claiming", "launching") and sup.is_our_claim(current):
+        # Claimed, and nothing shows a start: start it now rather than leave it stuck in PENDING.
         if sup.workspace is not None:
             await ctx.workspaces.finish(sup.workspace)
             sup.workspace = None
@@ -120,6 +189,34 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
         await sup.launch_and_follow()
         return
     state_type = current.state.type if current.state else None
-    if record.phase == "running" and not (state_type and state_type.is_final):
+    if (record.phase == "running" or launched is not None) and not (
+        state_type and state_type.is_final
+    ):
+        # It was started and is gone without a status: it ran at most once; never twice.
         await ctx.reporter.crash_unless_final(sup.id, VANISHED)
     await sup.finish()
+
+
+async def _adopt(
+    sup: Supervisor, record: RunRecord, launched: Launched
+) -> tuple[int | None, str | None]:
+    """Follow a live run started by a previous agent process until it ends."""
+    unit = record.unit or (sup.unit if record.launcher == "systemd" else None)
+    if record.pid is None:
+        # Caught between spawn and the `running` record: write what we now know.
+        sup.save_after_the_fact(
+            "running",
+            pid=launched.pid,
+            unit=unit,
+            extra={**record.extra, "create_time": launched.create_time},
+        )
+    sup.mark_running()
+    sup.note(f"Adopted the running flow run ({unit or launched.pid}) after an agent restart")
+    handle = AdoptedHandle(
+        flow_run_id=sup.id,
+        unit=unit,
+        pid=launched.pid,
+        create_time=launched.create_time,
+        read_status=lambda: exit_record(sup, record),
+    )
+    return await sup.follow(handle)

@@ -1,13 +1,20 @@
 """Delivering a run's outcome to the API, through outages.
 
 An outcome is never dropped because the API was down: reads and final-state proposals are
-retried with capped, jittered backoff until the API answers. Only a definite refusal from the
-server (a 4xx other than auth) ends the attempt, and it is logged with the run's id.
+retried with capped, jittered backoff until the API answers. Only a definite answer from the
+server about the request itself (`ApiError`: a 4xx such as 404 for a deleted run) ends the
+attempt, and it is logged with the run's id. Refused credentials and malformed bodies (a proxy's
+error page while the server restarts) are retried like an outage: giving up would leave a run
+whose process has exited RUNNING for good.
+
+When one delivery gets through, the others waiting in backoff retry at once (the API is back);
+`api_answered()` lets a caller who learned that elsewhere (a successful poll) say so too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -15,7 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from agent import states
-from agent.api import ApiUnavailable, PrefectApiError, PrefectClient
+from agent.api import ApiError, CredentialsRefused, PrefectApiError, PrefectClient
 from agent.schemas import FlowRun, StateType
 
 log = logging.getLogger("agent.reporting")
@@ -34,59 +41,83 @@ class Reporter:
         self._client = client
         self._sleep = sleep
         self._max_backoff = max_backoff
+        self._answered = asyncio.Event()
+
+    def api_answered(self) -> None:
+        """The API answered: wake every delivery waiting in backoff to retry now."""
+        self._answered.set()
+        # A fresh event for the next outage; the woken waiters hold the old one.
+        self._answered = asyncio.Event()
 
     async def _backoff(self, delay: float) -> float:
-        await self._sleep(delay * random.uniform(0.7, 1.3))
+        answered = asyncio.ensure_future(self._answered.wait())
+        slept = asyncio.ensure_future(self._sleep(delay * random.uniform(0.7, 1.3)))
+        try:
+            await asyncio.wait({answered, slept}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answered, slept):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         return min(delay * 2, self._max_backoff)
 
     async def read_run(self, flow_run_id: UUID, *, retry: bool) -> FlowRun | None:
+        """The run as the server has it; None when it cannot be read (or, without `retry`,
+        not at once)."""
         delay = 1.0
+        context = {"flow_run_id": str(flow_run_id)}
         while True:
             try:
-                return await self._client.read_flow_run(flow_run_id)
-            except ApiUnavailable as exc:
+                flow_run = await self._client.read_flow_run(flow_run_id)
+            except ApiError as exc:
+                # A definite answer (gone, refused): retrying would not change it.
+                log.warning("could not read run %s: %s", flow_run_id, exc, extra=context)
+                return None
+            except PrefectApiError as exc:
                 if not retry:
-                    log.warning(
-                        "could not read run %s: %s",
-                        flow_run_id,
-                        exc,
-                        extra={"flow_run_id": str(flow_run_id)},
-                    )
+                    log.warning("could not read run %s: %s", flow_run_id, exc, extra=context)
                     return None
-                log.warning(
-                    "API unreachable, retrying the read of run %s in ~%.0fs",
+                log.log(
+                    logging.ERROR if isinstance(exc, CredentialsRefused) else logging.WARNING,
+                    "could not read run %s, retrying in ~%.0fs: %s",
                     flow_run_id,
                     delay,
-                    extra={"flow_run_id": str(flow_run_id)},
-                )
-            except PrefectApiError as exc:
-                # A definite answer (gone, refused): retrying would not change it.
-                log.warning(
-                    "could not read run %s: %s",
-                    flow_run_id,
                     exc,
-                    extra={"flow_run_id": str(flow_run_id)},
+                    extra=context,
                 )
-                return None
+            else:
+                self.api_answered()
+                return flow_run
             delay = await self._backoff(delay)
 
     async def propose(self, flow_run_id: UUID, state: dict[str, Any], *, force: bool) -> str | None:
-        """Propose a state until the server decides; returns the decision (ACCEPT, ...)."""
+        """Propose a state until the server decides; returns the decision (ACCEPT, ...).
+
+        The state's transition id stays the same across retries, so a proposal that reached
+        the server before its answer was lost is not applied twice.
+        """
         delay = 1.0
         context = {"flow_run_id": str(flow_run_id)}
         while True:
             try:
                 result = await self._client.set_flow_run_state(flow_run_id, state, force=force)
-            except ApiUnavailable as exc:
-                log.warning(
-                    "API unreachable, will retry setting %s: %s", state["type"], exc, extra=context
-                )
-            except PrefectApiError as exc:
+            except ApiError as exc:
                 log.error(
                     "could not set %s on run %s: %s", state["type"], flow_run_id, exc, extra=context
                 )
                 return None
+            except PrefectApiError as exc:
+                log.log(
+                    logging.ERROR if isinstance(exc, CredentialsRefused) else logging.WARNING,
+                    "could not set %s on run %s, retrying in ~%.0fs: %s",
+                    state["type"],
+                    flow_run_id,
+                    delay,
+                    exc,
+                    extra=context,
+                )
             else:
+                self.api_answered()
                 if result.status == "WAIT":
                     await self._sleep(float(result.details.delay_seconds or 1.0))
                     continue

@@ -19,6 +19,7 @@ from uuid import UUID
 
 from agent.api import PrefectApiError, PrefectClient
 from agent.deployments import DeploymentRegistry, RegisteredDeployment
+from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.launcher import Launcher
 from agent.notify import Liveness
@@ -49,8 +50,11 @@ class Runner:
         registry: DeploymentRegistry,
         storage: Storage,
         monotonic: Callable[[], float] = time.monotonic,
+        failpoints: Failpoints | None = None,
+        reporter: Reporter | None = None,
     ) -> None:
         self._settings = settings
+        self._failpoints = failpoints if failpoints is not None else Failpoints()
         self._client = client
         self._launcher = launcher
         self._flow_logs = flow_logs
@@ -59,7 +63,7 @@ class Runner:
         self._monotonic = monotonic
         self._records = RunRecords(settings.agent.state_dir)
         self._workspaces = Workspaces(lambda: self._settings, storage)
-        self._reporter = Reporter(client)
+        self._reporter = reporter if reporter is not None else Reporter(client)
         self._registered: dict[str, RegisteredDeployment] = {}
         self._needs_sync = True
         self._supervisors: dict[UUID, Supervisor] = {}
@@ -67,10 +71,13 @@ class Runner:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self.last_poll: float | None = None
-        self.api_ok: bool | None = None
+        self._api_ok: bool | None = None
+        # Since when the API has not answered a poll: the last success, or the start.
+        self._api_reached_at = monotonic()
         # Hooks set by the daemon: the events subscription and heartbeats hang off these.
         self.on_cancelled: Callable[[Supervisor], None] | None = None
         self.on_deployments_changed: Callable[[list[UUID]], None] | None = None
+        self.on_api_back: Callable[[], None] | None = None
 
     # -- public surface -------------------------------------------------------------------
 
@@ -99,13 +106,35 @@ class Runner:
         self._needs_sync = True
         self._wakeup.set()
 
+    @property
+    def api_ok(self) -> bool | None:
+        """Whether the last poll reached the API (None before the first one)."""
+        return self._api_ok
+
+    @api_ok.setter
+    def api_ok(self, ok: bool | None) -> None:
+        if ok:
+            self._api_reached_at = self._monotonic()
+            if self._api_ok is False:
+                # Back after an outage: deliveries waiting out their backoff go now.
+                self._reporter.api_answered()
+                if self.on_api_back is not None:
+                    self.on_api_back()
+        self._api_ok = ok
+
     def status_text(self) -> str:
+        """`3/4 runs; last poll 2s ago; API unreachable for 42s` (the STATUS line's start)."""
         limit = self._settings.agent.limit
-        if self.last_poll is None:
-            poll = "no poll yet"
+        now = self._monotonic()
+        poll = "no poll yet"
+        if self.last_poll is not None:
+            poll = f"last poll {now - self.last_poll:.0f}s ago"
+        if self._api_ok is None:
+            api = "API not checked yet"
+        elif self._api_ok:
+            api = "API ok"
         else:
-            poll = f"last poll {self._monotonic() - self.last_poll:.0f}s ago"
-        api = {None: "API not checked yet", True: "API ok", False: "API unreachable"}[self.api_ok]
+            api = f"API unreachable for {now - self._api_reached_at:.0f}s"
         return f"{len(self._supervisors)}/{limit} runs; {poll}; {api}"
 
     # -- the loop --------------------------------------------------------------------------
@@ -155,6 +184,19 @@ class Runner:
             log.warning("poll failed: %s", exc)
             self.api_ok = False
             return
+        except OSError as exc:
+            # The state directory (deployments.json) is full or read-only: nothing new can be
+            # recorded, so nothing new is taken on; running runs carry on. Tried again next poll.
+            log.error(
+                "poll skipped, no new runs taken on: %s (is %s full or read-only?)",
+                exc,
+                self._settings.agent.state_dir,
+            )
+            return
+        except Exception:
+            # An answer nobody foresaw met a bug: the loop must live on; the next poll retries.
+            log.exception("poll failed unexpectedly")
+            return
         for flow_run in runs:
             self._start_supervisor(group, flow_run)
 
@@ -167,7 +209,12 @@ class Runner:
         runs = await self._client.get_scheduled_flow_runs(
             deployment_ids, scheduled_before=before, limit=free
         )
-        return [r for r in runs if r.id not in self._supervisors][:free]
+        # An answer may list a run twice: one supervisor per run, or it is claimed twice.
+        unique: dict[UUID, FlowRun] = {}
+        for flow_run in runs:
+            if flow_run.id not in self._supervisors:
+                unique.setdefault(flow_run.id, flow_run)
+        return list(unique.values())[:free]
 
     def _deployment_for(self, flow_run: FlowRun) -> DeploymentSettings | None:
         for name, reg in self._registered.items():
@@ -195,6 +242,7 @@ class Runner:
             reporter=self._reporter,
             workspaces=self._workspaces,
             on_cancelled=self.on_cancelled,
+            failpoints=self._failpoints,
         )
 
     def _track(

@@ -1,18 +1,23 @@
 """Tolerant models of the Prefect API's response bodies (Prefect 3.8 shapes).
 
 Only the fields the agent reads are declared; everything else is ignored, so a newer server that
-adds fields keeps working. `null` where a collection is expected reads as empty. Validation
+adds fields keeps working. `null` where a collection is expected reads as empty. A time without a
+zone is UTC (comparing it with an aware one would raise). A WAIT's delay must be a finite number;
+it is cut to [0, MAX_WAIT_SECONDS], so a hostile answer cannot park a claim for ever. Validation
 errors are turned into `api.MalformedResponse` by the client; nothing here does I/O.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+# The longest WAIT the agent honours at once; the server can always say WAIT again.
+MAX_WAIT_SECONDS = 3600.0
 
 
 class StateType(StrEnum):
@@ -59,7 +64,17 @@ def _empty_str(value: Any) -> Any:
     return "" if value is None else value
 
 
+def _utc_if_naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _bounded_delay(value: float | None) -> float | None:
+    return None if value is None else min(max(value, 0.0), MAX_WAIT_SECONDS)
+
+
 Text = Annotated[str, BeforeValidator(_empty_str)]
+Time = Annotated[datetime, AfterValidator(_utc_if_naive)]
+Delay = Annotated[float | None, Field(allow_inf_nan=False), AfterValidator(_bounded_delay)]
 AnyDict = Annotated[dict[str, Any], BeforeValidator(_empty_dict)]
 StrList = Annotated[list[str], BeforeValidator(_empty_list)]
 DictList = Annotated[list[dict[str, Any]], BeforeValidator(_empty_list)]
@@ -69,7 +84,7 @@ class State(_Model):
     id: UUID | None = None
     type: StateType
     name: str | None = None
-    timestamp: datetime | None = None
+    timestamp: Time | None = None
     message: str | None = None
     state_details: AnyDict = Field(default_factory=dict)
 
@@ -82,10 +97,10 @@ class FlowRun(_Model):
     state: State | None = None
     tags: StrList = Field(default_factory=list)
     parameters: AnyDict = Field(default_factory=dict)
-    expected_start_time: datetime | None = None
-    next_scheduled_start_time: datetime | None = None
-    start_time: datetime | None = None
-    end_time: datetime | None = None
+    expected_start_time: Time | None = None
+    next_scheduled_start_time: Time | None = None
+    start_time: Time | None = None
+    end_time: Time | None = None
     work_queue_name: str | None = None
     run_count: int = 0
     infrastructure_pid: str | None = None
@@ -115,7 +130,7 @@ class OrchestrationDetails(_Model):
 
     type: str | None = None
     reason: str | None = None
-    delay_seconds: float | None = None
+    delay_seconds: Delay = None
 
 
 class OrchestrationResult(_Model):

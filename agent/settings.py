@@ -10,13 +10,16 @@ Every problem becomes one ConfigError line that names the source, the key and th
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -57,8 +60,36 @@ __all__ = [
 REDACTED = "**********"
 
 
+def _in_range(parse: Callable[[Any], Any]) -> BeforeValidator:
+    """`parse`, with arithmetic overflow ("9" * 400 + "s" as a float) as a validation error."""
+
+    def checked(value: Any) -> Any:
+        try:
+            result = parse(value)
+        except ArithmeticError:
+            raise ValueError(f"out of range: {show(value)}") from None
+        if isinstance(result, int) and result >= 2**63:  # systemd and Prefect take 64 bits
+            raise ValueError(f"out of range: {show(value)}")
+        return result
+
+    return BeforeValidator(checked)
+
+
 def _count(minimum: int) -> BeforeValidator:
-    return BeforeValidator(lambda value: values.parse_count(value, minimum=minimum))
+    return _in_range(lambda value: values.parse_count(value, minimum=minimum))
+
+
+def _json_parameters(value: Any, where: str = "") -> Any:
+    """Parameters as the API's JSON: TOML dates and times as ISO text; NaN and inf refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: {value!r} is not a JSON number")
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _json_parameters(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_parameters(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _non_empty_secret(value: Any) -> Any:
@@ -69,32 +100,32 @@ def _non_empty_secret(value: Any) -> Any:
 
 Duration = Annotated[
     float,
-    BeforeValidator(values.parse_duration),
+    _in_range(values.parse_duration),
     PlainSerializer(values.format_duration, when_used="json"),
 ]
 PositiveDuration = Annotated[
     float,
-    BeforeValidator(values.positive_duration),
+    _in_range(values.positive_duration),
     PlainSerializer(values.format_duration, when_used="json"),
 ]
 RuntimeLimit = Annotated[
     float | None,
-    BeforeValidator(values.limit_duration),
+    _in_range(values.limit_duration),
     PlainSerializer(values.format_duration, when_used="json"),
 ]
 MemoryLimit = Annotated[
     int | None,
-    BeforeValidator(values.limit_size),
+    _in_range(values.limit_size),
     PlainSerializer(values.format_size, when_used="json"),
 ]
 CpuQuota = Annotated[
     int | None,
-    BeforeValidator(values.limit_cpu_quota),
+    _in_range(values.limit_cpu_quota),
     PlainSerializer(values.format_cpu_quota, when_used="json"),
 ]
 TasksLimit = Annotated[
     int | None,
-    BeforeValidator(values.limit_count),
+    _in_range(values.limit_count),
     PlainSerializer(values.format_count, when_used="json"),
 ]
 AbsolutePath = Annotated[Path, BeforeValidator(values.validate_absolute_path)]
@@ -198,7 +229,9 @@ class DeploymentSettings(_Model):
     entrypoint: Annotated[str, BeforeValidator(values.validate_entrypoint)]
     path: AbsolutePath | None = None
     git: GitSettings | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Annotated[dict[str, Any], AfterValidator(_json_parameters)] = Field(
+        default_factory=dict
+    )
     tags: tuple[str, ...] = ()
     description: str = ""
     schedule: Schedule | None = None

@@ -36,8 +36,10 @@ ConnectionCallback = Callable[[bool], object]
 # (Prefect's own subscriber uses a year).
 _UNTIL_AHEAD = timedelta(days=365)
 _LIVE_SLACK = timedelta(hours=1)
-# Event ids remembered to drop the duplicates a backfill replays after a reconnect.
+# Event ids remembered to drop the duplicates a backfill replays after a reconnect. Only ids of
+# a sane length are kept: 2048 hostile megabyte ids would hold gigabytes.
 _SEEN_IDS = 2048
+_MAX_ID_CHARS = 100
 
 
 def websocket_url(api_url: str, path: str) -> str:
@@ -79,7 +81,7 @@ async def open_prefect_socket(
             reply = json.loads(await ws.recv())
         if not isinstance(reply, dict) or reply.get("type") != "auth_success":
             reason = reply.get("reason") if isinstance(reply, dict) else None
-            raise ConnectionError(f"authentication refused by {url}: {reason or reply!r}")
+            raise ConnectionError(f"authentication refused by {url}: {reason or reply!r:.200}")
     except BaseException:
         await ws.close()
         raise
@@ -88,7 +90,8 @@ async def open_prefect_socket(
 
 def _resource_ids(event: Mapping[str, Any]) -> set[str]:
     ids: set[str] = set()
-    resources = [event.get("resource"), *(event.get("related") or ())]
+    related = event.get("related")
+    resources = [event.get("resource"), *(related if isinstance(related, list) else ())]
     for resource in resources:
         if isinstance(resource, Mapping):
             rid = resource.get("prefect.resource.id")
@@ -285,7 +288,7 @@ class EventSubscription:
     async def _on_message(self, raw: str | bytes) -> None:
         try:
             message = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("skipped a message that is not JSON: %.200r", raw)
             return
         if not isinstance(message, dict) or message.get("type") != "event":
@@ -314,7 +317,7 @@ class EventSubscription:
 
     def _first_sighting(self, event: Mapping[str, Any]) -> bool:
         event_id = event.get("id")
-        if isinstance(event_id, str):
+        if isinstance(event_id, str) and len(event_id) <= _MAX_ID_CHARS:
             if event_id in self._seen:
                 return False
             self._seen[event_id] = None

@@ -14,15 +14,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
 
 from agent import states
 from agent.api import PrefectApiError, PrefectClient
+from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.launcher import Launcher, LaunchError, LaunchRequest, RunHandle
-from agent.records import RunRecord, RunRecords
+from agent.records import RecordError, RunRecord, RunRecords
+from agent.recovery import process_create_time
 from agent.reporting import Reporter
 from agent.schemas import FlowRun, StateType
 from agent.settings import DeploymentSettings, Settings
@@ -60,6 +62,8 @@ class RunContext:
     workspaces: Workspaces
     on_cancelled: Callable[[Supervisor], None] | None = None
     clock: Callable[[], float] = time.time
+    # Test-only crash points (failpoints.py); none armed unless the daemon was told to.
+    failpoints: Failpoints = field(default_factory=Failpoints)
 
 
 def claim_message(agent_name: str) -> str:
@@ -116,10 +120,19 @@ class Supervisor:
         self.ctx.flow_logs.emit(self.id, message, level)
 
     def save(self, phase: str, **changes: object) -> None:
+        """Make the record durable; raises RecordError (the disk is full, read-only, ...)."""
         self.record.phase = phase
         for key, value in changes.items():
             setattr(self.record, key, value)
         self.ctx.records.save(self.record)
+
+    def save_after_the_fact(self, phase: str, **changes: object) -> None:
+        """Record a step that has already happened. A failure is logged, not raised: the
+        run's own records in its run directory (pid, exit status) let recovery tell the rest."""
+        try:
+            self.save(phase, **changes)
+        except RecordError as exc:
+            self.log.error("%s; carrying on with the run", exc)
 
     # -- a fresh run from the poller ----------------------------------------------------------
 
@@ -165,8 +178,17 @@ class Supervisor:
         if state_type is not StateType.SCHEDULED:
             self.log.info("skipping run: it is %s, not SCHEDULED", state_type)
             return False
-        # Durable before the claim: a claim that outlives a crash must be found again.
-        self.save("claiming", claimed_at=self.ctx.clock())
+        # Durable before the claim: a claim that outlives a crash must be found again. No
+        # record, no claim: the run stays SCHEDULED for a later poll or another agent.
+        try:
+            self.save("claiming", claimed_at=self.ctx.clock())
+        except RecordError as exc:
+            self.log.error("not claiming the run: %s", exc)
+            # Hold the slot for a poll interval: a freed slot wakes the poller, which would
+            # find the same run again at once and spin. Shutdown need not wait for this.
+            self.phase = Phase.WAITING
+            await asyncio.sleep(self.ctx.settings.agent.poll_interval)
+            return False
         while True:
             # A fresh transition id per proposal; a WAIT makes the next one a new proposal.
             pending = states.pending_state()
@@ -189,6 +211,7 @@ class Supervisor:
             )
             return False
         self.note(f"{claim_message(self.ctx.settings.agent.name)} on host {os.uname().nodename!r}")
+        await self.ctx.failpoints.hit("after-claim")
         return True
 
     async def _claimed_by_us_after_error(self) -> bool:
@@ -243,11 +266,12 @@ class Supervisor:
                 slice=settings.agent.slice,
             )
             handle = await self.ctx.launcher.launch(request)
-        except (LaunchError, StorageError, OSError) as exc:
+        except (LaunchError, StorageError, RecordError, OSError) as exc:
             reason = str(exc)
             self.note(f"Could not launch the flow run: {reason}", logging.ERROR)
             return None, reason
-        self.save(
+        await self.ctx.failpoints.hit("during-launch")
+        self.save_after_the_fact(
             "running",
             pid=handle.pid,
             unit=handle.unit,
@@ -259,6 +283,7 @@ class Supervisor:
             f"Launched in {where} via the {self.ctx.launcher.name} launcher "
             f"({limits_text(flow_run)})"
         )
+        await self.ctx.failpoints.hit("while-running")
         return await self.follow(handle)
 
     def mark_running(self) -> None:
@@ -279,7 +304,8 @@ class Supervisor:
             for task in (exited, cancelled):
                 task.cancel()
         result = await self.ctx.launcher.unit_result(handle)
-        self.save("exited", exit_status=status, unit_result=result)
+        self.save_after_the_fact("exited", exit_status=status, unit_result=result)
+        await self.ctx.failpoints.hit("after-exit")
         return status, result
 
     async def _kill(self, handle: RunHandle, exited: asyncio.Future[int]) -> None:
@@ -314,6 +340,9 @@ class Supervisor:
             # Scopes are collected at once, so their Result may be gone; the runtime tells.
             elapsed=self.ctx.clock() - self.started_at if self.started_at else None,
         )
+        code = self.workspace.working_dir if self.workspace is not None else None
+        if status != 0 and code is not None and not code.is_dir():
+            message += f"; the deployment's code directory {code} no longer exists"
         self.note(message, logging.INFO if status == 0 else logging.WARNING)
         # The engine reports a killed run as "aborted by a termination signal"; when one of our
         # limits did it, our message (which names the limit) replaces that.
@@ -371,13 +400,3 @@ class Supervisor:
         finally:
             self.phase = Phase.DONE
 
-
-def process_create_time(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None

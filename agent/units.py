@@ -1,11 +1,15 @@
 """The systemd launcher: each run is a transient scope, `runner-agent-run-<id>.scope`.
 
 Chain of execs, one pid throughout (the agent's child):
-  [setpriv --groups] systemd-run --scope ... -- systemd-cat --identifier=... -- sh -c WRAPPER ...
+  systemd-run --scope ... -- systemd-cat --identifier=... -- sh -c WRAPPER ... [setpriv ...] engine
 systemd-run registers the scope (with the limits) and execs; systemd-cat connects stdout and
 stderr to journald from inside the scope and execs the wrapper, which runs the engine. The agent
 keeps systemd-run's stderr on a pipe only until then, to explain launch failures. Why each piece
 is there: docs/launcher.md. `systemd_run_argv` is pure, for tests and the system test bed.
+
+With a `user`, only the engine becomes that user (setpriv: uid, gid and exactly the user's
+groups, real, effective and saved alike). The wrapper stays the agent's, so the run directory
+and the records it writes there stay the agent's too (0700), out of the flow's reach.
 """
 
 from __future__ import annotations
@@ -82,13 +86,10 @@ def systemd_run_argv(
     systemd_run: str = "systemd-run",
     systemd_cat: str = "systemd-cat",
 ) -> list[str]:
-    """The full argv. `group` is the user's primary group, `groups` all its group ids (for
-    setpriv, since systemd-run --scope changes uid and gid but keeps the caller's supplementary
-    groups). No secret ever appears here: the environment carries them."""
-    argv: list[str] = []
-    if req.user and groups:
-        argv += [SETPRIV, f"--groups={','.join(str(g) for g in groups)}", "--"]
-    argv.append(systemd_run)
+    """The full argv. `group` is the user's primary group, `groups` all its group ids; with
+    `req.user` the engine is started through `privilege_drop`. No secret ever appears here: the
+    environment carries them."""
+    argv = [systemd_run]
     if user_manager:
         argv.append("--user")
     argv += [
@@ -106,10 +107,19 @@ def systemd_run_argv(
     argv += ["-p", f"TasksMax={req.tasks_max if req.tasks_max is not None else 'infinity'}"]
     if req.runtime_max:
         argv += ["-p", f"RuntimeMaxSec={format_seconds(req.runtime_max)}"]
-    if req.user:
-        argv += [f"--uid={req.user}", f"--gid={group or req.user}"]
     argv += ["--", systemd_cat, f"--identifier={UNIT_PREFIX}{req.flow_run_id}", "--"]
-    return argv + wrapped_command(req)
+    command = wrapped_command(req)
+    if req.user:
+        at = len(command) - len(req.command)  # the engine's argv closes the wrapper's
+        command[at:at] = privilege_drop(req.user, group or req.user, groups)
+    return argv + command
+
+
+def privilege_drop(user: str, group: str, groups: Sequence[int]) -> list[str]:
+    """setpriv's argv prefix that becomes `user`:`group` with exactly `groups` (none: cleared)."""
+    supplementary = (f"--groups={','.join(str(g) for g in groups)}" if groups
+                     else "--clear-groups")
+    return [SETPRIV, f"--reuid={user}", f"--regid={group}", supplementary, "--"]
 
 
 def systemctl_argv(user_manager: bool, *args: str, systemctl: str = "systemctl") -> list[str]:

@@ -3,8 +3,14 @@
 - Code: the deployment's `path`, or an immutable per-commit git checkout leased from storage for
   the run's whole life (so no running flow sees its code change under it).
 - TMPDIR: `<state_dir>/runs/<id>/tmp`, 0700, owned by the flow's user, removed when the run ends.
-- Run directory: `<runtime_dir>/runs/<id>`, where the wrapper records the exit status; it lives
-  on /run so it survives an agent restart but not a reboot (a reboot ends the run anyway).
+- Run directory: `<runtime_dir>/runs/<id>`, 0700, the agent's: the wrapper (which runs as the
+  agent's user; only the engine becomes the flow's `user`) records the exit status there. It
+  lives on /run so it survives an agent restart but not a reboot (a reboot ends the run anyway).
+
+Every directory on the way is the agent's and 0700. A flow running as another `user` must reach
+its TMPDIR and its git checkout by name, so for such a run the directories between the state
+directory and those two get search permission for others (0711: pass through, never list or
+write); see docs/storage.md, "File modes".
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,11 @@ from agent.storage import Checkout, Storage
 from agent.values import format_duration, format_size
 
 log = logging.getLogger("agent.workspace")
+
+ENGINE_API_RETRIES = 7
+PRIVATE = 0o700
+# Search (x) for group and others: reach a known name below, never list it or write it.
+PASS_THROUGH = 0o011
 
 
 def engine_environment(
@@ -38,8 +50,12 @@ def engine_environment(
     if settings.api.auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = settings.api.auth_string.get_secret_value()
     env["TMPDIR"] = str(tmpdir)
-    # Runs of one commit share a checkout; keep bytecode out of it.
-    env.setdefault("PYTHONPYCACHEPREFIX", str(tmpdir / "pycache"))
+    # Runs of one commit share a checkout; keep bytecode out of it. Not PYTHONPYCACHEPREFIX:
+    # that also hides the venv's compiled bytecode and doubles the engine's import time.
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    # The engine's own API retries (2**n s each) last ~1 min by default; a run that ends during a
+    # longer outage would exit 1 and be CRASHED although its body completed. 7 rides out ~4 min.
+    env.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(ENGINE_API_RETRIES))
     return env
 
 
@@ -94,11 +110,14 @@ class Workspaces:
             raise LaunchError(f"deployment {deployment.name!r} has no code source")
         try:
             owner = _owner(flow_run.user)
+            agent = self._settings().agent
             tmpdir, run_dir = self.tmpdir(flow_run_id), self.run_dir(flow_run_id)
-            for directory in (tmpdir, run_dir):
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-                if owner is not None:
-                    os.chown(directory, *owner)
+            private_dirs(agent.state_dir, tmpdir)
+            private_dirs(agent.runtime_dir, run_dir)
+            if owner is not None and owner[0] != os.geteuid():
+                os.chown(tmpdir, *owner)
+                allow_pass_through(agent.state_dir, tmpdir)
+                allow_pass_through(agent.state_dir, working_dir)
         except BaseException:
             if checkout is not None:
                 checkout.release()
@@ -108,10 +127,22 @@ class Workspaces:
     def adopt(self, flow_run_id: UUID, working_dir: Path | None) -> Workspace:
         """The workspace of a run started by a previous agent process."""
         checkout = self._storage.adopt(working_dir) if working_dir is not None else None
+        tmpdir = self.tmpdir(flow_run_id)
+        try:
+            # systemd resets the state directory to StateDirectoryMode= at every start: give a
+            # run of another user its way to its TMPDIR and code back.
+            if tmpdir.stat().st_uid != os.geteuid():
+                state_dir = self._settings().agent.state_dir
+                allow_pass_through(state_dir, tmpdir)
+                if working_dir is not None:
+                    allow_pass_through(state_dir, working_dir)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cannot restore access to %s: %s", tmpdir, exc)
         return Workspace(
             flow_run_id,
             working_dir or Path("/"),
-            self.tmpdir(flow_run_id),
+            tmpdir,
             self.run_dir(flow_run_id),
             checkout,
         )
@@ -127,6 +158,38 @@ class Workspaces:
                 await self._storage.gc(deployments=names)
             except Exception as exc:
                 log.warning("storage clean-up failed: %s", exc)
+
+
+def private_dirs(top: Path, path: Path) -> None:
+    """`path` and every directory from `top` down to it: created 0700 when missing, and reset to
+    0700 when group or others may read or write it (a umask's 0755; the agent's own pass-through
+    grant, 0711, has neither and stays)."""
+    for directory in (*reversed(_between(top, path)), path):
+        directory.mkdir(exist_ok=True, mode=PRIVATE)
+        if directory.stat().st_mode & 0o066:
+            directory.chmod(PRIVATE)
+
+
+def allow_pass_through(top: Path, path: Path) -> None:
+    """Let every user pass through (x only) each directory from `top` down to `path`'s parent,
+    so that a flow running as another user reaches `path` by its name. Nothing outside `top`
+    is touched."""
+    for directory in _between(top, path):
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if mode & PASS_THROUGH != PASS_THROUGH:
+            directory.chmod(mode | PASS_THROUGH)
+
+
+def _between(top: Path, path: Path) -> list[Path]:
+    """`path`'s parents from its own parent up to and including `top`; [] if not below `top`."""
+    if not path.is_relative_to(top) or path == top:
+        return []
+    parents = []
+    for parent in path.parents:
+        parents.append(parent)
+        if parent == top:
+            break
+    return parents
 
 
 def _owner(user: str) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +17,10 @@ from websockets.typing import Subprotocol
 
 from agent import events
 from agent.events import EventEmitter
+from agent.notify import Liveness
+from agent.runner import Runner
+from agent.settings import load_settings
+from agent.storage import Storage
 
 RUN = UUID("11111111-1111-1111-1111-111111111111")
 FLOW = UUID("22222222-2222-2222-2222-222222222222")
@@ -317,3 +322,113 @@ async def test_rejected_batch_is_dropped_and_other_errors_do_not_switch_transpor
         assert not em.use_websocket
     assert send.sent == [ev(2)]
     assert em.stats() == {"sent": 1, "dropped": 0, "rejected": 1, "pending": 0}
+
+
+# -- the STATUS line: what an outage has queued ------------------------------------------
+
+
+def test_backlog_text_names_what_is_queued_and_what_was_dropped() -> None:
+    emitter = EventEmitter(Recorder(), max_buffered=3)
+    logs = EventEmitter(Recorder(), max_buffered=100, kind="flow-run log messages")
+    assert events.backlog_text(emitter, logs) == ""
+    assert events.with_backlog("1/4 runs; API ok", emitter, logs) == "1/4 runs; API ok"
+    for n in range(5):
+        emitter.emit(ev(n))
+    logs.emit(ev(0))
+    assert events.backlog_text(emitter, logs) == (
+        "3/3 events queued, 1/100 flow-run log messages queued, 2 events dropped"
+    )
+    assert events.with_backlog("0/4 runs; API unreachable for 42s", emitter) == (
+        "0/4 runs; API unreachable for 42s; 3/3 events queued, 2 events dropped"
+    )
+
+
+async def test_backlog_clears_once_delivered_but_drops_stay_visible() -> None:
+    send = Recorder()
+    send.failures.append(Unavailable("down"))
+    emitter = EventEmitter(send, max_buffered=2)
+    for n in range(3):
+        emitter.emit(ev(n))
+    with pytest.raises(Unavailable):
+        await emitter.flush()
+    assert events.backlog_text(emitter) == "2/2 events queued, 1 events dropped"
+    await emitter.flush()
+    assert events.backlog_text(emitter) == "1 events dropped"
+
+
+async def test_shutdown_logs_the_delivery_counters(caplog: pytest.LogCaptureFixture) -> None:
+    send = Recorder()
+    send.failures.append(RefusedEndpoint(422))
+    emitter = EventEmitter(send, max_buffered=2, kind="flow-run log messages")
+    emitter.emit(ev(0))
+    await emitter.flush()  # rejected
+    for n in range(3):
+        emitter.emit(ev(n))
+    with caplog.at_level(logging.INFO, logger="agent.events"):
+        await emitter.aclose()
+    assert (
+        "flow-run log messages: 2 sent, 1 dropped, 1 rejected, 0 not delivered" in caplog.messages
+    )
+
+
+def test_runner_status_says_how_long_the_api_has_been_unreachable(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nlimit = 4\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path}"\n'
+    )
+    config.chmod(0o600)
+    settings = load_settings(config, {})
+    now = [1000.0]
+    runner = Runner(
+        settings,
+        client=None,  # type: ignore[arg-type]
+        launcher=None,  # type: ignore[arg-type]
+        flow_logs=None,  # type: ignore[arg-type]
+        liveness=Liveness(),
+        registry=None,  # type: ignore[arg-type]
+        storage=Storage(settings.agent.state_dir),
+        monotonic=lambda: now[0],
+    )
+    assert runner.status_text() == "0/4 runs; no poll yet; API not checked yet"
+    now[0] += 5
+    runner.api_ok = False  # never reached since the start
+    assert runner.status_text().endswith("; API unreachable for 5s")
+    now[0] += 1
+    runner.api_ok = True
+    runner.last_poll = now[0]
+    assert runner.status_text() == "0/4 runs; last poll 0s ago; API ok"
+    now[0] += 10
+    runner.last_poll = now[0]
+    runner.api_ok = False
+    now[0] += 32  # the last success was 42 s ago, whatever the failed polls since
+    runner.last_poll = now[0] - 2
+    runner.api_ok = False
+    assert runner.status_text() == "0/4 runs; last poll 2s ago; API unreachable for 42s"
+
+
+async def test_retry_now_ends_the_backoff_once_the_api_is_back() -> None:
+    sent: list[list[dict[str, Any]]] = []
+    attempts = 0
+    failing = True
+
+    async def send(batch: list[dict[str, Any]]) -> None:
+        nonlocal attempts
+        attempts += 1
+        if failing:
+            raise OSError("connection refused")
+        sent.append(batch)
+
+    loop = asyncio.get_running_loop()
+    emitter = EventEmitter(send, flush_interval=0.5, max_backoff=60.0)
+    async with emitter:
+        emitter.emit({"event": "a"})
+        while attempts < 3:  # backoffs 0.5 s, 1 s; now waiting 2 s
+            await asyncio.sleep(0.01)
+        failing = False
+        back = loop.time()
+        emitter.retry_now()
+        while not sent and loop.time() - back < 1.5:
+            await asyncio.sleep(0.01)
+        took = loop.time() - back
+    assert sent and sent[0][0]["event"] == "a"
+    assert took < 0.5, f"delivered {took:.2f}s after retry_now, i.e. after the backoff"

@@ -7,6 +7,7 @@ from uuid import uuid4
 
 import pytest
 
+from agent.events import backlog_text
 from agent.flowlogs import FlowRunLogs
 
 
@@ -71,3 +72,18 @@ async def test_buffer_is_bounded_and_drops_oldest() -> None:
         await logs.flush()
     # A failed flush puts the batch back: nothing is lost beyond the bound.
     assert logs.pending == 3
+
+
+async def test_backlog_and_counters_for_the_status_line() -> None:
+    sink = Sink(fail_times=1)
+    logs = FlowRunLogs(sink, max_buffered=2, flush_interval=10)
+    run_id = uuid4()
+    for i in range(3):
+        logs.emit(run_id, f"m{i}")
+    assert (logs.kind, logs.max_buffered) == ("flow-run log messages", 2)
+    assert backlog_text(logs) == "2/2 flow-run log messages queued, 1 flow-run log messages dropped"
+    with pytest.raises(ConnectionError):
+        await logs.flush()
+    await logs.flush()
+    assert logs.stats() == {"sent": 2, "dropped": 1, "rejected": 0, "pending": 0}
+    assert backlog_text(logs) == "1 flow-run log messages dropped"

@@ -219,6 +219,10 @@ async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
     assert request.memory_max == 512 * 1024**2
     assert request.env["PREFECT__FLOW_RUN_ID"] == str(server.run_id)
     assert request.env["TMPDIR"].endswith(f"runs/{server.run_id}/tmp")
+    # Reads the venv's compiled bytecode, writes none into a shared checkout.
+    assert request.env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert "PYTHONPYCACHEPREFIX" not in request.env
+    assert request.env["PREFECT_CLIENT_MAX_RETRIES"] == "7"
     assert supervisor.phase is Phase.DONE
     assert records.all() == []  # forgotten once reported
     messages = [entry["message"] for entry in server.logs]

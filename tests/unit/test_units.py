@@ -75,12 +75,15 @@ def test_argv_for_the_user_manager_with_infinite_limits(tmp_path: Path) -> None:
 
 def test_argv_with_a_user_sets_uid_gid_and_exactly_its_groups(tmp_path: Path) -> None:
     req = request(tmp_path, user="flows", runtime_max=1.5, cpu_quota=200)
+    *wrapper, python, dash_m, module = tail(req)
+    # Only the engine switches user; the wrapper stays the agent's to write its records.
     assert systemd_run_argv(req, user_manager=False, group="flowgrp", groups=[998, 1001]) == [
-        "/usr/bin/setpriv", "--groups=998,1001", "--",
         "systemd-run", "--scope", "--quiet", "--collect", "--no-ask-password",
         f"--unit={UNIT}", "--slice=runner-agent-flows.slice", DESCRIPTION,
         "-p", f"MemoryMax={512 * MiB}", "-p", "CPUQuota=200%", "-p", "TasksMax=64",
-        "-p", "RuntimeMaxSec=1500ms", "--uid=flows", "--gid=flowgrp", *tail(req),
+        "-p", "RuntimeMaxSec=1500ms", *wrapper,
+        "/usr/bin/setpriv", "--reuid=flows", "--regid=flowgrp", "--groups=998,1001", "--",
+        python, dash_m, module,
     ]
 
 

@@ -1,0 +1,152 @@
+"""The agent is SIGKILLed at each step of a run's life, then started again (issue #9, item 2).
+
+A failpoint (agent/failpoints.py) makes the real agent process kill itself at one point; a new
+agent process without it, on the same state directory, must finish the run's story: the right
+final state exactly once, and the flow's body executed exactly once.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.agent_process import (
+    FINAL,
+    AgentProcess,
+    Api,
+    kill_process_groups_under,
+    running_agent,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+FLOWS = textwrap.dedent(
+    """
+    import os, time
+    from prefect import flow
+
+    def mark(marker: str) -> None:
+        with open(marker, "a") as out:
+            out.write(os.environ["PREFECT__FLOW_RUN_ID"] + "\\n")
+
+    @flow
+    def once(marker: str, go: str):
+        mark(marker)
+        deadline = time.time() + 60
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.1)
+
+    @flow
+    def exit_three(marker: str):
+        mark(marker)
+        os._exit(3)
+    """
+)
+
+# point -> (flow, the phase the record was left in, the final state, a phrase of the final
+#           message, what the second agent says about the run)
+CASES: dict[str, tuple[str, str, str, str, str]] = {
+    "after-claim": ("once", "claiming", "COMPLETED", "", "Launching a run that was claimed before"),
+    # `once` waits for the test's go, so it is alive when the second agent looks: it must be
+    # adopted, not launched again.
+    "during-launch": ("once", "launching", "COMPLETED", "", "Adopted the running flow run"),
+    "while-running": ("once", "running", "COMPLETED", "", "Adopted the running flow run"),
+    # A non-zero exit: the CRASHED report itself is what recovery has to deliver.
+    "after-exit": ("exit_three", "exited", "CRASHED", "status 3", "Process exited with status 3"),
+}
+
+
+@pytest.fixture(scope="module")
+def flow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("kill-flows")
+    (directory / "flows.py").write_text(FLOWS)
+    return directory
+
+
+@pytest.fixture
+def api(prefect_server: Any) -> Iterator[Api]:
+    client = Api(prefect_server.api_url)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("point", list(CASES))
+def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
+    point: str,
+    prefect_server: Any,
+    flow_dir: Path,
+    api: Api,
+    tmp_path: Path,
+) -> None:
+    func, phase, final, phrase, recovered_by = CASES[point]
+    marker, go = tmp_path / "executions.txt", tmp_path / "go"
+    name = f"kill-{point}"
+    common: dict[str, Any] = dict(
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        name=name,
+        deployments=[
+            {
+                "name": name,
+                "flow_name": f"kill-{func}",
+                "entrypoint": f"flows.py:{func}",
+                "path": str(flow_dir),
+                "parameters": {"marker": str(marker), "go": str(go)}
+                if func == "once"
+                else {"marker": str(marker)},
+            }
+        ],
+    )
+    workdir = tmp_path / "agent"
+    started = time.monotonic()
+    first = AgentProcess(workdir, env={"RUNNER_AGENT_FAILPOINTS": f"{point}=kill"}, **common)
+    first.start()
+    try:
+        deployment_id = api.wait_deployment(f"kill-{func}", name)
+        run_id = api.create_run(deployment_id)
+        assert first.proc is not None
+        try:
+            returncode = first.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the agent did not hit {point}: {first.log_text()[-3000:]}"
+            ) from None
+        assert returncode == -signal.SIGKILL, (returncode, first.log_text()[-3000:])
+        assert f"failpoint {point}: SIGKILL" in first.log_text()
+        killed_at = time.monotonic()
+
+        with running_agent(workdir, **common) as second:
+            wait_for(lambda: recovered_by in second.log_text(), 60, what=recovered_by)
+            go.touch()
+            state = api.wait_final(run_id, timeout=90)
+            # The story is finished when the second agent forgets the run's record.
+            record = workdir / "state" / "runs" / run_id
+            wait_for(lambda: not record.exists(), 30, what=f"the record of {run_id} to go")
+            log = second.log_text()
+    finally:
+        first.stop()
+        kill_process_groups_under(workdir)
+    print(
+        f"{point}: killed {killed_at - started:.1f}s after start, "
+        f"final {time.monotonic() - killed_at:.1f}s after the kill"
+    )
+
+    # Exactly once: one claim, at most one start, one final state, one execution of the body.
+    types = [s["type"] for s in api.history(run_id)]
+    assert types.count("PENDING") == 1, types
+    assert types.count("RUNNING") <= 1, types
+    assert len([t for t in types if t in FINAL]) == 1, types
+    assert types[-1] == final, (types, state)
+    assert marker.read_text().splitlines() == [run_id], log[-3000:]
+    assert phrase in (state.get("message") or ""), state
+    # ... and by the path this case is about.
+    assert f"recovering run {run_id} (left in phase {phase})" in log, log[-3000:]
+    assert recovered_by in log, log[-3000:]

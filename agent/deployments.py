@@ -11,6 +11,7 @@ that, every agent restart in a fleet would churn every schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -189,9 +190,21 @@ class DeploymentRegistry:
             return {}
 
     def _save(self, registered: Mapping[str, UUID]) -> None:
+        # The file only remembers names for pausing removed deployments: a failed write (a full
+        # disk) must not cost the registrations; the next sync writes it again.
         tmp = self._registry_path.with_suffix(".tmp")
         data = json.dumps({name: str(value) for name, value in sorted(registered.items())})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(data)
-        tmp.replace(self._registry_path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.replace(self._registry_path)
+        except OSError as exc:
+            log.error(
+                "could not remember the registered deployments in %s: %s",
+                self._registry_path, exc.strerror or exc,
+            )
+            with contextlib.suppress(OSError):
+                tmp.unlink()

@@ -266,6 +266,8 @@ class EventEmitter:
         self._open_timeout = open_timeout
         self._buffer: deque[Event] = deque()
         self._wakeup = asyncio.Event()
+        # Set when an item lands in an empty buffer: an idle emitter runs no timer at all.
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
         self.use_websocket = False
@@ -279,6 +281,8 @@ class EventEmitter:
 
     def emit(self, event: Event) -> None:
         try:
+            if not self._buffer:
+                self._arrived.set()
             self._buffer.append(event)
             self._trim()
             if len(self._buffer) >= self._batch_size:
@@ -351,6 +355,10 @@ class EventEmitter:
         """Post batches until cancelled."""
         backoff = 0.0
         while True:
+            if not self._buffer and not backoff:
+                # Idle: sleep until the first item, then give it one flush interval of company.
+                await self._arrived.wait()
+            self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._wakeup.wait(), timeout=backoff or self._flush_interval

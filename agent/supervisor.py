@@ -198,7 +198,9 @@ class Supervisor:
             except PrefectApiError as exc:
                 # Outcome unknown; recovery (or the next poll, if still SCHEDULED) sorts it out.
                 self.log.warning("could not claim the run: %s", exc)
-                return await self._claimed_by_us_after_error()
+                if not await self._claimed_by_us_after_error():
+                    return False
+                break
             if result.status == "ACCEPT":
                 break
             if result.status == "WAIT":

@@ -432,3 +432,31 @@ async def test_retry_now_ends_the_backoff_once_the_api_is_back() -> None:
         took = loop.time() - back
     assert sent and sent[0][0]["event"] == "a"
     assert took < 0.5, f"delivered {took:.2f}s after retry_now, i.e. after the backoff"
+
+
+async def test_an_idle_emitter_runs_no_timer() -> None:
+    sent: list[list[dict[str, Any]]] = []
+
+    async def send(batch: list[dict[str, Any]]) -> None:
+        sent.append(batch)
+
+    emitter = EventEmitter(send, flush_interval=0.01)
+    cycles = 0
+    report_drops = emitter._report_drops
+
+    def counting(*args: Any, **kwargs: Any) -> None:
+        nonlocal cycles
+        cycles += 1
+        report_drops(*args, **kwargs)
+
+    emitter._report_drops = counting  # type: ignore[method-assign]
+    async with emitter:
+        await asyncio.sleep(0.3)  # 30 flush intervals with nothing to send
+        idle_cycles = cycles
+        emitter.emit({"event": "first"})
+        for _ in range(100):
+            if sent:
+                break
+            await asyncio.sleep(0.01)
+    assert idle_cycles == 0, f"the idle emitter woke {idle_cycles} times"
+    assert sent == [[{"event": "first"}]]

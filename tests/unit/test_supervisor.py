@@ -62,10 +62,14 @@ class FakeServer:
             proposed = body["state"]
             if proposed["type"] == "PENDING" and self.claim_answers:
                 answer = self.claim_answers.pop(0)
+
             else:
                 answer = {"status": "ACCEPT", "details": {}}
-            if answer["status"] == "ACCEPT":
+            if answer["status"] in ("ACCEPT", "APPLIED-BUT-ERROR"):
                 self.state = {k: proposed.get(k) for k in ("type", "name", "message")}
+            if answer["status"] == "APPLIED-BUT-ERROR":
+                # The server applied it, the answer went wrong: the outcome must be re-read.
+                return httpx.Response(409, json={"detail": "answer mangled on the way"})
             return httpx.Response(201, json={**answer, "state": self.state})
         if path.endswith("/logs/"):
             self.logs.extend(json.loads(request.content))
@@ -228,6 +232,18 @@ async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
     messages = [entry["message"] for entry in server.logs]
     assert any(m.startswith("Claimed by runner-agent 'unit-agent' on host") for m in messages)
     assert any("MemoryMax=512M" in m for m in messages)
+
+
+async def test_a_claim_applied_despite_an_error_answer_is_launched_and_noted(
+    settings: Any,
+) -> None:
+    server = FakeServer(uuid4(), claim_answers=[{"status": "APPLIED-BUT-ERROR"}])
+    launcher = FakeLauncher(status=0)
+    await supervise(settings, server, launcher)
+    assert proposed_types(server) == ["PENDING", "CRASHED"]  # one claim; exit 0 without a state
+    assert len(launcher.requests) == 1
+    messages = [entry["message"] for entry in server.logs]
+    assert any(m.startswith("Claimed by runner-agent 'unit-agent' on host") for m in messages)
 
 
 @pytest.mark.parametrize("status", ["REJECT", "ABORT"])

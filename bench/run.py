@@ -1,0 +1,289 @@
+"""Issue 8's benchmark: runner-agent and Prefect's Runner, side by side, written to BENCHMARKS.md.
+
+From the repository root, in the agent's venv (which has runner-agent installed):
+
+    RUNNER_AGENT_TEST_PREFECT_VENV=/path/to/prefect-venv \\
+        /path/to/agent-venv/bin/python -m bench.run [--smoke] [--out BENCHMARKS.md]
+
+It starts its own Prefect server, runs every scenario against runner-agent, then against the
+Runner, and stops everything it started, also on failure and on Ctrl-C or SIGTERM. Exit status
+0 when every scenario was measured, 1 when one failed (the report then says which), 2 on bad
+usage. Not for CI: the test suite runs `--smoke` (tests/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+import httpx
+
+from bench import procs, scenarios, subjects
+from bench.api import BenchApi, BenchError
+from bench.imports import measure as measure_imports
+from bench.machine import agent_revision, machine_info
+from bench.report import ContenderResult, Report, render
+from tests.integration.prefect_server import VENV_ENV, PrefectServer, PrefectServerError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plan:
+    idle: float  # seconds
+    sequential: int
+    bursts: int
+    burst_size: int
+    cancellations: int
+    footprint: tuple[int, ...]
+    settle: float  # seconds after the deployments are registered
+
+    def describe(self) -> str:
+        return (
+            f"idle {self.idle:g} s; {self.sequential} sequential no-op runs; {self.bursts} "
+            f"burst(s) of {self.burst_size} no-op runs; {self.cancellations} cancellation(s); "
+            f"footprint with {', '.join(map(str, self.footprint))} runs"
+        )
+
+
+FULL = Plan(idle=30, sequential=15, bursts=3, burst_size=24, cancellations=3,
+            footprint=(0, 4, 50), settle=10)
+SMOKE = Plan(idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1,
+             footprint=(0, 4), settle=3)
+LIMIT = 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 run per scenario, a 3 s idle window (what the test suite runs)")
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md",
+                        help="where to write the report (default: BENCHMARKS.md)")
+    parser.add_argument("--prefect-venv", type=Path, default=os.environ.get(VENV_ENV) or None,
+                        help=f"venv with prefect 3.x (default: ${VENV_ENV})")
+    parser.add_argument("--agent-log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--agent-flow-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra flow_run.env for runner-agent's runs (for experiments)")
+    parser.add_argument("--tag", default=None,
+                        help=f"value of ${procs.MARKER} in every process started (default: random)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (logs, configs) instead of removing it")
+    args = parser.parse_args(argv)
+    if args.prefect_venv is None:
+        parser.error(f"no Prefect venv: pass --prefect-venv or set ${VENV_ENV}")
+    if any("=" not in item for item in args.agent_flow_env):
+        parser.error("--agent-flow-env takes KEY=VALUE")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _attempt(errors: list[str], what: str, step: Callable[[], None]) -> None:
+    """Run one scenario; a failure is recorded and the next scenario still runs."""
+    try:
+        step()
+    except (BenchError, httpx.HTTPError, OSError, ValueError) as exc:
+        errors.append(f"{what}: {exc}")
+        print(f"bench: {what} failed: {exc}", file=sys.stderr)
+
+
+class Bench:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, tag: str, server: PrefectServer
+    ) -> None:
+        self.args = args
+        self.server = server
+        self.plan = SMOKE if args.smoke else FULL
+        self.workdir = workdir
+        self.tag = tag
+        self.prefect_python = str(Path(args.prefect_venv) / "bin" / "python")
+        self.agent_bin = Path(sys.executable).parent / "runner-agent"
+        self.flow_env = dict(item.split("=", 1) for item in args.agent_flow_env)
+        # The agent's own default, so both contenders poll as often as a stock agent does.
+        from agent.settings import AgentSettings
+
+        self.poll_interval = float(AgentSettings.model_fields["poll_interval"].default)
+        self.spare_sessions: set[int] = set()
+
+    def log(self, message: str) -> None:
+        print(f"bench {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    def contender(
+        self, api: BenchApi, start: Callable[[], subjects.Contender], result: ContenderResult
+    ) -> None:
+        plan, errors = self.plan, result.errors
+        contender = start()
+        try:
+            ids = {
+                role: api.wait_deployment(flow, name, timeout=120)
+                for role, (flow, name) in contender.deployments.items()
+            }
+            self.log(f"{result.label}: deployments registered; settling {plan.settle:g} s")
+            time.sleep(plan.settle)
+
+            def idle() -> None:
+                result.idle = scenarios.idle(contender, plan.idle)
+
+            def sequential() -> None:
+                result.sequential = scenarios.sequential(
+                    api, contender, ids["noop"], plan.sequential
+                )
+
+            def bursts() -> None:
+                for _ in range(plan.bursts):
+                    result.bursts.append(
+                        scenarios.burst(api, contender, ids["noop"], plan.burst_size)
+                    )
+
+            def cancellations() -> None:
+                for _ in range(plan.cancellations):
+                    result.cancellations.append(
+                        scenarios.cancellation(api, contender, ids["sleeper"], self.tag)
+                    )
+
+            for what, step in (("idle", idle), ("sequential runs", sequential),
+                               ("bursts", bursts), ("cancellations", cancellations)):
+                self.log(f"{result.label}: {what}")
+                _attempt(errors, what, step)
+        except (BenchError, httpx.HTTPError) as exc:
+            errors.append(f"start-up: {exc}; log tail:\n{contender.log_tail()}")
+        finally:
+            self.stop(contender)
+
+    def footprint(self, api: BenchApi, flows_dir: Path) -> scenarios.FootprintSeries | None:
+        plan = self.plan
+        contender = subjects.start_agent(
+            agent_bin=self.agent_bin, api_url=self.server.api_url,
+            workdir=self.workdir / "footprint", flows_dir=flows_dir,
+            flow_python=self.prefect_python, tag=self.tag,
+            limit=max(plan.footprint), log_level=self.args.agent_log_level,
+            fake_python=subjects.write_fake_python(self.workdir / "fake-python"),
+        )
+        try:
+            flow, name = contender.deployments["fake"]
+            deployment_id = api.wait_deployment(flow, name, timeout=120)
+            time.sleep(plan.settle)
+            return scenarios.footprint_series(
+                api, contender, deployment_id, self.tag, list(plan.footprint), settle=2.0
+            )
+        finally:
+            self.stop(contender)
+
+    def stop(self, contender: subjects.Contender) -> None:
+        status = procs.stop(contender.proc)
+        self.log(f"{contender.label} stopped (exit status {status})")
+        # Flow runs of a stopped contender keep running by design; the benchmark's must not.
+        leftover = [
+            p for p in procs.marked(self.tag) if _session(p.pid) not in self.spare_sessions
+        ]
+        procs.kill(leftover)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    tag = args.tag or f"bench-{uuid.uuid4().hex[:12]}"
+    workdir = Path(tempfile.mkdtemp(prefix="runner-agent-bench-"))
+    server = PrefectServer(
+        Path(args.prefect_venv), workdir / "server", extra_env={procs.MARKER: tag}
+    )
+    bench = Bench(args, workdir, tag, server)
+    started = time.monotonic()
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    agent = ContenderResult("runner-agent")
+    runner = ContenderResult("Prefect Runner")
+    errors: list[str] = []
+    api: BenchApi | None = None
+    failed = True
+    try:
+        machine = machine_info(sys.executable, bench.prefect_python)
+        machine["runner-agent"] = agent_revision(REPO)
+        bench.log(f"starting the Prefect server (work dir {workdir}, tag {tag})")
+        server.start()
+        bench.spare_sessions = {s for p in procs.marked(tag) if (s := _session(p.pid))}
+        api = BenchApi(server.api_url)
+        flows_dir = subjects.write_flows(workdir / "flows")
+        bench.contender(api, lambda: subjects.start_agent(
+            agent_bin=bench.agent_bin, api_url=server.api_url, workdir=workdir / "agent",
+            flows_dir=flows_dir, flow_python=bench.prefect_python, tag=tag, limit=LIMIT,
+            log_level=args.agent_log_level, flow_env=bench.flow_env,
+        ), agent)
+        bench.log("runner-agent: footprint with running runs")
+        footprint: scenarios.FootprintSeries | None = None
+
+        def run_footprint() -> None:
+            nonlocal footprint
+            footprint = bench.footprint(api, flows_dir) if api else None
+
+        _attempt(errors, "runner-agent footprint", run_footprint)
+        bench.contender(api, lambda: subjects.start_runner(
+            python=bench.prefect_python, server_env=server.env(), workdir=workdir / "runner",
+            flows_dir=flows_dir, tag=tag, limit=LIMIT, poll_interval=round(bench.poll_interval),
+        ), runner)
+        bench.log("import footprint")
+        imports = measure_imports(Path(sys.executable), REPO)
+        machine["load average at the end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        report = Report(
+            mode="smoke" if args.smoke else "full", date=date,
+            duration=time.monotonic() - started, command=_command(args), plan=bench.plan.describe(),
+            poll_interval=bench.poll_interval, machine=machine, agent=agent, runner=runner,
+            footprint=footprint, imports=imports, errors=errors,
+        )
+        args.out.write_text(render(report))
+        failed = bool(errors or agent.errors or runner.errors)
+        bench.log(f"wrote {args.out} in {report.duration / 60:.1f} min"
+                  + ("; some scenarios FAILED (see its Errors section)" if failed else ""))
+    except PrefectServerError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaning up", file=sys.stderr)
+    finally:
+        if api is not None:
+            api.close()
+        server.stop()
+        left = procs.kill_marked(tag)
+        if left:
+            print(f"bench: killed {left} leftover process(es)", file=sys.stderr)
+        if failed or args.keep:
+            print(f"bench: logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = [f"{VENV_ENV}={shlex.quote(str(args.prefect_venv))}",
+             shlex.quote(sys.executable), "-m", "bench.run"]
+    if args.smoke:
+        parts.append("--smoke")
+    parts += ["--out", shlex.quote(str(args.out))]
+    for item in args.agent_flow_env:
+        parts += ["--agent-flow-env", shlex.quote(item)]
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

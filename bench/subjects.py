@@ -1,0 +1,225 @@
+"""The two contenders, serving the same flows: runner-agent and Prefect's Runner (`serve`).
+
+Each contender gets its own deployments (same flows, different deployment names) and is stopped
+before the next one starts, so neither ever sees the other's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import procs
+
+NOOP_FLOW = "bench-noop"
+SLEEPER_FLOW = "bench-sleeper"
+
+FLOWS = textwrap.dedent(
+    """
+    import subprocess
+    import time
+
+    from prefect import flow
+
+
+    @flow(name="bench-noop")
+    def noop() -> None:
+        return None
+
+
+    @flow(name="bench-sleeper")
+    def sleeper() -> None:
+        # A grandchild of the serving process: cancelling the run must take it down too.
+        subprocess.Popen(["sleep", "600"])
+        time.sleep(600)
+    """
+)
+
+# `prefect.serve` exactly as a user would write it; the poll interval comes in as an argument.
+SERVE = textwrap.dedent(
+    """
+    import sys
+
+    from prefect import serve
+
+    from flows import noop, sleeper
+
+    if __name__ == "__main__":
+        prefix, limit, poll = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        serve(
+            noop.to_deployment(name=f"{prefix}-noop"),
+            sleeper.to_deployment(name=f"{prefix}-sleeper"),
+            limit=limit,
+            query_seconds=poll,
+            print_starting_message=False,
+        )
+    """
+)
+
+# Stands in for the engine in the footprint scenario: the agent runs `<python> -m prefect.engine`
+# under its sh wrapper, and this ignores its arguments and just sleeps, so the figures are the
+# agent's own.
+FAKE_PYTHON = "#!/bin/sh\nexec sleep 600\n"
+
+
+def write_flows(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "flows.py").write_text(FLOWS)
+    (directory / "serve_runner.py").write_text(SERVE)
+    return directory
+
+
+def write_fake_python(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def agent_config(
+    *, api_url: str, name: str, limit: int, workdir: Path, python: str,
+    flow_env: Mapping[str, str], deployments: Mapping[str, tuple[str, str, str | None]],
+    flows_dir: Path,
+) -> str:
+    """The agent's TOML: defaults everywhere except what the benchmark must pin.
+
+    `deployments` maps a deployment name to (flow name, entrypoint, python override or None).
+    poll_interval and prefetch are left at their defaults on purpose.
+    """
+    sections: dict[str, dict[str, Any]] = {
+        "api": {"url": api_url},
+        "agent": {
+            "name": name, "limit": limit, "launcher": "process",
+            "state_dir": str(workdir / "state"), "runtime_dir": str(workdir / "run"),
+        },
+        "flow_run": {"python": python, "env": dict(flow_env)},
+    }
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+        lines.append("")
+    for dep_name, (flow_name, entrypoint, python_override) in deployments.items():
+        lines += [
+            "[[deployment]]",
+            f"name = {_toml(dep_name)}",
+            f"flow_name = {_toml(flow_name)}",
+            f"entrypoint = {_toml(entrypoint)}",
+            f"path = {_toml(str(flows_dir))}",
+        ]
+        if python_override is not None:
+            lines.append(f"python = {_toml(python_override)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def base_env(tag: str) -> dict[str, str]:
+    """Our own environment minus anything that would configure a contender behind our back."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "RUNNER_AGENT_")) and k not in {"NOTIFY_SOCKET",
+                                                                         "JOURNAL_STREAM"}
+    }
+    env[procs.MARKER] = tag
+    return env
+
+
+@dataclass
+class Contender:
+    """A started contender: its process, its deployments, and where its log is."""
+
+    label: str
+    proc: psutil.Popen
+    log_path: Path
+    deployments: dict[str, tuple[str, str]] = field(default_factory=dict)  # role -> (flow, name)
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+
+def start_agent(
+    *, agent_bin: Path, api_url: str, workdir: Path, flows_dir: Path, flow_python: str,
+    tag: str, limit: int, log_level: str, fake_python: Path | None = None,
+    flow_env: Mapping[str, str] | None = None,
+) -> Contender:
+    """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {procs.MARKER: tag, "PREFECT_HOME": str(workdir / "prefect-home")}
+    env.update(flow_env or {})
+    if fake_python is None:
+        deployments: dict[str, tuple[str, str, str | None]] = {
+            "agent-noop": (NOOP_FLOW, "flows.py:noop", None),
+            "agent-sleeper": (SLEEPER_FLOW, "flows.py:sleeper", None),
+        }
+        roles = {"noop": (NOOP_FLOW, "agent-noop"), "sleeper": (SLEEPER_FLOW, "agent-sleeper")}
+    else:
+        deployments = {"agent-fake": (SLEEPER_FLOW, "flows.py:sleeper", str(fake_python))}
+        roles = {"fake": (SLEEPER_FLOW, "agent-fake")}
+    config = workdir / "agent.toml"
+    config.write_text(
+        agent_config(
+            api_url=api_url, name=f"bench-{workdir.name}", limit=limit, workdir=workdir,
+            python=flow_python, flow_env=env, deployments=deployments, flows_dir=flows_dir,
+        )
+    )
+    config.chmod(0o600)
+    log = workdir / "agent.log"
+    proc = procs.start(
+        [str(agent_bin), "--config", str(config), "--log-level", log_level, "run"],
+        env=base_env(tag), cwd=workdir, log=log,
+    )
+    return Contender("runner-agent", proc, log, roles)
+
+
+def start_runner(
+    *, python: str, server_env: Mapping[str, str], workdir: Path, flows_dir: Path, tag: str,
+    limit: int, poll_interval: int,
+) -> Contender:
+    """Prefect's Runner via `prefect.serve(..., limit=...)`, polling every `poll_interval`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(server_env)
+    env.update({
+        procs.MARKER: tag,
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": str(poll_interval),
+        # The Runner keeps its scratch space under TMPDIR; keep it in our work dir.
+        "TMPDIR": str(workdir / "tmp"),
+    })
+    (workdir / "tmp").mkdir(exist_ok=True)
+    log = workdir / "runner.log"
+    proc = procs.start(
+        [python, "serve_runner.py", "runner", str(limit), str(poll_interval)],
+        env=env, cwd=flows_dir, log=log,
+    )
+    roles = {"noop": (NOOP_FLOW, "runner-noop"), "sleeper": (SLEEPER_FLOW, "runner-sleeper")}
+    return Contender("Prefect Runner", proc, log, roles)

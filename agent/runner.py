@@ -34,6 +34,9 @@ from agent.workspace import Workspaces
 log = logging.getLogger("agent.runner")
 
 POLL_JITTER = 0.3
+# Wake-ups (Scheduled events, freed slots) poll at once, but no more often than this: a storm
+# of events (a schedule creating 100 runs) costs a few polls, not one each.
+MIN_WAKE_GAP = 0.1
 # How long a stop waits for claims and launches in flight, so no run is left half-started.
 CRITICAL_SECTION_GRACE = 15.0
 
@@ -162,8 +165,12 @@ class Runner:
     async def _sleep_until_next_poll(self) -> None:
         interval = self._settings.agent.poll_interval
         delay = interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+        polled_at = asyncio.get_running_loop().time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+        gap = MIN_WAKE_GAP - (asyncio.get_running_loop().time() - polled_at)
+        if gap > 0 and not self._stopping.is_set():
+            await asyncio.sleep(gap)  # wake-ups arriving meanwhile join this poll
         self._wakeup.clear()
 
     async def _poll_once(self, group: asyncio.TaskGroup) -> None:

@@ -250,5 +250,22 @@ class Api:
         response.raise_for_status()
         return [entry["message"] for entry in response.json()]
 
+    def wait_logs(self, flow_run_id: str, *texts: str, timeout: float = 20.0) -> list[str]:
+        """The run's log messages once each of `texts` is in one of them.
+
+        The agent ships its messages in batches (about a second) and a run can be final sooner.
+        """
+        seen: list[str] = []
+
+        def found() -> bool:
+            seen[:] = self.logs(flow_run_id)
+            return all(any(text in m for m in seen) for text in texts)
+
+        try:
+            wait_for(found, timeout, interval=0.2, what=f"log messages {texts} of {flow_run_id}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; messages: {seen}") from None
+        return list(seen)
+
     def close(self) -> None:
         self.client.close()

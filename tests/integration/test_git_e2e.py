@@ -63,7 +63,7 @@ def test_git_deployment_runs_the_claimed_commit(
         assert text == "v1"
         storage = tmp_path / "agent" / "state" / "storage"
         assert Path(cwd).is_relative_to(storage), cwd
-        assert any("Flow code: commit" in m for m in api.logs(first)), api.logs(first)
+        api.wait_logs(first, "Flow code: commit")
 
         new_sha = push_commit(bare, {"flows/greet.py": flow_source("v2")})
         second = api.create_run(deployment_id)
@@ -71,7 +71,7 @@ def test_git_deployment_runs_the_claimed_commit(
         text2, cwd2 = (markers / second).read_text().split(" ", 1)
         assert text2 == "v2"
         assert new_sha in cwd2 and cwd2 != cwd
-        assert any(new_sha in m for m in api.logs(second))
+        api.wait_logs(second, new_sha)
 
 
 def test_unreachable_git_source_crashes_the_run_with_the_reason(

@@ -92,9 +92,7 @@ def test_scheduled_run_completes(basic_agent: AgentProcess, api: Api) -> None:
     run_id = api.create_run(deployment_id, parameters={"name": "agent"})
     state = api.wait_final(run_id)
     assert state["type"] == "COMPLETED", (state, basic_agent.log_text()[-3000:])
-    messages = api.logs(run_id)
-    assert any("Claimed by runner-agent 'e2e-basic'" in m for m in messages), messages
-    assert any("Launched in process" in m for m in messages), messages
+    api.wait_logs(run_id, "Claimed by runner-agent 'e2e-basic'", "Launched in process")
     types = [s["type"] for s in api.history(run_id)]
     assert types.count("PENDING") == 1 and types.count("RUNNING") == 1, types
 

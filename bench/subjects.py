@@ -6,7 +6,6 @@ before the next one starts, so neither ever sees the other's runs.
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 import psutil
 
 from bench import procs
+from tests.integration.agent_process import toml_value
 
 NOOP_FLOW = "bench-noop"
 SLEEPER_FLOW = "bench-sleeper"
@@ -84,18 +84,6 @@ def write_fake_python(directory: Path) -> Path:
     return path
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
 def agent_config(
     *, api_url: str, name: str, limit: int, workdir: Path, python: str,
     flow_env: Mapping[str, str], deployments: Mapping[str, tuple[str, str, str | None]],
@@ -117,18 +105,18 @@ def agent_config(
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
     for dep_name, (flow_name, entrypoint, python_override) in deployments.items():
         lines += [
             "[[deployment]]",
-            f"name = {_toml(dep_name)}",
-            f"flow_name = {_toml(flow_name)}",
-            f"entrypoint = {_toml(entrypoint)}",
-            f"path = {_toml(str(flows_dir))}",
+            f"name = {toml_value(dep_name)}",
+            f"flow_name = {toml_value(flow_name)}",
+            f"entrypoint = {toml_value(entrypoint)}",
+            f"path = {toml_value(str(flows_dir))}",
         ]
         if python_override is not None:
-            lines.append(f"python = {_toml(python_override)}")
+            lines.append(f"python = {toml_value(python_override)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.agent_process import Api
 from tests.integration.prefect_server import PrefectServer, make_flow_dir
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +32,14 @@ def prefect_http(prefect_server: PrefectServer) -> Iterator[httpx.Client]:
 async def prefect_ahttp(prefect_server: PrefectServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=prefect_server.api_url, timeout=30.0) as client:
         yield client
+
+
+@pytest.fixture
+def api(prefect_server: PrefectServer) -> Iterator[Api]:
+    """The test helper client on the session's server (retries the server's 502/503/504)."""
+    client = Api(prefect_server.api_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +68,6 @@ def flow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("kill-flows")
     (directory / "flows.py").write_text(FLOWS)
     return directory
-
-
-@pytest.fixture
-def api(prefect_server: Any) -> Iterator[Api]:
-    client = Api(prefect_server.api_url)
-    yield client
-    client.close()
 
 
 @pytest.mark.parametrize("point", list(CASES))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,6 @@ FLOWS = textwrap.dedent(
         pathlib.Path(marker_dir, os.environ["PREFECT__FLOW_RUN_ID"]).write_text("ran")
     """
 )
-
-
-@pytest.fixture
-def api(prefect_server: Any) -> Iterator[Api]:
-    client = Api(prefect_server.api_url)
-    yield client
-    client.close()
 
 
 def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix: str) -> Any:

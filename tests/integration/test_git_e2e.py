@@ -4,7 +4,6 @@ between two runs gives the second run the new commit."""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,6 @@ def flow_source(greeting: str) -> str:
             )
         """
     )
-
-
-@pytest.fixture
-def api(prefect_server: Any) -> Iterator[Api]:
-    client = Api(prefect_server.api_url)
-    yield client
-    client.close()
 
 
 def test_git_deployment_runs_the_claimed_commit(

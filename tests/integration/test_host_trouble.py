@@ -70,13 +70,6 @@ FLOWS = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def api(prefect_server: Any) -> Iterator[Api]:
-    client = Api(prefect_server.api_url)
-    yield client
-    client.close()
-
-
 def code_dir(parent: Path, name: str) -> Path:
     directory = parent / name
     directory.mkdir(parents=True)

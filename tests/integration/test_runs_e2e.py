@@ -50,13 +50,6 @@ def flow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture
-def api(prefect_server: Any) -> Iterator[Api]:
-    client = Api(prefect_server.api_url)
-    yield client
-    client.close()
-
-
 def deployment(name: str, flow_dir: Path, func: str, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,

@@ -12,17 +12,20 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from uuid import UUID
 
 from agent import __version__, status
 from agent.config_sources import one_line
 from agent.settings import ConfigError, Settings, load_settings
 
 EX_OK = 0
+EX_USAGE = 2
 EX_CONFIG = 78
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROG = "runner-agent"
@@ -98,6 +101,37 @@ def version_command(ctx: Context) -> int:
     return EX_OK
 
 
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def status_command(ctx: Context) -> int:
+    runs = status.collect(ctx.load_settings())
+    ctx.stdout.write(status.render_json(runs) if ctx.args.json else status.render_table(runs))
+    ctx.stdout.flush()
+    return EX_OK
+
+
+def logs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("flow_run_id", help="the flow run's id")
+    parser.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+
+
+def logs_command(ctx: Context) -> int:
+    try:
+        flow_run_id = UUID(ctx.args.flow_run_id)
+    except ValueError:
+        ctx.error(f"not a flow run id: {ctx.args.flow_run_id!r}")
+        return EX_USAGE
+    journalctl = shutil.which("journalctl", path=ctx.environ.get("PATH"))
+    if journalctl is not None:
+        argv = status.journal_argv(journalctl, flow_run_id, follow=ctx.args.follow)
+        return status.stream(argv, ctx.stdout)
+    # Without systemd, the process launcher keeps the output in the run directory.
+    path = status.output_log(ctx.load_settings(), flow_run_id)
+    return status.print_file(path, ctx.stdout, ctx.error, follow=ctx.args.follow)
+
+
 def commands() -> tuple[Command, ...]:
     """The sub-command table. `status` and `logs` are added here as rows, like the others."""
     return (
@@ -112,14 +146,14 @@ def commands() -> tuple[Command, ...]:
         Command(
             "status",
             "show this host's flow runs: phase, age, memory, CPU, limits",
-            status.status_command,
-            status.status_arguments,
+            status_command,
+            status_arguments,
         ),
         Command(
             "logs",
             "show a flow run's output from the journal (also after it ended)",
-            status.logs_command,
-            status.logs_arguments,
+            logs_command,
+            logs_arguments,
         ),
     )
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.redaction import hide_url_credentials
+
 DEFAULT_CONFIG = Path("/etc/runner-agent/agent.toml")
 ENV_PREFIX = "RUNNER_AGENT_"
 SECTIONS = ("api", "agent", "flow_run")
@@ -28,9 +30,6 @@ MAX_DEPTH = 32
 # Keys whose values are never shown, not even in an error about their type.
 SECRET_KEYS = frozenset({"api.key", "api.auth_string"})
 Loc = tuple[str | int, ...]
-# `scheme://anything@`: the user info of a URL quoted in an error (greedy up to the last `@`, so
-# a password with a stray `/` or `@` in it goes too).
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
 
 
 class ConfigError(Exception):
@@ -51,7 +50,7 @@ class ConfigError(Exception):
             problem = problem.split(", got ", 1)[0]
         # The line goes to stderr and from there to the journal: never a URL's credentials.
         text = one_line(f"{where}: {problem}{extra}")
-        return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+        return hide_url_credentials(text)
 
 
 def one_line(text: str) -> str:

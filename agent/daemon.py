@@ -18,15 +18,17 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import uvloop
+
 from agent import __version__
 from agent.api import PrefectClient
 from agent.cancellation import CANCELLING_EVENT, CancellationWatcher
 from agent.deployments import DeploymentRegistry
-from agent.events import EventEmitter, with_backlog
+from agent.emitter import EventEmitter, with_backlog
 from agent.failpoints import FailpointError, Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.heartbeats import Heartbeats
-from agent.launcher import select_launcher
+from agent.launch.auto import select_launcher
 from agent.logs import LogSetup, configure_logging
 from agent.notify import Liveness, Notifier, run_watchdog
 from agent.runner import Runner
@@ -110,10 +112,6 @@ def run(
         log_setup=log_setup,
         failpoints=failpoints,
     )
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        return asyncio.run(daemon.main())
     return uvloop.run(daemon.main())
 
 

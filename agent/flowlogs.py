@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from agent.events import EventEmitter
+from agent.emitter import EventEmitter
 
 LOGGER_NAME = "runner-agent"
 SendLogs = Callable[[list[dict[str, Any]]], Awaitable[None]]

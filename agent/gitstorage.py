@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from agent.redaction import hide_url_credentials
+
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 DEFAULT_USERNAME = "x-access-token"  # GitHub's name for token auth; most hosts accept any name
@@ -59,17 +61,11 @@ _CAUSES: tuple[tuple[str, re.Pattern[str]], ...] = (
                                    re.I)),
 )
 
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
 _PREFIX = re.compile(r"^(fatal|error|remote|warning):\s*", re.I)
 _SHA = re.compile(r"[0-9a-f]{4,64}")
 _BAD_BRANCH = re.compile(r"^-|\.\.|[\x00-\x20~^:?*\[\\\x7f]|@\{|\.lock$|/$|^/|//")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-
-
-def strip_userinfo(text: str) -> str:
-    """Drop `user:password@` from every URL in `text` (scp-like `git@host:` has no secret)."""
-    return _USERINFO.sub(r"\g<scheme>", text)
 
 
 def classify(stderr: str, *, ref_kind: str = "branch") -> str:
@@ -82,7 +78,7 @@ def classify(stderr: str, *, ref_kind: str = "branch") -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     if not lines:
         return "git failed without a message"
-    return _PREFIX.sub("", strip_userinfo(lines[-1]))[:300]
+    return _PREFIX.sub("", hide_url_credentials(lines[-1]))[:300]
 
 
 @dataclass(frozen=True)
@@ -113,7 +109,12 @@ class Remote:
 
     @property
     def display(self) -> str:
-        return strip_userinfo(self.url)
+        """The URL as people see it: without a user name or password."""
+        if "://" not in self.url:
+            return self.url
+        parts = urlsplit(self.url)
+        host = parts.netloc.rpartition("@")[2]
+        return SplitResult(parts.scheme, host, parts.path, parts.query, parts.fragment).geturl()
 
 
 class GitFailed(Exception):
@@ -208,7 +209,7 @@ class Git:
             raise GitFailed(f"could not connect: timed out after {self.timeout:g}s") from None
         stderr = (err or b"").decode(errors="replace")
         if proc.returncode != 0:
-            raise GitFailed(classify(stderr, ref_kind=ref_kind), strip_userinfo(stderr))
+            raise GitFailed(classify(stderr, ref_kind=ref_kind), hide_url_credentials(stderr))
         return (out or b"").decode(errors="replace")
 
 

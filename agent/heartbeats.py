@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from uuid import UUID
 
 from agent import __version__, events
-from agent.events import EventEmitter
+from agent.emitter import EventEmitter
 from agent.notify import Liveness
 from agent.settings import Settings
 from agent.supervisor import Phase, Supervisor

@@ -2,8 +2,7 @@
 
 `configure_logging` is called once at start-up and replaces the root logger's handlers; nothing
 happens at import time. Records are JSON objects (time, level, logger, message, context fields
-such as `flow_run_id`, `deployment`, `unit`, any other `extra=` keys, `exc_info`);
-`run_logger` binds the context fields of one flow run to a logger.
+such as `flow_run_id`, `deployment`, `unit`, any other `extra=` keys, `exc_info`).
 
 When stderr is connected to the journal (`$JOURNAL_STREAM` names the stream's device and inode),
 records go to journald's socket with the native protocol instead, so the context fields become
@@ -14,7 +13,6 @@ record is written as a JSON line to the stream: logging never crashes the agent.
 
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
 import json
@@ -24,17 +22,17 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
+from agent.redaction import SecretScrubber
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "runner-agent"
-REDACTED = "**********"
-MIN_SECRET_LENGTH = 4
 NOISY_LOGGERS = ("httpx", "httpcore", "websockets")
 # A stalled journald must not stall the event loop for long; the record then goes to the stream.
 SEND_TIMEOUT = 0.5
@@ -52,7 +50,6 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "asctime",
     "taskName",
 }
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@]+@")
 _FIELD_INVALID = re.compile(r"[^A-Z0-9_]")
 
 
@@ -112,20 +109,13 @@ class Redactor(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pattern: re.Pattern[str] | None = None
+        self._scrubber = SecretScrubber()
 
     def set_secrets(self, values: Iterable[str]) -> None:
-        plain = {v for v in values if len(v) >= MIN_SECRET_LENGTH}
-        # An `Authorization: Basic` header (auth_string) carries the secret base64-encoded.
-        encoded = {base64.b64encode(v.encode()).decode() for v in plain}
-        secrets = sorted(plain | encoded, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, secrets))) if secrets else None
+        self._scrubber.set_secrets(values)
 
     def redact(self, text: str) -> str:
-        text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
-        if self._pattern is not None:
-            text = self._pattern.sub(REDACTED, text)
-        return text
+        return self._scrubber.scrub(text)
 
     def _redact_value(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -241,31 +231,6 @@ class JournalHandler(logging.Handler):
     def close(self) -> None:
         self._sock.close()
         super().close()
-
-
-class RunLogger(logging.LoggerAdapter[logging.Logger]):
-    """A logger adapter whose context fields are merged with each call's own `extra=`."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-def run_logger(
-    logger: logging.Logger,
-    *,
-    flow_run_id: object = None,
-    deployment: str | None = None,
-    unit: str | None = None,
-    **fields: object,
-) -> RunLogger:
-    """`logger` with run context: the fields that are not None go into every record."""
-    context = {"flow_run_id": flow_run_id, "deployment": deployment, "unit": unit, **fields}
-    return RunLogger(logger, {
-        key: str(value) if key == "flow_run_id" else value  # a UUID as its text
-        for key, value in context.items()
-        if value is not None
-    })
 
 
 @dataclass

@@ -14,14 +14,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from uuid import UUID
 
-from agent.launcher import WRAPPER_NAME, read_pid_record
+from agent.launch.wrapper import read_exit_record, read_pid_record
+from agent.processes import process_alive, wrapper_start_time
 from agent.records import RunRecord
-
-if TYPE_CHECKING:
-    from agent.supervisor import Supervisor
+from agent.supervisor import Phase, Supervisor
 
 ADOPTED_POLL_INTERVAL = 1.0
 # An adopted run that vanished without recording its status (the wrapper itself was killed).
@@ -33,55 +31,6 @@ VANISHED = (
 # How long after a `launching` record a spawned wrapper may take to write its pid record.
 PID_RECORD_GRACE = 5.0
 PID_RECORD_POLL = 0.1
-
-
-def process_create_time(pid: int | None) -> float | None:
-    """The start time that, with the pid, identifies a launched process across restarts."""
-    if pid is None:
-        return None
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
-
-
-def process_alive(pid: int | None, create_time: float | None) -> bool:
-    """True when `pid` still is the process we launched (not a recycled pid)."""
-    if pid is None:
-        return False
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.05
-    except psutil.Error:
-        return False
-
-
-def wrapper_start_time(pid: int, run_dir: Path) -> float | None:
-    """The start time of `pid` if it is alive and is the wrapper of the run in `run_dir`.
-
-    The wrapper's argv is `sh -c WRAPPER runner-agent-run <run_dir> <python> ...` (the exec
-    chain of both launchers keeps it), and a run directory belongs to exactly one run, so a
-    recycled pid cannot pass for it.
-    """
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        argv = proc.cmdline()
-        at = argv.index(WRAPPER_NAME)
-        if argv[at + 1 : at + 2] != [str(run_dir)]:
-            return None
-        return float(proc.create_time())
-    except (psutil.Error, ValueError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -147,13 +96,22 @@ class AdoptedHandle:
             await asyncio.sleep(ADOPTED_POLL_INTERVAL)
 
 
-def exit_record(sup: Supervisor, record: RunRecord) -> int | None:
+def exit_record(record: RunRecord) -> int | None:
     if record.run_dir is None:
         return None
-    return sup.ctx.launcher.read_exit_record(Path(record.run_dir))
+    return read_exit_record(Path(record.run_dir))
 
 
 async def resume(sup: Supervisor, record: RunRecord) -> None:
+    """Finish the story of a run that a previous agent process started."""
+    sup.record = record
+    try:
+        await _resume(sup, record)
+    finally:
+        sup.phase = Phase.DONE
+
+
+async def _resume(sup: Supervisor, record: RunRecord) -> None:
     ctx = sup.ctx
     # Best effort: heartbeats and messages want the run's names; the API may be down.
     sup.flow_run = await ctx.reporter.read_run(sup.id, retry=False)
@@ -166,7 +124,7 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
     launched: Launched | None = None
     if record.phase in ("launching", "running"):
         launched = await find_launched(record, record_age=ctx.records.age(sup.id))
-        status = exit_record(sup, record)
+        status = exit_record(record)
         if status is None and launched is not None and launched.alive:
             status, result = await _adopt(sup, record, launched)
         else:
@@ -217,6 +175,6 @@ async def _adopt(
         unit=unit,
         pid=launched.pid,
         create_time=launched.create_time,
-        read_status=lambda: exit_record(sup, record),
+        read_status=lambda: exit_record(record),
     )
     return await sup.follow(handle)

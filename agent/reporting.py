@@ -16,18 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from agent import states
 from agent.api import ApiError, CredentialsRefused, PrefectApiError, PrefectClient
+from agent.backoff import Backoff
 from agent.schemas import FlowRun, StateType
 
 log = logging.getLogger("agent.reporting")
 
+FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
+
+T = TypeVar("T")
 
 
 class Reporter:
@@ -40,7 +43,7 @@ class Reporter:
     ) -> None:
         self._client = client
         self._sleep = sleep
-        self._max_backoff = max_backoff
+        self._backoff = Backoff(FIRST_BACKOFF, max_backoff)
         self._answered = asyncio.Event()
 
     def api_answered(self) -> None:
@@ -49,9 +52,10 @@ class Reporter:
         # A fresh event for the next outage; the woken waiters hold the old one.
         self._answered = asyncio.Event()
 
-    async def _backoff(self, delay: float) -> float:
+    async def _wait(self, attempt: int) -> None:
+        """The backoff after failed `attempt`, cut short when the API answers elsewhere."""
         answered = asyncio.ensure_future(self._answered.wait())
-        slept = asyncio.ensure_future(self._sleep(delay * random.uniform(0.7, 1.3)))
+        slept = asyncio.ensure_future(self._sleep(self._backoff.delay(attempt)))
         try:
             await asyncio.wait({answered, slept}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -59,36 +63,48 @@ class Reporter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        return min(delay * 2, self._max_backoff)
 
-    async def read_run(self, flow_run_id: UUID, *, retry: bool) -> FlowRun | None:
-        """The run as the server has it; None when it cannot be read (or, without `retry`,
-        not at once)."""
-        delay = 1.0
+    async def _until_answered(
+        self, call: Callable[[], Awaitable[T]], what: str, flow_run_id: UUID, *, retry: bool
+    ) -> T | None:
+        """`call()` until the API answers; None on a definite 4xx (or any failure without
+        `retry`)."""
         context = {"flow_run_id": str(flow_run_id)}
+        attempt = 0
         while True:
+            attempt += 1
             try:
-                flow_run = await self._client.read_flow_run(flow_run_id)
+                result = await call()
             except ApiError as exc:
                 # A definite answer (gone, refused): retrying would not change it.
-                log.warning("could not read run %s: %s", flow_run_id, exc, extra=context)
+                log.warning("could not %s: %s", what, exc, extra=context)
                 return None
             except PrefectApiError as exc:
                 if not retry:
-                    log.warning("could not read run %s: %s", flow_run_id, exc, extra=context)
+                    log.warning("could not %s: %s", what, exc, extra=context)
                     return None
                 log.log(
                     logging.ERROR if isinstance(exc, CredentialsRefused) else logging.WARNING,
-                    "could not read run %s, retrying in ~%.0fs: %s",
-                    flow_run_id,
-                    delay,
+                    "could not %s, retrying in ~%.0fs: %s",
+                    what,
+                    self._backoff.step(attempt),
                     exc,
                     extra=context,
                 )
             else:
                 self.api_answered()
-                return flow_run
-            delay = await self._backoff(delay)
+                return result
+            await self._wait(attempt)
+
+    async def read_run(self, flow_run_id: UUID, *, retry: bool) -> FlowRun | None:
+        """The run as the server has it; None when it cannot be read (or, without `retry`,
+        not at once)."""
+        return await self._until_answered(
+            lambda: self._client.read_flow_run(flow_run_id),
+            f"read run {flow_run_id}",
+            flow_run_id,
+            retry=retry,
+        )
 
     async def propose(self, flow_run_id: UUID, state: dict[str, Any], *, force: bool) -> str | None:
         """Propose a state until the server decides; returns the decision (ACCEPT, ...).
@@ -96,35 +112,22 @@ class Reporter:
         The state's transition id stays the same across retries, so a proposal that reached
         the server before its answer was lost is not applied twice.
         """
-        delay = 1.0
         context = {"flow_run_id": str(flow_run_id)}
         while True:
-            try:
-                result = await self._client.set_flow_run_state(flow_run_id, state, force=force)
-            except ApiError as exc:
-                log.error(
-                    "could not set %s on run %s: %s", state["type"], flow_run_id, exc, extra=context
-                )
+            result = await self._until_answered(
+                lambda: self._client.set_flow_run_state(flow_run_id, state, force=force),
+                f"set {state['type']} on run {flow_run_id}",
+                flow_run_id,
+                retry=True,
+            )
+            if result is None:
                 return None
-            except PrefectApiError as exc:
-                log.log(
-                    logging.ERROR if isinstance(exc, CredentialsRefused) else logging.WARNING,
-                    "could not set %s on run %s, retrying in ~%.0fs: %s",
-                    state["type"],
-                    flow_run_id,
-                    delay,
-                    exc,
-                    extra=context,
-                )
-            else:
-                self.api_answered()
-                if result.status == "WAIT":
-                    await self._sleep(float(result.details.delay_seconds or 1.0))
-                    continue
-                reason = f" ({result.details.reason})" if result.details.reason else ""
-                log.info("proposed %s: %s%s", state["type"], result.status, reason, extra=context)
-                return str(result.status)
-            delay = await self._backoff(delay)
+            if result.status == "WAIT":
+                await self._sleep(float(result.details.delay_seconds or 1.0))
+                continue
+            reason = f" ({result.details.reason})" if result.details.reason else ""
+            log.info("proposed %s: %s%s", state["type"], result.status, reason, extra=context)
+            return str(result.status)
 
     async def crash_unless_final(
         self, flow_run_id: UUID, message: str, *, replace_crashed: bool = False

@@ -1,8 +1,8 @@
 """The runner facade: polls for scheduled runs and hands each to a supervisor.
 
-New behaviour goes into the component that owns it (supervisor, launcher, deployments,
-states), not here. The runner owns the slots (`agent.limit`), the poll loop and the set of
-supervisors, and it decides the shutdown order.
+New behaviour goes into the component that owns it (supervisor, launch, deployments, states,
+slots), not here. The runner owns the poll loop and the set of supervisors, and it decides the
+shutdown order.
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from agent import recovery
 from agent.api import PrefectApiError, PrefectClient
 from agent.deployments import DeploymentRegistry, RegisteredDeployment
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
-from agent.launcher import Launcher
+from agent.launch.base import Launcher
 from agent.notify import Liveness
 from agent.records import RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
 from agent.settings import DeploymentSettings, Settings
+from agent.slots import Slots
 from agent.storage import Storage
 from agent.supervisor import CRITICAL_PHASES, RunContext, Supervisor
 from agent.workspace import Workspaces
@@ -69,6 +71,7 @@ class Runner:
         self._reporter = reporter if reporter is not None else Reporter(client)
         self._registered: dict[str, RegisteredDeployment] = {}
         self._needs_sync = True
+        self._slots = Slots(settings.agent.limit)
         self._supervisors: dict[UUID, Supervisor] = {}
         self._tasks: dict[UUID, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
@@ -106,6 +109,7 @@ class Runner:
     def apply(self, settings: Settings) -> None:
         """Take a reloaded config; deployments are synced on the next loop turn."""
         self._settings = settings
+        self._slots.resize(settings.agent.limit)
         self._needs_sync = True
         self._wakeup.set()
 
@@ -127,7 +131,6 @@ class Runner:
 
     def status_text(self) -> str:
         """`3/4 runs; last poll 2s ago; API unreachable for 42s` (the STATUS line's start)."""
-        limit = self._settings.agent.limit
         now = self._monotonic()
         poll = "no poll yet"
         if self.last_poll is not None:
@@ -138,7 +141,7 @@ class Runner:
             api = "API ok"
         else:
             api = f"API unreachable for {now - self._api_reached_at:.0f}s"
-        return f"{len(self._supervisors)}/{limit} runs; {poll}; {api}"
+        return f"{self._slots.used}/{self._slots.limit} runs; {poll}; {api}"
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class Runner:
             self._start_supervisor(group, flow_run)
 
     async def _fetch_due_runs(self) -> list[FlowRun]:
-        free = self._settings.agent.limit - len(self._supervisors)
+        free = self._slots.free
         deployment_ids = [reg.id for reg in self._registered.values()]
         if free <= 0 or not deployment_ids:
             return []
@@ -236,6 +239,8 @@ class Runner:
         if deployment is None:
             log.warning("run %s belongs to no configured deployment; skipping", flow_run.id)
             return
+        if not self._slots.take(flow_run.id):
+            return  # the answer held more runs than free slots; they stay for a later poll
         supervisor = Supervisor(self._context(), flow_run.id, deployment, flow_run=flow_run)
         self._track(group, supervisor, supervisor.run())
 
@@ -268,13 +273,14 @@ class Runner:
             supervisor = Supervisor(
                 self._context(), record.id, deployment, deployment_name=record.deployment
             )
+            self._slots.take(record.id, force=True)
             log.info(
                 "recovering run %s (left in phase %s)",
                 record.id,
                 record.phase,
                 extra={"flow_run_id": str(record.id), "deployment": record.deployment},
             )
-            self._track(group, supervisor, supervisor.resume(record))
+            self._track(group, supervisor, recovery.resume(supervisor, record))
 
     async def _supervise(self, supervisor: Supervisor, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -291,6 +297,7 @@ class Runner:
         finally:
             self._supervisors.pop(supervisor.id, None)
             self._tasks.pop(supervisor.id, None)
+            self._slots.release(supervisor.id)
             self._wakeup.set()  # a slot is free
 
     async def _shutdown_supervisors(self) -> None:

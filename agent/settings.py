@@ -57,9 +57,6 @@ __all__ = [
     "load_settings",
 ]
 
-REDACTED = "**********"
-
-
 def _in_range(parse: Callable[[Any], Any]) -> BeforeValidator:
     """`parse`, with arithmetic overflow ("9" * 400 + "s" as a float) as a validation error."""
 

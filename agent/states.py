@@ -5,13 +5,16 @@ Bodies follow Prefect 3.8's `StateCreate` (prefect/server/schemas/actions.py): `
 idempotent on the server.
 
 `explain_exit` turns an exit status (shell convention, 128+N for signal N) plus the systemd unit's
-`Result` into the one-line message of a Crashed state. See docs/launcher.md for the decision table.
+`Result` into an `ExitCause`: data the supervisor decides on, and the one-line message of a
+Crashed state. See docs/launcher.md for the decision table.
 """
 
 from __future__ import annotations
 
+import enum
 import signal
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from agent.values import format_duration, format_size
@@ -74,6 +77,83 @@ def _signal_of(status: int) -> int | None:
     return None
 
 
+class ExitKind(enum.Enum):
+    """Why a run's process ended, as far as the agent can tell."""
+
+    NONE = "none"  # nothing more to say (e.g. status 0, or an unknown status)
+    CANCELLED = "cancelled"
+    OOM_KILLED = "oom-killed"  # systemd saw the kernel's OOM kill
+    PROBABLY_OOM = "probably-oom"  # SIGKILL under a MemoryMax where systemd can't tell
+    RUNTIME_EXCEEDED = "runtime-exceeded"
+    CORE_DUMP = "core-dump"
+    KILLED = "killed"  # SIGKILL without a memory limit to blame
+    TERMINATED = "terminated"  # SIGTERM
+    COMMAND_NOT_FOUND = "command-not-found"
+    NOT_EXECUTABLE = "not-executable"
+    KNOWN_STATUS = "known-status"  # a status with a fixed meaning (_FIXED)
+    SIGNAL = "signal"
+
+
+# The kinds where one of the run's own limits ended it: the agent's message, which names the
+# limit, then replaces the engine's own "aborted by a termination signal".
+LIMIT_KINDS = frozenset({ExitKind.OOM_KILLED, ExitKind.PROBABLY_OOM, ExitKind.RUNTIME_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class ExitCause:
+    """A structured explanation of an exit; `message()` renders the Crashed state's line."""
+
+    status: int  # shell convention
+    signal: int | None  # the signal behind the status, if it looks like one
+    kind: ExitKind
+    limit: str | None = None  # the limit that applied, as systemd spells it: "MemoryMax=512M"
+    command: str | None = None  # for COMMAND_NOT_FOUND and NOT_EXECUTABLE
+
+    @property
+    def limit_hit(self) -> bool:
+        return self.kind in LIMIT_KINDS and self.status != 0
+
+    def message(self) -> str:
+        """`Process exited with status 137 (SIGKILL): killed by the kernel OOM killer at
+        MemoryMax=512M`."""
+        name = signal_name(self.signal) if self.signal is not None else None
+        head = f"Process exited with status {self.status}" + (f" ({name})" if name else "")
+        cause = self._cause_text()
+        return f"{head}: {cause}" if cause else head
+
+    def _cause_text(self) -> str:
+        kind, limit = self.kind, self.limit
+        if kind is ExitKind.CANCELLED:
+            return "stopped by a cancellation"
+        if kind is ExitKind.OOM_KILLED:
+            return f"killed by the kernel OOM killer at {limit}" if limit else (
+                "killed by the kernel OOM killer"
+            )
+        if kind is ExitKind.RUNTIME_EXCEEDED:
+            return f"{limit} exceeded" if limit else "the unit's runtime limit was exceeded"
+        if kind is ExitKind.CORE_DUMP:
+            sig = signal_name(self.signal) if self.signal is not None else None
+            return f"dumped core ({sig})" if sig else "dumped core"
+        if kind is ExitKind.PROBABLY_OOM:
+            return f"probably killed by the kernel OOM killer ({limit})"
+        if kind is ExitKind.KILLED:
+            return "killed by SIGKILL (the kernel OOM killer, a stop of its unit or a manual kill)"
+        if kind is ExitKind.TERMINATED:
+            return "terminated by SIGTERM (a stop of its unit, a shutdown or a manual kill)"
+        if kind is ExitKind.COMMAND_NOT_FOUND:
+            return f"command not found: {self.command}"
+        if kind is ExitKind.NOT_EXECUTABLE:
+            return f"command not executable (permission denied): {self.command}"
+        if kind is ExitKind.KNOWN_STATUS:
+            return _FIXED[self.status]
+        if kind is ExitKind.SIGNAL:
+            if self.signal is None:
+                return "killed by a signal"
+            name = signal_name(self.signal)
+            return f"killed by {name}" if name else f"killed by signal {self.signal}"
+        return ""
+
+
 def explain_exit(
     status: int,
     unit_result: str | None,
@@ -83,9 +163,8 @@ def explain_exit(
     command: str,
     cancelled: bool = False,
     elapsed: float | None = None,
-) -> str:
-    """One line: `Process exited with status 137 (SIGKILL): killed by the kernel OOM killer at
-    MemoryMax=512M`.
+) -> ExitCause:
+    """Why the run's process ended with `status` (shell convention, or Python's -N).
 
     `unit_result` is the systemd unit's Result when it could still be read (None when unknown:
     the process launcher, or a scope already garbage-collected). `elapsed` (seconds the run
@@ -93,57 +172,37 @@ def explain_exit(
     """
     status = shell_status(status)
     number = _signal_of(status)
-    name = signal_name(number) if number is not None else None
-    head = f"Process exited with status {status}" + (f" ({name})" if name else "")
-    cause = _cause(status, number, unit_result, memory_max=memory_max,
-                   runtime_max=runtime_max, command=command, cancelled=cancelled,
-                   elapsed=elapsed)
-    return f"{head}: {cause}" if cause else head
-
-
-def _cause(
-    status: int,
-    number: int | None,
-    unit_result: str | None,
-    *,
-    memory_max: int | None,
-    runtime_max: float | None,
-    command: str,
-    cancelled: bool,
-    elapsed: float | None,
-) -> str:
-    limit = f"MemoryMax={format_size(memory_max)}" if memory_max is not None else None
+    memory = f"MemoryMax={format_size(memory_max)}" if memory_max is not None else None
     runtime = f"RuntimeMaxSec={format_duration(runtime_max)}" if runtime_max else None
+
+    def cause(kind: ExitKind, limit: str | None = None) -> ExitCause:
+        return ExitCause(status, number, kind, limit, command)
+
     killed = number in (signal.SIGKILL, signal.SIGTERM)
     if cancelled:
-        return "stopped by a cancellation"
+        return cause(ExitKind.CANCELLED)
     # What systemd saw wins over guesses from the number.
     if unit_result == "oom-kill":
-        return (f"killed by the kernel OOM killer at {limit}" if limit
-                else "killed by the kernel OOM killer")
+        return cause(ExitKind.OOM_KILLED, memory)
     if unit_result == "timeout":
-        return f"{runtime} exceeded" if runtime else "the unit's runtime limit was exceeded"
+        return cause(ExitKind.RUNTIME_EXCEEDED, runtime)
     if unit_result == "core-dump":
-        sig = signal_name(number) if number is not None else None
-        return f"dumped core ({sig})" if sig else "dumped core"
+        return cause(ExitKind.CORE_DUMP)
     if killed and runtime_max and elapsed is not None and elapsed >= runtime_max:
-        return f"{runtime} exceeded"
+        return cause(ExitKind.RUNTIME_EXCEEDED, runtime)
     if status == 137 or number == signal.SIGKILL:
         # On cgroup v1 (and when the scope is already collected) Result says nothing about OOM.
-        if limit:
-            return f"probably killed by the kernel OOM killer ({limit})"
-        return "killed by SIGKILL (the kernel OOM killer, a stop of its unit or a manual kill)"
+        return cause(ExitKind.PROBABLY_OOM, memory) if memory else cause(ExitKind.KILLED)
     if number == signal.SIGTERM:
-        return "terminated by SIGTERM (a stop of its unit, a shutdown or a manual kill)"
+        return cause(ExitKind.TERMINATED)
     if status == 127:
-        return f"command not found: {command}"
+        return cause(ExitKind.COMMAND_NOT_FOUND)
     if status == 126:
-        return f"command not executable (permission denied): {command}"
+        return cause(ExitKind.NOT_EXECUTABLE)
     if status in _FIXED:
-        return _FIXED[status]
+        return cause(ExitKind.KNOWN_STATUS)
     if number is not None:
-        name = signal_name(number)
-        return f"killed by {name}" if name else f"killed by signal {number}"
+        return cause(ExitKind.SIGNAL)
     if unit_result == "signal":
-        return "killed by a signal"
-    return ""
+        return ExitCause(status, None, ExitKind.SIGNAL)
+    return cause(ExitKind.NONE)

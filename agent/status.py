@@ -7,39 +7,24 @@ the agent or the server is down.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 from uuid import UUID
 
-from agent.launcher import OUTPUT_LOG
+from agent.launch.systemd import unit_name
+from agent.launch.wrapper import OUTPUT_LOG
+from agent.processes import Usage, process_usage
 from agent.records import RunRecord, RunRecords
 from agent.settings import FlowRunSettings, Settings
-from agent.units import unit_name
 from agent.values import format_count, format_cpu_quota, format_duration, format_size
-
-if TYPE_CHECKING:
-    from agent.cli import Context
 
 EX_OK = 0
 EX_FAILURE = 1
-EX_USAGE = 2
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What the run's processes (the recorded pid and its descendants) use right now."""
-
-    processes: int
-    rss_bytes: int
-    cpu_seconds: float
-    started_at: float | None  # the main process's start time (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -56,33 +41,6 @@ class RunStatus:
     rss_bytes: int | None
     cpu_seconds: float | None
     limits: dict[str, Any]
-
-
-def process_usage(pid: int | None) -> Usage | None:
-    """psutil figures of `pid` and all its descendants; None when it is gone."""
-    if pid is None:
-        return None
-    import psutil
-
-    try:
-        main = psutil.Process(pid)
-        if main.status() == psutil.STATUS_ZOMBIE:
-            return None
-        started_at: float | None = main.create_time()
-        family = [main, *main.children(recursive=True)]
-    except psutil.Error:
-        return None
-    rss, cpu, count = 0, 0.0, 0
-    for proc in family:
-        try:
-            with proc.oneshot():
-                rss += proc.memory_info().rss
-                times = proc.cpu_times()
-                cpu += times.user + times.system
-                count += 1
-        except psutil.Error:
-            continue  # it ended between listing and reading
-    return Usage(count, rss, cpu, started_at)
 
 
 def limits_of(settings: Settings, deployment: str) -> dict[str, Any]:
@@ -106,10 +64,10 @@ def run_status(
     record: RunRecord,
     settings: Settings,
     *,
-    usage: Callable[[int | None], Usage | None] = process_usage,
+    usage: Callable[[int | None, float | None], Usage | None] = process_usage,
     now: float,
 ) -> RunStatus:
-    used = usage(record.pid)
+    used = usage(record.pid, record.extra.get("create_time"))
     since = record.claimed_at if record.claimed_at is not None else (
         used.started_at if used is not None else None)
     return RunStatus(
@@ -131,7 +89,7 @@ def run_status(
 def collect(
     settings: Settings,
     *,
-    usage: Callable[[int | None], Usage | None] = process_usage,
+    usage: Callable[[int | None, float | None], Usage | None] = process_usage,
     clock: Callable[[], float] = time.time,
 ) -> list[RunStatus]:
     """Every run this host's agent has a record of, oldest claim first."""
@@ -203,24 +161,7 @@ def render_json(runs: Sequence[RunStatus]) -> str:
     return json.dumps({"runs": [asdict(r) for r in runs]}, indent=2) + "\n"
 
 
-# -- the sub-commands --------------------------------------------------------------------------
-
-
-def status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-
-
-def status_command(ctx: Context) -> int:
-    settings = ctx.load_settings()
-    runs = collect(settings)
-    ctx.stdout.write(render_json(runs) if ctx.args.json else render_table(runs))
-    ctx.stdout.flush()
-    return EX_OK
-
-
-def logs_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("flow_run_id", help="the flow run's id")
-    parser.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+# -- the run's output --------------------------------------------------------------------------
 
 
 def journal_argv(journalctl: str, flow_run_id: UUID, *, follow: bool) -> list[str]:
@@ -229,19 +170,9 @@ def journal_argv(journalctl: str, flow_run_id: UUID, *, follow: bool) -> list[st
     return [*argv, "-f"] if follow else argv
 
 
-def logs_command(ctx: Context) -> int:
-    try:
-        flow_run_id = UUID(ctx.args.flow_run_id)
-    except ValueError:
-        ctx.error(f"not a flow run id: {ctx.args.flow_run_id!r}")
-        return EX_USAGE
-    journalctl = shutil.which("journalctl", path=ctx.environ.get("PATH"))
-    if journalctl is not None:
-        return stream(journal_argv(journalctl, flow_run_id, follow=ctx.args.follow), ctx.stdout)
-    # Without systemd, the process launcher keeps the output next to the exit status.
-    settings = ctx.load_settings()
-    path = settings.agent.runtime_dir / "runs" / str(flow_run_id) / OUTPUT_LOG
-    return print_file(path, ctx.stdout, ctx.error, follow=ctx.args.follow)
+def output_log(settings: Settings, flow_run_id: UUID) -> Path:
+    """Where the process launcher keeps a run's output (next to its exit status)."""
+    return settings.agent.runtime_dir / "runs" / str(flow_run_id) / OUTPUT_LOG
 
 
 def stream(argv: list[str], out: TextIO) -> int:

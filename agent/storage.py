@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
-from uuid import UUID
 
 from agent.gitstorage import (
     TMP_PREFIX,
@@ -388,17 +387,3 @@ class Storage:
                 if unused:
                     removed.append(child)
         return removed
-
-    # -- per-run temporary directories ----------------------------------------------------------
-
-    def run_tmpdir(self, flow_run_id: UUID | str, owner: tuple[int, int] | None = None) -> Path:
-        """`<state_dir>/runs/<id>/tmp`, mode 0700 (owned by `owner` = (uid, gid) if given)."""
-        tmpdir = self.state_dir / "runs" / str(flow_run_id) / "tmp"
-        tmpdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmpdir.chmod(0o700)
-        if owner is not None:
-            os.chown(tmpdir, *owner)
-        return tmpdir
-
-    async def remove_run_tmpdir(self, flow_run_id: UUID | str) -> None:
-        await remove_tree(self.state_dir / "runs" / str(flow_run_id) / "tmp")

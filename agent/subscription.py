@@ -17,12 +17,13 @@ import contextlib
 import inspect
 import json
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from agent.backoff import Backoff
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -120,8 +121,7 @@ class EventSubscription:
         self._headers = dict(headers or {})
         self._on_connection_change = on_connection_change
         self._backfill = backfill
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
+        self._backoff = Backoff(initial_backoff, max_backoff)
         self._open_timeout = open_timeout
         self._handlers: dict[str, list[Handler]] = {}
         self._related: dict[str, frozenset[str]] = {}
@@ -144,13 +144,6 @@ class EventSubscription:
         handlers = self._handlers.setdefault(event_name, [])
         handlers.append(handler)
         if len(handlers) == 1:
-            self._changed.set()
-
-    def unsubscribe(self, event_name: str, handler: Handler) -> None:
-        handlers = self._handlers.get(event_name, [])
-        if handler in handlers:
-            handlers.remove(handler)
-        if not handlers and self._handlers.pop(event_name, None) is not None:
             self._changed.set()
 
     def set_related(self, event_name: str, resource_ids: Iterable[str] | None) -> None:
@@ -252,8 +245,7 @@ class EventSubscription:
         return True, "event stream closed by the server"
 
     async def _back_off(self, attempt: int, why: str) -> None:
-        delay = min(self._max_backoff, self._initial_backoff * 2 ** min(attempt - 1, 16))
-        delay *= random.uniform(0.5, 1.0)
+        delay = self._backoff.delay(attempt)
         log.warning("%s; reconnecting in %.1fs", why, delay)
         self.reconnects += 1
         # A registration change cuts the wait short: the new filter is wanted now.

@@ -22,14 +22,14 @@ from agent import states
 from agent.api import PrefectApiError, PrefectClient
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
-from agent.launcher import Launcher, LaunchError, LaunchRequest, RunHandle
+from agent.launch.base import Launcher, LaunchError, LaunchRequest, RunHandle
+from agent.launch.systemd import unit_name
+from agent.processes import process_create_time
 from agent.records import RecordError, RunRecord, RunRecords
-from agent.recovery import process_create_time
 from agent.reporting import Reporter
 from agent.schemas import FlowRun, StateType
 from agent.settings import DeploymentSettings, Settings
 from agent.storage import StorageError
-from agent.units import unit_name
 from agent.values import format_duration
 from agent.workspace import Workspace, Workspaces, engine_environment, limits_text
 
@@ -333,7 +333,7 @@ class Supervisor:
             )
             await self.finish()
             return
-        message = states.explain_exit(
+        cause = states.explain_exit(
             status,
             result,
             memory_max=self.flow_run_settings.memory_max,
@@ -342,15 +342,14 @@ class Supervisor:
             # Scopes are collected at once, so their Result may be gone; the runtime tells.
             elapsed=self.ctx.clock() - self.started_at if self.started_at else None,
         )
+        message = cause.message()
         code = self.workspace.working_dir if self.workspace is not None else None
         if status != 0 and code is not None and not code.is_dir():
             message += f"; the deployment's code directory {code} no longer exists"
         self.note(message, logging.INFO if status == 0 else logging.WARNING)
         # The engine reports a killed run as "aborted by a termination signal"; when one of our
         # limits did it, our message (which names the limit) replaces that.
-        limit_hit = status != 0 and any(
-            name in message for name in ("MemoryMax=", "RuntimeMaxSec=")
-        )
+        limit_hit = cause.limit_hit
         await self.ctx.reporter.crash_unless_final(self.id, message, replace_crashed=limit_hit)
         await self.finish()
 
@@ -391,14 +390,3 @@ class Supervisor:
             if self.ctx.on_cancelled is not None:
                 self.ctx.on_cancelled(self)
         await self.finish()
-
-    async def resume(self, record: RunRecord) -> None:
-        """Finish the story of a run that a previous agent process started (recovery.py)."""
-        self.record = record
-        try:
-            from agent.recovery import resume  # recovery builds on the supervisor
-
-            await resume(self, record)
-        finally:
-            self.phase = Phase.DONE
-

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
-from agent.launcher import LaunchError
+from agent.gitstorage import remove_tree
+from agent.launch.base import LaunchError
 from agent.settings import DeploymentSettings, FlowRunSettings, Settings
 from agent.storage import Checkout, Storage
 from agent.values import format_duration, format_size
@@ -149,7 +150,8 @@ class Workspaces:
 
     async def finish(self, workspace: Workspace) -> None:
         """The run has ended: give its code back, remove its scratch space, collect garbage."""
-        shutil.rmtree(workspace.tmpdir, ignore_errors=True)
+        # A flow may leave read-only directories in its TMPDIR; remove_tree copes with them.
+        await remove_tree(workspace.tmpdir)
         shutil.rmtree(workspace.run_dir, ignore_errors=True)
         if workspace.checkout is not None:
             workspace.checkout.release()

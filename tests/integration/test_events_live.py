@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from agent import events
-from agent.events import EventEmitter
+from agent.emitter import EventEmitter
 from agent.subscription import EventSubscription
 from tests.integration.prefect_server import PrefectServer
 

@@ -231,18 +231,6 @@ async def test_deployment_name_is_escaped(repos: Path, state: Path) -> None:
         assert checkout.root.parent.name == "%2E.%2Fteam%2Fetl%20flows"
 
 
-async def test_run_tmpdir(state: Path) -> None:
-    storage = Storage(state)
-    tmpdir = storage.run_tmpdir("8d3c6a59-0000-4000-8000-000000000001")
-    assert tmpdir == state / "runs" / "8d3c6a59-0000-4000-8000-000000000001" / "tmp"
-    assert stat.S_IMODE(tmpdir.stat().st_mode) == 0o700
-    (tmpdir / "ro").mkdir()
-    (tmpdir / "ro" / "f").write_text("x")
-    (tmpdir / "ro").chmod(0o500)
-    await storage.remove_run_tmpdir("8d3c6a59-0000-4000-8000-000000000001")
-    assert not tmpdir.exists()
-    assert tmpdir.parent.is_dir()
-
 
 # -- over the network ------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
+from agent import emitter as emitter_module
 from agent import events
-from agent.events import EventEmitter
+from agent.emitter import EventEmitter
 from agent.notify import Liveness
 from agent.runner import Runner
 from agent.settings import load_settings
@@ -177,7 +178,7 @@ async def test_buffer_is_bounded_drops_oldest_and_counts(
     for n in range(5):
         emitter.emit(ev(n))
     assert emitter.stats() == {"sent": 0, "dropped": 2, "rejected": 0, "pending": 3}
-    with caplog.at_level(logging.WARNING, logger="agent.events"):
+    with caplog.at_level(logging.WARNING, logger="agent.emitter"):
         await emitter.flush()
         await emitter.aclose()
     assert send.sent == [ev(2), ev(3), ev(4)]
@@ -258,7 +259,7 @@ async def test_exit_is_bounded_when_the_api_hangs(caplog: pytest.LogCaptureFixtu
     before = asyncio.all_tasks()
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with caplog.at_level(logging.WARNING, logger="agent.events"):
+    with caplog.at_level(logging.WARNING, logger="agent.emitter"):
         async with EventEmitter(hang, flush_interval=0.01, shutdown_timeout=0.2) as em:
             em.emit(ev(1))
             await asyncio.sleep(0.05)  # the sender is now stuck in hang()
@@ -330,15 +331,15 @@ async def test_rejected_batch_is_dropped_and_other_errors_do_not_switch_transpor
 def test_backlog_text_names_what_is_queued_and_what_was_dropped() -> None:
     emitter = EventEmitter(Recorder(), max_buffered=3)
     logs = EventEmitter(Recorder(), max_buffered=100, kind="flow-run log messages")
-    assert events.backlog_text(emitter, logs) == ""
-    assert events.with_backlog("1/4 runs; API ok", emitter, logs) == "1/4 runs; API ok"
+    assert emitter_module.backlog_text(emitter, logs) == ""
+    assert emitter_module.with_backlog("1/4 runs; API ok", emitter, logs) == "1/4 runs; API ok"
     for n in range(5):
         emitter.emit(ev(n))
     logs.emit(ev(0))
-    assert events.backlog_text(emitter, logs) == (
+    assert emitter_module.backlog_text(emitter, logs) == (
         "3/3 events queued, 1/100 flow-run log messages queued, 2 events dropped"
     )
-    assert events.with_backlog("0/4 runs; API unreachable for 42s", emitter) == (
+    assert emitter_module.with_backlog("0/4 runs; API unreachable for 42s", emitter) == (
         "0/4 runs; API unreachable for 42s; 3/3 events queued, 2 events dropped"
     )
 
@@ -351,9 +352,9 @@ async def test_backlog_clears_once_delivered_but_drops_stay_visible() -> None:
         emitter.emit(ev(n))
     with pytest.raises(Unavailable):
         await emitter.flush()
-    assert events.backlog_text(emitter) == "2/2 events queued, 1 events dropped"
+    assert emitter_module.backlog_text(emitter) == "2/2 events queued, 1 events dropped"
     await emitter.flush()
-    assert events.backlog_text(emitter) == "1 events dropped"
+    assert emitter_module.backlog_text(emitter) == "1 events dropped"
 
 
 async def test_shutdown_logs_the_delivery_counters(caplog: pytest.LogCaptureFixture) -> None:
@@ -364,7 +365,7 @@ async def test_shutdown_logs_the_delivery_counters(caplog: pytest.LogCaptureFixt
     await emitter.flush()  # rejected
     for n in range(3):
         emitter.emit(ev(n))
-    with caplog.at_level(logging.INFO, logger="agent.events"):
+    with caplog.at_level(logging.INFO, logger="agent.emitter"):
         await emitter.aclose()
     assert (
         "flow-run log messages: 2 sent, 1 dropped, 1 rejected, 0 not delivered" in caplog.messages

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 import pytest
 
-from agent.events import backlog_text
+from agent.emitter import backlog_text
 from agent.flowlogs import FlowRunLogs
 
 

@@ -43,9 +43,9 @@ from agent import api as api_module
 from agent.api import PrefectApiError, PrefectClient
 from agent.cancellation import CancellationWatcher
 from agent.deployments import REGISTRY_FILE, DeploymentRegistry
-from agent.events import EventEmitter
+from agent.emitter import EventEmitter
 from agent.flowlogs import FlowRunLogs
-from agent.launcher import LaunchRequest
+from agent.launch.base import LaunchRequest
 from agent.notify import Liveness
 from agent.reporting import Reporter
 from agent.runner import Runner

@@ -20,14 +20,13 @@ from typing import Any, TextIO
 import pytest
 
 from agent.logs import (
-    REDACTED,
     LogSetup,
     configure_logging,
     encode_journal_fields,
     journal_field_name,
-    run_logger,
     syslog_priority,
 )
+from agent.redaction import REDACTED
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -134,11 +133,13 @@ def test_json_lines_with_context_fields() -> None:
     stream = io.StringIO()
     setup = configure_logging("info", environ={}, stream=stream)
     assert not setup.journal
-    log = run_logger(
-        logging.getLogger("agent.runner"), flow_run_id=RUN_ID, deployment="hello/etl",
-        unit="runner-agent-run-0b7e8c6a.scope",
-    )
-    log.info("launched %s", "flow", extra={"attempt": 2})
+    log = logging.getLogger("agent.runner")
+    context = {
+        "flow_run_id": str(RUN_ID),
+        "deployment": "hello/etl",
+        "unit": "runner-agent-run-0b7e8c6a.scope",
+    }
+    log.info("launched %s", "flow", extra={**context, "attempt": 2})
     log.debug("not at info level")
     logging.getLogger("agent.daemon").warning("plain")
     first, second = json_lines(stream)
@@ -158,18 +159,6 @@ def test_json_lines_with_context_fields() -> None:
     assert second == {
         "time": second["time"], "level": "WARNING", "logger": "agent.daemon", "message": "plain",
     }
-
-
-def test_run_logger_merges_and_drops_unset_fields() -> None:
-    stream = io.StringIO()
-    configure_logging("info", environ={}, stream=stream)
-    log = run_logger(logging.getLogger("agent.units"), flow_run_id=RUN_ID, slot=3)
-    log.info("x", extra={"unit": "u.scope"})
-    (record,) = json_lines(stream)
-    assert {k: record[k] for k in ("flow_run_id", "slot", "unit")} == {
-        "flow_run_id": str(RUN_ID), "slot": 3, "unit": "u.scope",
-    }
-    assert "deployment" not in record
 
 
 def test_exception_is_a_string_field() -> None:
@@ -247,13 +236,12 @@ def test_journal_native_protocol(journal: Journal) -> None:
     setup = journal.configure()
     setup.set_secrets([SECRET])
     assert setup.journal
-    log = run_logger(
-        logging.getLogger("agent.runner"), flow_run_id=RUN_ID, deployment="hello/etl",
-        unit="runner-agent-run-1.scope",
-    )
+    log = logging.getLogger("agent.runner")
     log.info(
         "claimed with key %s", SECRET,
-        extra={"detail": "line one\nline two", "http.status-code": 503, "_private": "p",
+        extra={"flow_run_id": str(RUN_ID), "deployment": "hello/etl",
+               "unit": "runner-agent-run-1.scope",
+               "detail": "line one\nline two", "http.status-code": 503, "_private": "p",
                "empty": None},
     )
     raw = journal.receive()

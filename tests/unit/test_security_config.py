@@ -18,6 +18,7 @@ import base64
 import io
 import logging
 import os
+import pwd
 import stat
 import subprocess
 import sys
@@ -29,11 +30,13 @@ from uuid import UUID
 import pytest
 
 from agent.gitstorage import PRIVATE_REPOSITORY, Git, make_dirs, publish
-from agent.launcher import LaunchRequest
-from agent.logs import REDACTED, configure_logging
+from agent.launch.base import LaunchRequest
+from agent.launch.systemd import systemd_run_argv
+from agent.launch.wrapper import privilege_drop
+from agent.logs import configure_logging
+from agent.redaction import REDACTED
 from agent.settings import ConfigError, Settings, load_settings
 from agent.storage import Storage
-from agent.units import privilege_drop, systemd_run_argv
 from agent.workspace import Workspaces, allow_pass_through, private_dirs
 
 ROOT = os.geteuid() == 0
@@ -368,16 +371,16 @@ def request(tmp: Path, user: str, python: str) -> LaunchRequest:
 
 def test_only_the_engine_drops_to_the_user(tmp_path: Path) -> None:
     req = request(tmp_path, "flows", "/usr/bin/python3")
-    argv = systemd_run_argv(req, user_manager=False, group="flowgrp", groups=[998, 1001])
+    flows = pwd.struct_passwd(("flows", "x", 1500, 998, "", "/home/flows", "/bin/sh"))
+    argv = systemd_run_argv(req, user_manager=False, privilege_drop=privilege_drop(flows))
     assert argv[0] == "systemd-run"
     assert not any(a.startswith(("--uid", "--gid")) for a in argv)
     assert not any(SECRET in a for a in argv)
     at = argv.index(str(req.run_dir))  # the wrapper's argument; the engine follows it
-    assert argv[at + 1:] == ["/usr/bin/setpriv", "--reuid=flows", "--regid=flowgrp",
-                             "--groups=998,1001", "--", "/usr/bin/python3", "-m",
+    # An unknown user name has only its primary group (getgrouplist).
+    assert argv[at + 1:] == ["/usr/bin/setpriv", "--reuid=1500", "--regid=998",
+                             "--groups=998", "--", "/usr/bin/python3", "-m",
                              "prefect.engine"]
-    assert privilege_drop("u", "g", []) == ["/usr/bin/setpriv", "--reuid=u", "--regid=g",
-                                           "--clear-groups", "--"]
     root = systemd_run_argv(request(tmp_path, "", "/usr/bin/python3"), user_manager=False)
     assert "/usr/bin/setpriv" not in root
 
@@ -394,7 +397,8 @@ def test_the_wrapper_records_as_root_while_the_engine_runs_as_the_user() -> None
         engine.chmod(0o755)
         req = request(base, "nobody", str(engine))
         (base / "run").mkdir(mode=0o700)  # root's, as the workspace makes it
-        argv = systemd_run_argv(req, user_manager=False, group="nogroup", groups=[NOGROUP])
+        argv = systemd_run_argv(req, user_manager=False,
+                                privilege_drop=privilege_drop(pwd.getpwnam("nobody")))
         command = argv[argv.index("/bin/sh"):]
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
         assert done.returncode == 0, done.stderr

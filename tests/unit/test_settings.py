@@ -15,8 +15,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from agent import config_sources
+from agent.redaction import REDACTED
 from agent.settings import (
-    REDACTED,
     ConfigError,
     CronSchedule,
     FlowRunSettings,

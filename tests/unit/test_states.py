@@ -15,7 +15,8 @@ def explain(status: int, result: str | None = None, *, memory_max: int | None = 
             runtime_max: float | None = None, cancelled: bool = False,
             elapsed: float | None = None) -> str:
     return states.explain_exit(status, result, memory_max=memory_max, runtime_max=runtime_max,
-                               command="/opt/x/bin/python", cancelled=cancelled, elapsed=elapsed)
+                               command="/opt/x/bin/python", cancelled=cancelled,
+                               elapsed=elapsed).message()
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,25 @@ def test_explain_exit(kwargs: dict[str, object], expected: str) -> None:
 
 def test_shell_status_converts_python_signal_codes() -> None:
     assert [states.shell_status(s) for s in (-9, -15, 0, 3, 137)] == [137, 143, 0, 3, 137]
+
+
+@pytest.mark.parametrize(
+    ("status", "result", "memory_max", "runtime_max", "elapsed", "kind", "limit_hit"),
+    [
+        (137, "oom-kill", 256 * MiB, None, None, states.ExitKind.OOM_KILLED, True),
+        (137, None, 256 * MiB, None, None, states.ExitKind.PROBABLY_OOM, True),
+        (137, None, None, None, None, states.ExitKind.KILLED, False),
+        (143, "timeout", None, 60.0, None, states.ExitKind.RUNTIME_EXCEEDED, True),
+        (137, None, None, 60.0, 61.0, states.ExitKind.RUNTIME_EXCEEDED, True),
+        (143, None, None, 60.0, 5.0, states.ExitKind.TERMINATED, False),
+        (3, None, 256 * MiB, 60.0, 61.0, states.ExitKind.NONE, False),
+        (1, None, None, None, None, states.ExitKind.KNOWN_STATUS, False),
+    ],
+)
+def test_the_cause_is_data_and_says_whether_a_limit_ended_the_run(
+    status: int, result: str | None, memory_max: int | None, runtime_max: float | None,
+    elapsed: float | None, kind: states.ExitKind, limit_hit: bool,
+) -> None:
+    cause = states.explain_exit(status, result, memory_max=memory_max, runtime_max=runtime_max,
+                                command="python", elapsed=elapsed)
+    assert (cause.kind, cause.limit_hit) == (kind, limit_hit)

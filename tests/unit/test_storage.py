@@ -19,9 +19,9 @@ from agent.gitstorage import (
     classify,
     dir_name,
     install_askpass,
-    strip_userinfo,
     subdirectory_parts,
 )
+from agent.redaction import hide_url_credentials
 from agent.storage import Storage, StorageError, describe_source
 from tests.integration.gitserver import GitSpec
 
@@ -80,7 +80,7 @@ def test_classify_ref_kind_decides_branch_or_commit() -> None:
 
 def test_classify_falls_back_to_last_line_sanitised() -> None:
     stderr = "warning: something\nfatal: odd failure at https://bob:hunter2@h/x.git\n\n"
-    assert classify(stderr) == "odd failure at https://h/x.git"
+    assert classify(stderr) == "odd failure at https://***@h/x.git"
     assert classify("") == "git failed without a message"
     assert len(classify("fatal: " + "x" * 1000)) == 300
 
@@ -89,16 +89,17 @@ def test_classify_falls_back_to_last_line_sanitised() -> None:
     ("text", "clean"),
     [
         ("https://user:pa%40ss@git.example.com/org/flows.git",
-         "https://git.example.com/org/flows.git"),
-        ("https://token@git.example.com/x.git", "https://git.example.com/x.git"),
-        ("see 'http://a:b@h:8080/x' and ssh://git@h/y", "see 'http://h:8080/x' and ssh://h/y"),
+         "https://***@git.example.com/org/flows.git"),
+        ("https://token@git.example.com/x.git", "https://***@git.example.com/x.git"),
+        ("see 'http://a:b@h:8080/x' and ssh://git@h/y", "see 'http://***@h:8080/x' and ssh://***@h/y"),
         ("git@github.com:org/flows.git", "git@github.com:org/flows.git"),
         ("/srv/git/flows.git", "/srv/git/flows.git"),
-        ("https://git.example.com/a@b", "https://git.example.com/a@b"),
+        # An `@` in the path is taken for credentials: hiding too much is the safe error.
+        ("https://git.example.com/a@b", "https://***@b"),
     ],
 )
-def test_strip_userinfo(text: str, clean: str) -> None:
-    assert strip_userinfo(text) == clean
+def test_git_messages_hide_url_credentials(text: str, clean: str) -> None:
+    assert hide_url_credentials(text) == clean
 
 
 def test_remote_parse_moves_the_password_out_of_the_url() -> None:

@@ -14,9 +14,10 @@ from uuid import UUID, uuid4
 import httpx
 import pytest
 
+from agent import recovery
 from agent.api import PrefectClient
 from agent.flowlogs import FlowRunLogs
-from agent.launcher import LaunchError, LaunchRequest
+from agent.launch.base import LaunchError, LaunchRequest
 from agent.records import RunRecord, RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
@@ -190,7 +191,7 @@ async def supervise(
         flow_run = FlowRun.model_validate(server.run_body())
         supervisor = Supervisor(ctx, server.run_id, settings.deployments[0], flow_run=flow_run)
         if record is not None:
-            work = asyncio.ensure_future(supervisor.resume(record))
+            work = asyncio.ensure_future(recovery.resume(supervisor, record))
         else:
             work = asyncio.ensure_future(supervisor.run())
         if before is not None:

@@ -24,15 +24,11 @@ from uuid import uuid4
 import psutil
 import pytest
 
-from agent.launcher import (
-    LaunchError,
-    LaunchRequest,
-    ProcessLauncher,
-    RunHandle,
-    read_exit_record,
-    select_launcher,
-)
-from agent.units import SystemdLauncher
+from agent.launch.auto import select_launcher
+from agent.launch.base import LaunchError, LaunchRequest, RunHandle
+from agent.launch.process import ProcessLauncher
+from agent.launch.systemd import SystemdLauncher
+from agent.launch.wrapper import read_exit_record
 
 SECRET = "pnu_secret_key_value"
 
@@ -178,7 +174,7 @@ async def test_exit_status_of_os_exit_is_returned_and_recorded(
     handle = await launcher.launch(request)
     assert await asyncio.wait_for(handle.wait(), timeout=30) == 3
     assert read_exit_record(request.run_dir) == 3
-    assert launcher.read_exit_record(request.run_dir) == 3
+    assert read_exit_record(request.run_dir) == 3
     assert sorted(p.name for p in request.run_dir.iterdir()) == ["exit-status", "output.log", "pid"]
     assert await launcher.unit_result(handle) is None
 
@@ -265,31 +261,10 @@ async def test_limits_are_named_in_a_warning(
 ) -> None:
     request = make_request(tmp_path, "pass", memory_max=512 * 1024 * 1024, cpu_quota=50,
                            runtime_max=60.0)
-    with caplog.at_level(logging.WARNING, logger="agent.launcher"):
+    with caplog.at_level(logging.WARNING, logger="agent.launch"):
         handle = await launcher.launch(request)
         assert await handle.wait() == 0
     assert "cannot enforce memory_max, cpu_quota, runtime_max" in caplog.text
-
-
-async def test_list_running_finds_live_runs_only(
-    tmp_path: Path, launcher: ProcessLauncher, cleanup: list[RunHandle]
-) -> None:
-    runs = tmp_path / "runs"
-    request = make_request(tmp_path, GRANDCHILD)
-    run_dir = runs / str(request.flow_run_id)
-    run_dir.mkdir(parents=True)
-    request = replace(request, run_dir=run_dir)
-    handle = await launcher.launch(request)
-    cleanup.append(handle)
-    await started(request)
-    (runs / "not-a-run").mkdir()
-    [adopted] = await launcher.list_running(runs)
-    assert (adopted.flow_run_id, adopted.pid, adopted.unit) == (request.flow_run_id,
-                                                                handle.pid, None)
-    await launcher.kill(handle)
-    await handle.wait()
-    assert await launcher.list_running(runs) == []
-    assert await launcher.list_running(None) == []
 
 
 @pytest.mark.parametrize(
@@ -334,7 +309,7 @@ async def test_an_interpreter_that_is_not_executable(tmp_path: Path,
 )
 def test_select_launcher(choice: str, present: bool, expected: str, why: str,
                          caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="agent.launcher"):
+    with caplog.at_level(logging.INFO, logger="agent.launch"):
         chosen = select_launcher(choice, slice="flows.slice", is_root=True,  # type: ignore[arg-type]
                                  systemd_present=lambda: present)
     assert chosen.name == expected

@@ -13,15 +13,15 @@ from uuid import UUID
 import pytest
 from pytest_subprocess import FakeProcess
 
-from agent.launcher import WRAPPER, LaunchError, LaunchRequest
-from agent.units import (
+from agent.launch.base import LaunchError, LaunchRequest
+from agent.launch.systemd import (
     SystemdLauncher,
-    flow_run_id_of,
     format_seconds,
     parse_properties,
     systemd_run_argv,
     unit_name,
 )
+from agent.launch.wrapper import WRAPPER
 
 RUN_ID = UUID("0b9a5c1e-6f55-4f3e-9d0a-2f1c7d9e8a11")
 UNIT = f"runner-agent-run-{RUN_ID}.scope"
@@ -77,19 +77,20 @@ def test_argv_with_a_user_sets_uid_gid_and_exactly_its_groups(tmp_path: Path) ->
     req = request(tmp_path, user="flows", runtime_max=1.5, cpu_quota=200)
     *wrapper, python, dash_m, module = tail(req)
     # Only the engine switches user; the wrapper stays the agent's to write its records.
-    assert systemd_run_argv(req, user_manager=False, group="flowgrp", groups=[998, 1001]) == [
+    drop = ["/usr/bin/setpriv", "--reuid=1500", "--regid=998", "--groups=998,1001", "--"]
+    assert systemd_run_argv(req, user_manager=False, privilege_drop=drop) == [
         "systemd-run", "--scope", "--quiet", "--collect", "--no-ask-password",
         f"--unit={UNIT}", "--slice=runner-agent-flows.slice", DESCRIPTION,
         "-p", f"MemoryMax={512 * MiB}", "-p", "CPUQuota=200%", "-p", "TasksMax=64",
         "-p", "RuntimeMaxSec=1500ms", *wrapper,
-        "/usr/bin/setpriv", "--reuid=flows", "--regid=flowgrp", "--groups=998,1001", "--",
-        python, dash_m, module,
+        *drop, python, dash_m, module,
     ]
 
 
 def test_no_secret_in_argv(tmp_path: Path) -> None:
+    drop = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--groups=65534", "--"]
     argv = systemd_run_argv(request(tmp_path, user="nobody"), user_manager=False,
-                            group="nogroup", groups=[65534])
+                            privilege_drop=drop)
     assert not any(SECRET in arg for arg in argv)
     assert not any(arg.startswith(("-E", "--setenv")) for arg in argv)
 
@@ -99,11 +100,8 @@ def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
 
 
-def test_unit_names_round_trip() -> None:
+def test_unit_name() -> None:
     assert unit_name(RUN_ID) == UNIT
-    assert flow_run_id_of(UNIT) == RUN_ID
-    assert flow_run_id_of("runner-agent-run-nope.scope") is None
-    assert flow_run_id_of("other.scope") is None
 
 
 async def test_launch_passes_secrets_through_the_environment(
@@ -224,25 +222,6 @@ async def test_unit_result(fp: FakeProcess, stdout: str, returncode: int,
                 stdout=stdout, returncode=returncode)
     launcher = SystemdLauncher(slice="s.slice", user_manager=False)
     assert await launcher.unit_result(_Handle(RUN_ID, UNIT)) == expected
-
-
-async def test_list_running_parses_units_and_reads_records(tmp_path: Path,
-                                                           fp: FakeProcess) -> None:
-    other = UUID("11111111-2222-4333-8444-555555555555")
-    (tmp_path / str(RUN_ID)).mkdir()
-    (tmp_path / str(RUN_ID) / "pid").write_text("4242\n")
-    fp.register(
-        ["systemctl", "list-units", "--type=scope", "--state=active", "--plain", "--no-legend",
-         "--no-pager", "runner-agent-run-*.scope"],
-        stdout=f"{UNIT} loaded active running Prefect flow run a\n"
-               f"runner-agent-run-{other}.scope loaded active running Prefect flow run b\n",
-    )
-    launcher = SystemdLauncher(slice="s.slice", user_manager=False)
-    runs = await launcher.list_running(tmp_path)
-    assert [(r.flow_run_id, r.unit, r.pid, r.exit_status) for r in runs] == [
-        (RUN_ID, UNIT, 4242, None),
-        (other, f"runner-agent-run-{other}.scope", None, None),
-    ]
 
 
 def test_parse_properties() -> None:

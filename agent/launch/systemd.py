@@ -6,62 +6,46 @@ systemd-run registers the scope (with the limits) and execs; systemd-cat connect
 stderr to journald from inside the scope and execs the wrapper, which runs the engine. The agent
 keeps systemd-run's stderr on a pipe only until then, to explain launch failures. Why each piece
 is there: docs/launcher.md. `systemd_run_argv` is pure, for tests and the system test bed.
-
-With a `user`, only the engine becomes that user (setpriv: uid, gid and exactly the user's
-groups, real, effective and saved alike). The wrapper stays the agent's, so the run directory
-and the records it writes there stay the agent's too (0700), out of the flow's reach.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from uuid import UUID
 
-from agent.launcher import (
-    SETPRIV,
-    AdoptedRun,
+from agent.launch.base import (
     LaunchError,
     LaunchRequest,
     RunHandle,
     SubprocessHandle,
     base_environment,
+    changes_user,
     check_request,
     find_user,
+)
+from agent.launch.wrapper import (
+    privilege_drop,
     read_exit_record,
     read_pid_record,
     wrapped_command,
 )
 
-log = logging.getLogger("agent.units")
+log = logging.getLogger("agent.launch.systemd")
 
 UNIT_PREFIX = "runner-agent-run-"
 START_TIMEOUT = 60.0  # systemd-run waits for the manager's job; a hung bus must not hang us
 STARTED_POLL = 0.05  # how often to look for the wrapper's pid record while it starts
 SYSTEMCTL_TIMEOUT = 30.0
-_UNIT_RE = re.compile(rf"^{UNIT_PREFIX}([0-9a-f-]{{36}})\.scope$")
 _GONE = ("not loaded", "not found", "does not exist")
 
 
 def unit_name(flow_run_id: UUID) -> str:
     return f"{UNIT_PREFIX}{flow_run_id}.scope"
-
-
-def flow_run_id_of(unit: str) -> UUID | None:
-    match = _UNIT_RE.match(unit)
-    if match is None:
-        return None
-    try:
-        return UUID(match.group(1))
-    except ValueError:
-        return None
 
 
 def format_seconds(seconds: float) -> str:
@@ -72,8 +56,10 @@ def format_seconds(seconds: float) -> str:
 
 
 def description(req: LaunchRequest) -> str:
-    return (f"Prefect flow run {req.flow_run_name} ({req.flow_run_id}) "
-            f"of deployment {req.deployment_name}")
+    return (
+        f"Prefect flow run {req.flow_run_name} ({req.flow_run_id}) "
+        f"of deployment {req.deployment_name}"
+    )
 
 
 def systemd_run_argv(
@@ -81,14 +67,12 @@ def systemd_run_argv(
     *,
     user_manager: bool,
     slice: str = "",
-    group: str = "",
-    groups: Sequence[int] = (),
+    privilege_drop: Sequence[str] = (),
     systemd_run: str = "systemd-run",
     systemd_cat: str = "systemd-cat",
 ) -> list[str]:
-    """The full argv. `group` is the user's primary group, `groups` all its group ids; with
-    `req.user` the engine is started through `privilege_drop`. No secret ever appears here: the
-    environment carries them."""
+    """The full argv; `privilege_drop` (wrapper.privilege_drop) goes in front of the engine.
+    No secret ever appears here: the environment carries them."""
     argv = [systemd_run]
     if user_manager:
         argv.append("--user")
@@ -100,7 +84,8 @@ def systemd_run_argv(
         f"--unit={unit_name(req.flow_run_id)}",
         f"--slice={req.slice or slice}",
         f"--description={description(req)}",
-        "-p", f"MemoryMax={req.memory_max if req.memory_max is not None else 'infinity'}",
+        "-p",
+        f"MemoryMax={req.memory_max if req.memory_max is not None else 'infinity'}",
     ]
     if req.cpu_quota is not None:
         argv += ["-p", f"CPUQuota={req.cpu_quota}%"]
@@ -108,26 +93,11 @@ def systemd_run_argv(
     if req.runtime_max:
         argv += ["-p", f"RuntimeMaxSec={format_seconds(req.runtime_max)}"]
     argv += ["--", systemd_cat, f"--identifier={UNIT_PREFIX}{req.flow_run_id}", "--"]
-    command = wrapped_command(req)
-    if req.user:
-        at = len(command) - len(req.command)  # the engine's argv closes the wrapper's
-        command[at:at] = privilege_drop(req.user, group or req.user, groups)
-    return argv + command
-
-
-def privilege_drop(user: str, group: str, groups: Sequence[int]) -> list[str]:
-    """setpriv's argv prefix that becomes `user`:`group` with exactly `groups` (none: cleared)."""
-    supplementary = (f"--groups={','.join(str(g) for g in groups)}" if groups
-                     else "--clear-groups")
-    return [SETPRIV, f"--reuid={user}", f"--regid={group}", supplementary, "--"]
+    return argv + wrapped_command(req.run_dir, req.command, privilege_drop=privilege_drop)
 
 
 def systemctl_argv(user_manager: bool, *args: str, systemctl: str = "systemctl") -> list[str]:
     return [systemctl, *(["--user"] if user_manager else []), *args]
-
-
-def kill_argv(unit: str, signal_name: str, *, user_manager: bool) -> list[str]:
-    return systemctl_argv(user_manager, "kill", "--kill-who=all", f"--signal={signal_name}", unit)
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -143,68 +113,77 @@ def parse_properties(text: str) -> dict[str, str]:
 class SystemdLauncher:
     name = "systemd"
 
-    def __init__(self, *, slice: str, user_manager: bool,
-                 manager_env: Mapping[str, str] | None = None,
-                 start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *,
+        slice: str,
+        user_manager: bool,
+        manager_env: Mapping[str, str] | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
         self.slice = slice
         self.user_manager = user_manager
         # `systemd-run --user`/`systemctl --user` find the user's bus through XDG_RUNTIME_DIR.
-        self._manager_env = dict(manager_env if manager_env is not None else (
-            {"XDG_RUNTIME_DIR": f"/run/user/{os.geteuid()}"} if user_manager else {}))
+        self._manager_env = dict(
+            manager_env
+            if manager_env is not None
+            else ({"XDG_RUNTIME_DIR": f"/run/user/{os.geteuid()}"} if user_manager else {})
+        )
         self._start_timeout = start_timeout
-
-    def _identity(self, user: str) -> tuple[str, list[int]]:
-        """The user's primary group name and all its group ids; ("", []) for our own user."""
-        if not user:
-            return "", []
-        entry = find_user(user)
-        if self.user_manager:
-            if entry.pw_uid != os.geteuid():
-                raise LaunchError(f"cannot run flows as user {user!r}: the agent is not root "
-                                  "(it uses the user manager)")
-            return "", []
-        try:
-            group = grp.getgrgid(entry.pw_gid).gr_name
-        except KeyError:
-            group = str(entry.pw_gid)
-        return group, sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
 
     async def launch(self, req: LaunchRequest) -> RunHandle:
         check_request(req)
-        group, groups = self._identity(req.user)
-        # The user manager runs everything as the agent's own user (checked in _identity).
-        request = replace(req, user="") if self.user_manager else req
-        argv = systemd_run_argv(request, user_manager=self.user_manager, slice=self.slice,
-                                group=group, groups=groups)
+        drop: list[str] = []
+        if changes_user(req.user):
+            if self.user_manager:
+                raise LaunchError(
+                    f"cannot run flows as user {req.user!r}: the agent is not root "
+                    "(it uses the user manager)"
+                )
+            drop = privilege_drop(find_user(req.user))
+        argv = systemd_run_argv(
+            req, user_manager=self.user_manager, slice=self.slice, privilege_drop=drop
+        )
         env = base_environment(req.user, extra={**self._manager_env, **req.env})
         unit = unit_name(req.flow_run_id)
         try:
             # systemd-run --scope execs the command: it inherits this cwd and this environment.
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, cwd=req.working_dir, env=env,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=req.working_dir,
+                env=env,
             )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]}: {exc.strerror or exc}") from exc
         try:
-            errors = await asyncio.wait_for(_started(process, req.run_dir),
-                                            timeout=self._start_timeout)
+            errors = await asyncio.wait_for(
+                _started(process, req.run_dir), timeout=self._start_timeout
+            )
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
-            raise LaunchError(f"systemd-run did not start {unit} within "
-                              f"{self._start_timeout:g}s") from None
-        text = "; ".join(line.strip() for line in errors.decode(errors="replace").splitlines()
-                         if line.strip())
+            raise LaunchError(
+                f"systemd-run did not start {unit} within {self._start_timeout:g}s"
+            ) from None
+        text = "; ".join(
+            line.strip() for line in errors.decode(errors="replace").splitlines() if line.strip()
+        )
         if text:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(process.wait()), timeout=2.0)
             if process.returncode is not None and read_exit_record(req.run_dir) is None:
                 # The wrapper never ran: this is systemd-run's or systemd-cat's refusal.
                 raise LaunchError(f"systemd-run failed with status {process.returncode}: {text}")
-            log.warning("systemd-run for %s said: %s", unit, text,
-                        extra={"flow_run_id": str(req.flow_run_id)})
+            log.warning(
+                "systemd-run for %s said: %s",
+                unit,
+                text,
+                extra={"flow_run_id": str(req.flow_run_id)},
+            )
         return SubprocessHandle(req.flow_run_id, unit, process)
 
     def _unit(self, handle: RunHandle) -> str:
@@ -214,8 +193,11 @@ class SystemdLauncher:
         argv = systemctl_argv(self.user_manager, *args)
         env = base_environment("", extra=self._manager_env)
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout=SYSTEMCTL_TIMEOUT)
@@ -251,32 +233,6 @@ class SystemdLauncher:
         if code != 0 or props.get("LoadState") in (None, "not-found"):
             return None
         return props.get("Result") or None
-
-    async def list_running(self, runs_dir: Path | None = None) -> list[AdoptedRun]:
-        """Active `runner-agent-run-*.scope` units; pids and statuses from `runs_dir`."""
-        code, out, err = await self._systemctl(
-            "list-units", "--type=scope", "--state=active", "--plain", "--no-legend",
-            "--no-pager", f"{UNIT_PREFIX}*.scope",
-        )
-        if code != 0:
-            log.warning("could not list run units: %s", err)
-            return []
-        found: list[AdoptedRun] = []
-        for line in out.splitlines():
-            fields = line.split()
-            flow_run_id = flow_run_id_of(fields[0]) if fields else None
-            if flow_run_id is None:
-                continue
-            run_dir = runs_dir / str(flow_run_id) if runs_dir is not None else None
-            found.append(AdoptedRun(
-                flow_run_id, fields[0],
-                read_pid_record(run_dir) if run_dir else None,
-                read_exit_record(run_dir) if run_dir else None,
-            ))
-        return found
-
-    def read_exit_record(self, run_dir: Path) -> int | None:
-        return read_exit_record(run_dir)
 
 
 async def _started(process: asyncio.subprocess.Process, run_dir: Path) -> bytes:

@@ -151,7 +151,7 @@ async def _resume(sup: Supervisor, record: RunRecord) -> None:
         state_type and state_type.is_final
     ):
         # It was started and is gone without a status: it ran at most once; never twice.
-        await ctx.reporter.crash_unless_final(sup.id, VANISHED)
+        await ctx.reporter.crash_if_running(sup.id, VANISHED)
     await sup.finish()
 
 

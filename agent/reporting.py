@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -129,25 +130,40 @@ class Reporter:
             log.info("proposed %s: %s%s", state["type"], result.status, reason, extra=context)
             return str(result.status)
 
-    async def crash_unless_final(
+    async def crash_if_running(
         self, flow_run_id: UUID, message: str, *, replace_crashed: bool = False
-    ) -> None:
-        """Mark the run Crashed with `message` unless the engine already reported a final state.
+    ) -> CrashOutcome:
+        """Mark the run Crashed with `message` if its process ended while it was still in
+        flight (states.left_in_flight); a final, suspended or rescheduled run is left alone.
 
         With `replace_crashed`, an engine-reported Crashed ("aborted by a termination signal")
         is replaced by ours, which names the limit that killed the run.
         """
+        context = {"flow_run_id": str(flow_run_id)}
         current = await self.read_run(flow_run_id, retry=True)
         if current is None:
-            return
+            return CrashOutcome.UNKNOWN
         state = current.state
         replace = replace_crashed and state is not None and state.type is StateType.CRASHED
-        if state is not None and state.type.is_final and not replace:
+        if not replace and not states.left_in_flight(current):
             log.info(
                 "run %s is %s; nothing to add",
                 flow_run_id,
-                state.type.value,
-                extra={"flow_run_id": str(flow_run_id)},
+                states.describe(state),
+                extra=context,
             )
-            return
-        await self.propose(flow_run_id, states.crashed_state(message), force=replace)
+            return CrashOutcome.LEFT_ALONE
+        decision = await self.propose(flow_run_id, states.crashed_state(message), force=replace)
+        if decision != "ACCEPT":
+            return CrashOutcome.UNKNOWN
+        return CrashOutcome.REPLACED if replace else CrashOutcome.CRASHED
+
+
+class CrashOutcome(enum.Enum):
+    """What `crash_if_running` did; only CRASHED means the agent put the run into CRASHED (and
+    so owns its on_crashed hooks)."""
+
+    CRASHED = "crashed"
+    REPLACED = "replaced"  # the engine's own Crashed, with our message that names a limit
+    LEFT_ALONE = "left-alone"  # final, suspended or rescheduled: not ours to change
+    UNKNOWN = "unknown"  # the run could not be read or the proposal was refused

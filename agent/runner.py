@@ -222,7 +222,8 @@ class Runner:
         # An answer may list a run twice: one supervisor per run, or it is claimed twice.
         unique: dict[UUID, FlowRun] = {}
         for flow_run in runs:
-            if flow_run.id not in self._supervisors:
+            # An in-process retry belongs to the live engine that will re-run it.
+            if flow_run.id not in self._supervisors and not flow_run.retrying_in_process:
                 unique.setdefault(flow_run.id, flow_run)
         return list(unique.values())[:free]
 

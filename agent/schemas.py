@@ -104,10 +104,20 @@ class FlowRun(_Model):
     work_queue_name: str | None = None
     run_count: int = 0
     infrastructure_pid: str | None = None
+    empirical_policy: AnyDict = Field(default_factory=dict)
+    job_variables: AnyDict = Field(default_factory=dict)
+    work_pool_name: str | None = None
 
     @property
     def state_type(self) -> StateType | None:
         return self.state.type if self.state is not None else None
+
+    @property
+    def retrying_in_process(self) -> bool:
+        """AwaitingRetry whose engine retries in its own process (Prefect's `retry_type`
+        in_process): that engine, alive somewhere, runs it again, so nobody may claim it.
+        Prefect's workers skip these too (PrefectHQ/prefect#15458)."""
+        return self.empirical_policy.get("retry_type") == "in_process"
 
 
 class Deployment(_Model):

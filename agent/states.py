@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from agent.schemas import FlowRun, State, StateType
 from agent.values import format_duration, format_size
 
 CANCELLED_MESSAGE = "Flow run was cancelled successfully."
@@ -56,6 +57,29 @@ def cancelled_state(message: str = CANCELLED_MESSAGE) -> dict[str, Any]:
 
 def is_final(state_type: str) -> bool:
     return state_type.upper() in _FINAL
+
+
+def left_in_flight(flow_run: FlowRun) -> bool:
+    """Whether a run whose process has ended was left mid-flight, i.e. crashed.
+
+    PENDING and RUNNING are. So is an in-process retry (AwaitingRetry with `retry_type`
+    in_process): the engine that was to run it again is gone. Not so: a final state; PAUSED
+    (Suspended: the engine exits 0 on purpose and a resume reschedules the run); any other
+    SCHEDULED (Resuming, a rescheduled retry: another start will pick it up); CANCELLING (the
+    cancellation path settles it).
+    """
+    state_type = flow_run.state_type
+    if state_type in (StateType.PENDING, StateType.RUNNING):
+        return True
+    return state_type is StateType.SCHEDULED and flow_run.retrying_in_process
+
+
+def describe(state: State | None) -> str:
+    """`SCHEDULED (AwaitingRetry)`, for log lines."""
+    if state is None:
+        return "without a state"
+    name = f" ({state.name})" if state.name and state.name.upper() != state.type.value else ""
+    return f"{state.type.value}{name}"
 
 
 def shell_status(status: int) -> int:

@@ -178,6 +178,9 @@ class Supervisor:
         if state_type is not StateType.SCHEDULED:
             self.log.info("skipping run: it is %s, not SCHEDULED", state_type)
             return False
+        if current.retrying_in_process:
+            self.log.info("skipping run: its engine retries it in its own process")
+            return False
         # Durable before the claim: a claim that outlives a crash must be found again. No
         # record, no claim: the run stays SCHEDULED for a later poll or another agent.
         try:
@@ -263,7 +266,13 @@ class Supervisor:
                 tasks_max=flow_run.tasks_max,
                 runtime_max=flow_run.runtime_max,
                 user=flow_run.user,
-                env=engine_environment(settings, flow_run, self.id, ws.tmpdir),
+                env=engine_environment(
+                    settings,
+                    flow_run,
+                    flow_run_id=self.id,
+                    deployment_name=self.deployment_name,
+                    tmpdir=ws.tmpdir,
+                ),
                 run_dir=ws.run_dir,
                 slice=settings.agent.slice,
             )
@@ -350,7 +359,7 @@ class Supervisor:
         # The engine reports a killed run as "aborted by a termination signal"; when one of our
         # limits did it, our message (which names the limit) replaces that.
         limit_hit = cause.limit_hit
-        await self.ctx.reporter.crash_unless_final(self.id, message, replace_crashed=limit_hit)
+        await self.ctx.reporter.crash_if_running(self.id, message, replace_crashed=limit_hit)
         await self.finish()
 
     async def finish(self) -> None:

@@ -34,17 +34,42 @@ from agent.values import format_duration, format_size
 log = logging.getLogger("agent.workspace")
 
 ENGINE_API_RETRIES = 7
+ENGINE_MIN_HEARTBEAT = 30  # Prefect's own lower bound (settings.flows.heartbeat_frequency)
 PRIVATE = 0o700
 # Search (x) for group and others: reach a known name below, never list it or write it.
 PASS_THROUGH = 0o011
 
 
 def engine_environment(
-    settings: Settings, flow_run: FlowRunSettings, flow_run_id: UUID, tmpdir: Path
+    settings: Settings,
+    flow_run: FlowRunSettings,
+    *,
+    flow_run_id: UUID,
+    deployment_name: str,
+    tmpdir: Path,
+    control: tuple[int, str] | None = None,
 ) -> dict[str, str]:
-    """The engine's environment. Secrets go here, never into argv."""
+    """The engine's environment, as Prefect's Runner gives it (runner/_starter_engine.py), on
+    top of the run's own `env`. Secrets go here, never into argv.
+
+    `control` is the loopback control channel's port and this run's token (control.py).
+    """
     env = dict(flow_run.env)
     env["PREFECT__FLOW_RUN_ID"] = str(flow_run_id)
+    env["PREFECT__DEPLOYMENT_NAME"] = deployment_name
+    env["PREFECT__STORAGE_BASE_PATH"] = str(tmpdir)
+    # The agent runs on_cancellation (and the on_crashed hooks of crashes the engine cannot
+    # report) itself, as Prefect's Runner does; see docs/runs.md.
+    env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
+    if control is not None:
+        env["PREFECT__CONTROL_PORT"] = str(control[0])
+        env["PREFECT__CONTROL_TOKEN"] = control[1]
+    # The engine sends its own heartbeats, so they go on while the agent is stopped. Prefect
+    # refuses (and the engine crashes on) a frequency under 30 s.
+    env.setdefault(
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+        str(max(ENGINE_MIN_HEARTBEAT, round(settings.agent.heartbeat_interval))),
+    )
     env["PREFECT_API_URL"] = settings.api.url
     if settings.api.key is not None:
         env["PREFECT_API_KEY"] = settings.api.key.get_secret_value()

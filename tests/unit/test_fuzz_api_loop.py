@@ -919,7 +919,7 @@ def test_reporter_delivers_the_final_state_exactly_once(
             with captured() as capture:
                 reporter = Reporter(client, sleep=no_sleep)
                 await asyncio.wait_for(
-                    reporter.crash_unless_final(UUID(run_id), "boom", replace_crashed=replace),
+                    reporter.crash_if_running(UUID(run_id), "boom", replace_crashed=replace),
                     timeout=10,
                 )
             check_logs(capture, errors, len(server.injected))

@@ -9,7 +9,7 @@ from uuid import UUID
 import pytest
 
 from agent.api import ApiError, ApiUnavailable, CredentialsRefused, MalformedResponse
-from agent.reporting import Reporter
+from agent.reporting import CrashOutcome, Reporter
 from agent.schemas import FlowRun, OrchestrationResult
 
 RUN = UUID("11111111-1111-1111-1111-111111111111")
@@ -124,15 +124,47 @@ async def test_crash_after_an_outage_unless_the_engine_reported() -> None:
     client = ScriptedClient(
         reads=[ApiUnavailable("down"), flow_run("RUNNING")], sets=[accept()]
     )
-    await reporter(client).crash_unless_final(RUN, "Process exited with status 1")
+    await reporter(client).crash_if_running(RUN, "Process exited with status 1")
     [(run_id, state, force)] = client.proposals
     assert (run_id, state["type"], state["message"], force) == (
         RUN, "CRASHED", "Process exited with status 1", False
     )
 
     completed = ScriptedClient(reads=[ApiUnavailable("down"), flow_run("COMPLETED")])
-    await reporter(completed).crash_unless_final(RUN, "Process exited with status 0")
+    await reporter(completed).crash_if_running(RUN, "Process exited with status 0")
     assert completed.proposals == []
+
+
+def flow_run_named(state_type: str, name: str, policy: dict[str, Any] | None = None) -> FlowRun:
+    return FlowRun.model_validate({
+        "id": str(RUN), "state": {"type": state_type, "name": name},
+        "empirical_policy": policy or {},
+    })
+
+
+@pytest.mark.parametrize(
+    ("current", "outcome"),
+    [
+        (flow_run_named("RUNNING", "Running"), CrashOutcome.CRASHED),
+        (flow_run_named("PENDING", "Pending"), CrashOutcome.CRASHED),
+        # The engine that would retry in its own process is gone: nobody else will run it.
+        (flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "in_process"}),
+         CrashOutcome.CRASHED),
+        (flow_run_named("PAUSED", "Suspended"), CrashOutcome.LEFT_ALONE),
+        (flow_run_named("SCHEDULED", "Resuming"), CrashOutcome.LEFT_ALONE),
+        (flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "reschedule"}),
+         CrashOutcome.LEFT_ALONE),
+        (flow_run_named("CANCELLING", "Cancelling"), CrashOutcome.LEFT_ALONE),
+        (flow_run_named("FAILED", "Failed"), CrashOutcome.LEFT_ALONE),
+    ],
+    ids=["running", "pending", "in-process-retry", "suspended", "resuming",
+         "rescheduled-retry", "cancelling", "failed"],
+)
+async def test_only_runs_left_in_flight_are_crashed(current: FlowRun, outcome: CrashOutcome) -> None:
+    client = ScriptedClient(reads=[current], sets=[accept()])
+    assert await reporter(client).crash_if_running(RUN, "Process exited with status 0") is outcome
+    crashed = [state["type"] for _, state, _ in client.proposals]
+    assert crashed == (["CRASHED"] if outcome is CrashOutcome.CRASHED else [])
 
 
 async def test_a_delivery_that_gets_through_wakes_the_others() -> None:

@@ -81,6 +81,7 @@ class AdoptedHandle:
         self.flow_run_id = flow_run_id
         self.unit = unit
         self.pid = pid
+        self.output: asyncio.StreamReader | None = None
         self._create_time = create_time
         self._read_status = read_status
 

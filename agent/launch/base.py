@@ -35,12 +35,18 @@ class LaunchRequest:
     runtime_max: float | None  # seconds
     user: str  # "" = the agent's own user
     env: Mapping[str, str]  # the engine's extra environment (secrets included, never argv)
-    run_dir: Path  # exists, writable by the flow's user
+    run_dir: Path  # exists, the agent's own: the wrapper records the pid and exit status here
     slice: str
+    # What the python runs: the engine, or (kind "hook") the hook runner script.
+    args: tuple[str, ...] = ("-m", "prefect.engine")
+    kind: str = "run"  # names the unit: runner-agent-<kind>-<flow run id>.scope
+    # The engine's output goes to the journal (or output.log); a hook's comes back on a pipe
+    # (RunHandle.output), to be posted to the run's Prefect logs.
+    capture_output: bool = False
 
     @property
     def command(self) -> list[str]:
-        return [self.python, "-m", "prefect.engine"]
+        return [self.python, *self.args]
 
 
 class RunHandle(Protocol):
@@ -52,6 +58,10 @@ class RunHandle(Protocol):
     def unit(self) -> str | None: ...
     @property
     def pid(self) -> int | None: ...
+    @property
+    def output(self) -> asyncio.StreamReader | None:
+        """stdout and stderr together, for a request with `capture_output`."""
+        ...
 
     async def wait(self) -> int:
         """The exit status, shell convention (128+N for signal N)."""
@@ -76,6 +86,7 @@ class SubprocessHandle:
         self.flow_run_id = flow_run_id
         self.unit = unit
         self.pid: int | None = process.pid
+        self.output: asyncio.StreamReader | None = process.stdout
         self._process = process
 
     async def wait(self) -> int:

@@ -66,7 +66,11 @@ class ProcessLauncher:
         drop = privilege_drop(find_user(req.user)) if changes_user(req.user) else []
         argv = wrapped_command(req.run_dir, req.command, privilege_drop=drop)
         env = base_environment(req.user, extra=req.env)
-        output = os.open(req.run_dir / OUTPUT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        output = (
+            asyncio.subprocess.PIPE
+            if req.capture_output
+            else os.open(req.run_dir / OUTPUT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        )
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -80,7 +84,8 @@ class ProcessLauncher:
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]}: {exc.strerror or exc}") from exc
         finally:
-            os.close(output)
+            if output != asyncio.subprocess.PIPE:
+                os.close(output)
         return SubprocessHandle(req.flow_run_id, None, process)
 
     async def terminate(self, handle: RunHandle) -> None:

@@ -37,15 +37,21 @@ from agent.launch.wrapper import (
 
 log = logging.getLogger("agent.launch.systemd")
 
-UNIT_PREFIX = "runner-agent-run-"
+UNIT_PREFIX = "runner-agent-"
 START_TIMEOUT = 60.0  # systemd-run waits for the manager's job; a hung bus must not hang us
 STARTED_POLL = 0.05  # how often to look for the wrapper's pid record while it starts
 SYSTEMCTL_TIMEOUT = 30.0
 _GONE = ("not loaded", "not found", "does not exist")
 
 
-def unit_name(flow_run_id: UUID) -> str:
-    return f"{UNIT_PREFIX}{flow_run_id}.scope"
+def unit_name(flow_run_id: UUID, kind: str = "run") -> str:
+    """`runner-agent-run-<id>.scope` for a run's engine, `runner-agent-hook-<id>.scope` for
+    its hooks."""
+    return f"{identifier(flow_run_id, kind)}.scope"
+
+
+def identifier(flow_run_id: UUID, kind: str = "run") -> str:
+    return f"{UNIT_PREFIX}{kind}-{flow_run_id}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -81,7 +87,7 @@ def systemd_run_argv(
         "--quiet",
         "--collect",
         "--no-ask-password",
-        f"--unit={unit_name(req.flow_run_id)}",
+        f"--unit={unit_name(req.flow_run_id, req.kind)}",
         f"--slice={req.slice or slice}",
         f"--description={description(req)}",
         "-p",
@@ -92,7 +98,9 @@ def systemd_run_argv(
     argv += ["-p", f"TasksMax={req.tasks_max if req.tasks_max is not None else 'infinity'}"]
     if req.runtime_max:
         argv += ["-p", f"RuntimeMaxSec={format_seconds(req.runtime_max)}"]
-    argv += ["--", systemd_cat, f"--identifier={UNIT_PREFIX}{req.flow_run_id}", "--"]
+    argv.append("--")
+    if not req.capture_output:
+        argv += [systemd_cat, f"--identifier={identifier(req.flow_run_id, req.kind)}", "--"]
     return argv + wrapped_command(req.run_dir, req.command, privilege_drop=privilege_drop)
 
 
@@ -145,19 +153,24 @@ class SystemdLauncher:
             req, user_manager=self.user_manager, slice=self.slice, privilege_drop=drop
         )
         env = base_environment(req.user, extra={**self._manager_env, **req.env})
-        unit = unit_name(req.flow_run_id)
+        unit = unit_name(req.flow_run_id, req.kind)
         try:
             # systemd-run --scope execs the command: it inherits this cwd and this environment.
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE
+                if req.capture_output
+                else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.STDOUT if req.capture_output else asyncio.subprocess.PIPE,
                 cwd=req.working_dir,
                 env=env,
             )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]}: {exc.strerror or exc}") from exc
+        if req.capture_output:
+            # systemd-run's own complaints, if any, arrive with the output.
+            return SubprocessHandle(req.flow_run_id, unit, process)
         try:
             errors = await asyncio.wait_for(
                 _started(process, req.run_dir), timeout=self._start_timeout

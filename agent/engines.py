@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +81,7 @@ def _mtime(path: str | None) -> float | None:
     if path is None:
         return None
     try:
-        return os.stat(path).st_mtime
+        return Path(path).stat().st_mtime
     except OSError:
         return None
 

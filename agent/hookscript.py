@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import os
 import sys
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     except (KeyError, ValueError):
         print("PREFECT__FLOW_RUN_ID is missing or not a UUID", file=sys.stderr)
         return 2
-    sys.path.insert(0, os.getcwd())  # the flow's modules, as the engine finds them
+    sys.path.insert(0, str(Path.cwd()))  # the flow's modules, as the engine finds them
     return asyncio.run(run(argv[1], flow_run_id, argv[2] if len(argv) == 3 else None))
 
 
@@ -57,7 +58,7 @@ async def run(kind: str, flow_run_id: UUID, entrypoint: str | None) -> int:
                 flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
             else:
                 flow = await load_flow_from_flow_run(
-                    client, flow_run, storage_base_path=os.getcwd(), use_placeholder_flow=False
+                    client, flow_run, storage_base_path=str(Path.cwd()), use_placeholder_flow=False
                 )
         except Exception:
             logger.warning(

@@ -1,17 +1,15 @@
-"""The config contract: the settings models, where values come from, and how errors read.
+"""The config contract: the settings models, and load_settings, which fills them.
 
-Sources, in rising precedence: built-in defaults < the main TOML file < `agent.d/*.toml` next to
-it (lexical order) < `RUNNER_AGENT_<SECTION>__<KEY>` environment variables. Tables deep-merge;
-`[[deployment]]`s from drop-ins are appended, or replace an earlier deployment of the same name.
-Reading happens only here, at load time, from the arguments given; the result is immutable.
-Every problem becomes one ConfigError line that names the source, the key and the problem.
+Values come from the sources of config_sources (in rising precedence: built-in defaults, the
+PREFECT_* fallbacks, systemd credentials, the main TOML file, `agent.d/*.toml`, then
+`RUNNER_AGENT_<SECTION>__<KEY>` variables), merged by pydantic-settings. Reading happens only at
+load time, from the arguments given; the result is immutable. Every problem becomes one
+ConfigError line that names the source, the key and the problem.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import socket
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
@@ -35,14 +33,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent import values
-from agent.config_sources import (
-    ConfigError,
-    Loc,
-    RawConfig,
-    read_secret,
-    read_sources,
-    show,
-)
+from agent.config_errors import ConfigError, from_validation_error, show
+from agent.config_files import read_secret
+from agent.config_sources import ConfigSources
 
 __all__ = [
     "AgentSettings",
@@ -306,7 +299,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Only what load_settings merged: no implicit reads of os.environ, .env or secrets dirs.
+        # Settings built in code take their arguments only: no implicit reads of os.environ,
+        # .env or secrets dirs. load_settings passes its own sources (config_sources).
         return (init_settings,)
 
     @model_validator(mode="after")
@@ -343,127 +337,47 @@ def _drop_none(data: Any) -> Any:
 
 def load_settings(config_path: Path | None, environ: Mapping[str, str]) -> Settings:
     """Read, merge and validate every source; raises ConfigError."""
-    merged, main_source = read_sources(config_path, environ)
+    sources = ConfigSources(Settings, config_path, environ)
     try:
-        settings = Settings(**merged.data)
+        # settings_customise_sources cannot see the path and environment given: hand the
+        # sources over as built. (mypy sees only the fields' __init__, not BaseSettings'.)
+        settings = Settings(_build_sources=(sources.by_precedence, {}))  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise _translate(exc, merged, main_source) from None
-    return _resolve_secrets(settings, merged, environ)
+        raise from_validation_error(
+            exc,
+            origin=sources.origin,
+            deployments=sources.files.deployments,
+            default_source=sources.files.main_file,
+            union_tags={"schedule": SCHEDULE_TAGS},
+        ) from None
+    return _resolve_secrets(settings, sources)
 
 
-def _translate(exc: ValidationError, merged: RawConfig, default_source: str) -> ConfigError:
-    errors = exc.errors(include_url=False)
-    error = errors[0]
-    raw = error["loc"]
-    # Drop the union tag pydantic puts after `schedule`, and the `[key]` marker of dict keys.
-    loc: Loc = tuple(
-        part
-        for i, part in enumerate(raw)
-        if part != "[key]" and not (i and raw[i - 1] == "schedule" and part in SCHEDULE_TAGS)
-    )
-    source = merged.origin(loc) or default_source
-    return ConfigError(
-        source, _key_name(loc, merged.data) or None, _problem(error), more=len(errors) - 1
-    )
+def _resolve_secrets(settings: Settings, sources: ConfigSources) -> Settings:
+    """Secrets: the key itself > its *_file > systemd credential > PREFECT_* variable.
 
-
-def _key_name(loc: Loc, data: Mapping[str, Any]) -> str:
-    parts: list[str] = []
-    for i, part in enumerate(loc):
-        if isinstance(part, int) and i and loc[i - 1] == "deployment":
-            items = data.get("deployment") or []
-            name = items[part].get("name") if part < len(items) else None
-            label = name if isinstance(name, str) else f"#{part + 1}"
-            parts[-1] = f"deployment[{label}]"
-        elif isinstance(part, int):
-            parts[-1] += f"[{part}]"
-        else:
-            parts.append(part if re.fullmatch(r"[\w-]+", part) else json.dumps(part))
-    return ".".join(parts)
-
-
-_EXPECTED = {
-    "int": "an integer",
-    "float": "a number",
-    "string": "a string",
-    "bool": "true or false",
-    "dict": "a table",
-    "model": "a table",
-    "model_attributes": "a table",
-    "list": "an array",
-    "tuple": "an array",
-    "path": "a path",
-}
-
-
-def _problem(error: Any) -> str:
-    kind: str = error["type"]
-    ctx = error.get("ctx") or {}
-    got = show(error.get("input"))
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    if kind in ("value_error", "assertion_error") and "error" in ctx:
-        return str(ctx["error"])
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, got {got}"
-    if kind in ("greater_than_equal", "greater_than"):
-        bound = ctx.get("ge", ctx.get("gt"))
-        return f"must be {'>=' if kind.endswith('equal') else '>'} {bound}, got {got}"
-    for prefix, expected in _EXPECTED.items():
-        if kind.startswith(f"{prefix}_"):
-            return f"expected {expected}, got {got}"
-    return f"{error['msg']}, got {got}"
-
-
-def _resolve_secrets(settings: Settings, merged: RawConfig, environ: Mapping[str, str]) -> Settings:
-    """Secrets: the key itself > its *_file > systemd credential > PREFECT_* variable."""
+    The sources have placed all but the *_file, which is read only now that its path is known
+    to be valid; so is a credential's read error raised, after any problem of the config itself.
+    """
     api = settings.api
-    key, key_from = _secret(
-        api.key, api.key_file, "key", "api-key", "PREFECT_API_KEY", merged, environ
-    )
-    auth, auth_from = _secret(
-        api.auth_string,
-        api.auth_string_file,
-        "auth_string",
-        "auth-string",
-        "PREFECT_API_AUTH_STRING",
-        merged,
-        environ,
-    )
-    found = {"api.key": key_from, "api.auth_string": auth_from}
+    secrets: dict[str, SecretStr] = {}
+    found: dict[str, str] = {}
+    for key in ("key", "auth_string"):
+        failure = sources.credentials.failures.get(key)
+        if failure is not None:
+            raise failure
+        value: SecretStr | None = getattr(api, key)
+        file: Path | None = getattr(api, f"{key}_file")
+        if value is not None:
+            found[f"api.{key}"] = sources.origin(("api", key)) or "config"
+        elif file is not None:
+            source = sources.origin(("api", f"{key}_file")) or "config"
+            secrets[key] = SecretStr(read_secret(file, source, f"api.{key}_file"))
+            found[f"api.{key}"] = f"{file} (api.{key}_file)"
     return settings.model_copy(
         update={
-            "api": api.model_copy(update={"key": key, "auth_string": auth}),
-            "sources": tuple(merged.files),
-            "secret_sources": {k: v for k, v in found.items() if v is not None},
+            "api": api.model_copy(update=secrets),
+            "sources": tuple(sources.files.files),
+            "secret_sources": found,
         }
     )
-
-
-def _secret(
-    value: SecretStr | None,
-    file: Path | None,
-    key: str,
-    credential: str,
-    variable: str,
-    merged: RawConfig,
-    environ: Mapping[str, str],
-) -> tuple[SecretStr | None, str | None]:
-    if value is not None:
-        return value, merged.origin(("api", key)) or "config"
-    if file is not None:
-        source = merged.origin(("api", f"{key}_file")) or "config"
-        text = read_secret(file, source, f"api.{key}_file")
-        return SecretStr(text), f"{file} (api.{key}_file)"
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory and (Path(directory) / credential).exists():
-        path = Path(directory) / credential
-        text = read_secret(path, str(path), None)
-        return SecretStr(text), f"systemd credential {credential!r}"
-    if environ.get(variable, "").strip():
-        return SecretStr(environ[variable].strip()), f"environment ({variable})"
-    return None, None

@@ -1,8 +1,8 @@
 """Process lifecycle of `runner-agent run`: event loop, signals, reload, the service stack.
 
 The services are entered in an AsyncExitStack and torn down in exactly the reverse order:
-API client (first in, last out), flow-run log shipper, then the runner and the watchdog in one
-TaskGroup. So the runner stops first, its last messages are flushed while the client still
+API client (first in, last out), event emitter, flow-run log shipper, the engines' control
+channel, then the runner and the watchdog in one TaskGroup. So the runner stops first, its last messages are flushed while the client still
 lives, and the client closes last.
 """
 
@@ -23,6 +23,7 @@ import uvloop
 from agent import __version__
 from agent.api import PrefectClient
 from agent.cancellation import CANCELLING_EVENT, CancellationWatcher
+from agent.control import ControlChannel
 from agent.deployments import DeploymentRegistry
 from agent.emitter import EventEmitter, with_backlog
 from agent.failpoints import FailpointError, Failpoints
@@ -31,6 +32,7 @@ from agent.heartbeats import Heartbeats
 from agent.launch.auto import select_launcher
 from agent.logs import LogSetup, configure_logging
 from agent.notify import Liveness, Notifier, run_watchdog
+from agent.reporting import Reporter
 from agent.runner import Runner
 from agent.settings import ConfigError, Settings, load_settings
 from agent.storage import Storage
@@ -164,6 +166,9 @@ class Daemon:
                 )
             )
             flow_logs = await stack.enter_async_context(FlowRunLogs(client.create_logs))
+            # Entered after the client, before the runs: it lives longer than they do.
+            control = await stack.enter_async_context(ControlChannel())
+            reporter = Reporter(client)
             runner = Runner(
                 settings,
                 client=client,
@@ -177,6 +182,8 @@ class Daemon:
                     environ=self.environ,
                 ),
                 failpoints=self.failpoints,
+                reporter=reporter,
+                control=control,
             )
             self._runner = runner
             heartbeats = Heartbeats(
@@ -186,6 +193,7 @@ class Daemon:
                 flow_names=runner.flow_names,
                 launcher_name=launcher.name,
                 liveness=self.liveness,
+                reporter=reporter,
             )
             runner.on_cancelled = heartbeats.emit_cancelled
             subscription = EventSubscription(

@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("agent.engines")
 
 PROBE_TIMEOUT = 30.0
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 MAX_OUTPUT = 64 * 1024
 
 # Run by the flow's python with -I (no user site, no PYTHON* variables, no cwd on sys.path).
@@ -98,7 +100,8 @@ class Engines:
         known = self._known.get(python)
         return known[0] if known is not None else None
 
-    async def info(self, python: str, env: dict[str, str]) -> EngineInfo:
+    async def info(self, python: str, env: Mapping[str, str] | None = None) -> EngineInfo:
+        """`env`: the run's own variables (a PYTHONPATH may matter), over a minimal base."""
         lock = self._locks.setdefault(python, asyncio.Lock())
         async with lock:
             known = self._known.get(python)
@@ -106,7 +109,7 @@ class Engines:
                 info, stamp = known
                 if _mtime(info.root) == stamp:
                     return info
-            info = await self._probe(python, env)
+            info = await self._probe(python, {**BASE_ENV, **(env or {})})
             if info.version is None:
                 log.warning("%s", info.describe())
             elif known is None or known[0].version != info.version:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
+from agent import claims
 from agent.launch.wrapper import read_exit_record, read_pid_record
 from agent.processes import process_alive, wrapper_start_time
 from agent.records import RunRecord
@@ -114,6 +115,8 @@ async def resume(sup: Supervisor, record: RunRecord) -> None:
 
 async def _resume(sup: Supervisor, record: RunRecord) -> None:
     ctx = sup.ctx
+    if record.extra.get("cancel_requested"):
+        sup.request_cancel()  # the cancellation a previous agent process had begun
     # Best effort: heartbeats and messages want the run's names; the API may be down.
     sup.flow_run = await ctx.reporter.read_run(sup.id, retry=False)
     working_dir = record.extra.get("working_dir")
@@ -139,7 +142,11 @@ async def _resume(sup: Supervisor, record: RunRecord) -> None:
         await sup.finish()
         return
     sup.flow_run = current
-    if launched is None and record.phase in ("claiming", "launching") and sup.is_our_claim(current):
+    if (
+        launched is None
+        and record.phase in ("claiming", "launching")
+        and claims.is_our_claim(current, ctx.settings.agent.name)
+    ):
         # Claimed, and nothing shows a start: start it now rather than leave it stuck in PENDING.
         if sup.workspace is not None:
             await ctx.workspaces.finish(sup.workspace)
@@ -170,6 +177,8 @@ async def _adopt(
             extra={**record.extra, "create_time": launched.create_time},
         )
     sup.mark_running()
+    flow_run = sup.flow_run_settings
+    sup.engine = await sup.ctx.engines.info(flow_run.python, flow_run.env)
     sup.note(f"Adopted the running flow run ({unit or launched.pid}) after an agent restart")
     handle = AdoptedHandle(
         flow_run_id=sup.id,

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -132,7 +133,7 @@ class Reporter:
 
     async def crash_if_running(
         self, flow_run_id: UUID, message: str, *, replace_crashed: bool = False
-    ) -> CrashOutcome:
+    ) -> CrashReport:
         """Mark the run Crashed with `message` if its process ended while it was still in
         flight (states.left_in_flight); a final, suspended or rescheduled run is left alone.
 
@@ -142,7 +143,7 @@ class Reporter:
         context = {"flow_run_id": str(flow_run_id)}
         current = await self.read_run(flow_run_id, retry=True)
         if current is None:
-            return CrashOutcome.UNKNOWN
+            return CrashReport(CrashOutcome.UNKNOWN, None)
         state = current.state
         replace = replace_crashed and state is not None and state.type is StateType.CRASHED
         if not replace and not states.left_in_flight(current):
@@ -152,11 +153,12 @@ class Reporter:
                 states.describe(state),
                 extra=context,
             )
-            return CrashOutcome.LEFT_ALONE
+            return CrashReport(CrashOutcome.LEFT_ALONE, current.state_type)
         decision = await self.propose(flow_run_id, states.crashed_state(message), force=replace)
         if decision != "ACCEPT":
-            return CrashOutcome.UNKNOWN
-        return CrashOutcome.REPLACED if replace else CrashOutcome.CRASHED
+            return CrashReport(CrashOutcome.UNKNOWN, current.state_type)
+        outcome = CrashOutcome.REPLACED if replace else CrashOutcome.CRASHED
+        return CrashReport(outcome, StateType.CRASHED)
 
 
 class CrashOutcome(enum.Enum):
@@ -167,3 +169,9 @@ class CrashOutcome(enum.Enum):
     REPLACED = "replaced"  # the engine's own Crashed, with our message that names a limit
     LEFT_ALONE = "left-alone"  # final, suspended or rescheduled: not ours to change
     UNKNOWN = "unknown"  # the run could not be read or the proposal was refused
+
+
+@dataclass(frozen=True)
+class CrashReport:
+    outcome: CrashOutcome
+    state_type: StateType | None  # the run's state type as last seen

@@ -19,18 +19,22 @@ from uuid import UUID
 
 from agent import recovery
 from agent.api import PrefectApiError, PrefectClient
+from agent.control import ControlChannel
 from agent.deployments import DeploymentRegistry, RegisteredDeployment
+from agent.engines import Engines
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
+from agent.hooks import HookRunner
 from agent.launch.base import Launcher
 from agent.notify import Liveness
+from agent.outcomes import RunContext, RunOutcomes
 from agent.records import RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
 from agent.settings import DeploymentSettings, Settings
 from agent.slots import Slots
 from agent.storage import Storage
-from agent.supervisor import CRITICAL_PHASES, RunContext, Supervisor
+from agent.supervisor import CRITICAL_PHASES, Supervisor
 from agent.workspace import Workspaces
 
 log = logging.getLogger("agent.runner")
@@ -57,6 +61,9 @@ class Runner:
         monotonic: Callable[[], float] = time.monotonic,
         failpoints: Failpoints | None = None,
         reporter: Reporter | None = None,
+        control: ControlChannel | None = None,
+        engines: Engines | None = None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self._settings = settings
         self._failpoints = failpoints if failpoints is not None else Failpoints()
@@ -69,6 +76,11 @@ class Runner:
         self._records = RunRecords(settings.agent.state_dir)
         self._workspaces = Workspaces(lambda: self._settings, storage)
         self._reporter = reporter if reporter is not None else Reporter(client)
+        self._control = control
+        self._engines = engines if engines is not None else Engines()
+        self._hooks = hooks or HookRunner(
+            launcher, timeout=lambda: self._settings.agent.hook_timeout
+        )
         self._registered: dict[str, RegisteredDeployment] = {}
         self._needs_sync = True
         self._slots = Slots(settings.agent.limit)
@@ -81,7 +93,7 @@ class Runner:
         # Since when the API has not answered a poll: the last success, or the start.
         self._api_reached_at = monotonic()
         # Hooks set by the daemon: the events subscription and heartbeats hang off these.
-        self.on_cancelled: Callable[[Supervisor], None] | None = None
+        self.on_cancelled: Callable[[RunOutcomes], None] | None = None
         self.on_deployments_changed: Callable[[list[UUID]], None] | None = None
         self.on_api_back: Callable[[], None] | None = None
 
@@ -254,6 +266,9 @@ class Runner:
             records=self._records,
             reporter=self._reporter,
             workspaces=self._workspaces,
+            engines=self._engines,
+            hooks=self._hooks,
+            control=self._control,
             on_cancelled=self.on_cancelled,
             failpoints=self._failpoints,
         )

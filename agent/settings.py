@@ -145,6 +145,8 @@ class AgentSettings(_Model):
     prefetch: Duration = 10.0
     heartbeat_interval: PositiveDuration = 30.0
     cancel_grace: Duration = 30.0
+    # A flow's on_cancellation / on_crashed hooks that the agent runs are killed after this.
+    hook_timeout: PositiveDuration = 300.0
     launcher: Literal["auto", "systemd", "process"] = "auto"
     slice: Annotated[str, BeforeValidator(values.validate_slice)] = "runner-agent-flows.slice"
     state_dir: AbsolutePath = Path("/var/lib/runner-agent")

@@ -69,7 +69,9 @@ def left_in_flight(flow_run: FlowRun) -> bool:
     cancellation path settles it).
     """
     state_type = flow_run.state_type
-    if state_type in (StateType.PENDING, StateType.RUNNING):
+    # No state at all is a server answer nobody can trust: the proposal lets the server decide
+    # (it refuses to move a final run, force=false).
+    if state_type in (None, StateType.PENDING, StateType.RUNNING):
         return True
     return state_type is StateType.SCHEDULED and flow_run.retrying_in_process
 

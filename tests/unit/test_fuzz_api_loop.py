@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from agent import api as api_module
 from agent.api import PrefectApiError, PrefectClient
 from agent.cancellation import CancellationWatcher
+from agent.claims import claim_message
 from agent.deployments import REGISTRY_FILE, DeploymentRegistry
 from agent.emitter import EventEmitter
 from agent.flowlogs import FlowRunLogs
@@ -53,7 +54,7 @@ from agent.schemas import MAX_WAIT_SECONDS, OrchestrationResult
 from agent.settings import Settings, load_settings
 from agent.storage import Storage
 from agent.supervisor import Phase as RunPhase
-from agent.supervisor import claim_message
+from tests.unit.fakes import FakeEngines, FakeHooks
 
 AGENT = "fuzz-agent"
 SECRET = "pnu_fuzz-secret-4f1c2e"
@@ -672,6 +673,7 @@ def make_runner(
         flow_logs=logs, liveness=Liveness(),
         registry=DeploymentRegistry(client, cfg.agent.state_dir),
         storage=Storage(cfg.agent.state_dir), reporter=Reporter(client, sleep=no_sleep),
+        engines=FakeEngines(), hooks=FakeHooks(),  # type: ignore[arg-type]
     )
 
 

@@ -105,8 +105,12 @@ async def test_proposal_keeps_its_transition_id_across_retries() -> None:
     client = ScriptedClient(
         sets=[ApiUnavailable("down"), CredentialsRefused("403"), malformed(), accept()]
     )
-    state = {"type": "CRASHED", "name": "Crashed", "message": "Process exited with status 3",
-             "state_details": {"transition_id": "t-1"}}
+    state = {
+        "type": "CRASHED",
+        "name": "Crashed",
+        "message": "Process exited with status 3",
+        "state_details": {"transition_id": "t-1"},
+    }
     assert await reporter(client).propose(RUN, state, force=False) == "ACCEPT"
     assert len(client.proposals) == 4
     assert {id(s) for _, s, _ in client.proposals} == {id(state)}
@@ -121,13 +125,14 @@ async def test_proposal_gives_up_on_a_definite_answer() -> None:
 
 
 async def test_crash_after_an_outage_unless_the_engine_reported() -> None:
-    client = ScriptedClient(
-        reads=[ApiUnavailable("down"), flow_run("RUNNING")], sets=[accept()]
-    )
+    client = ScriptedClient(reads=[ApiUnavailable("down"), flow_run("RUNNING")], sets=[accept()])
     await reporter(client).crash_if_running(RUN, "Process exited with status 1")
     [(run_id, state, force)] = client.proposals
     assert (run_id, state["type"], state["message"], force) == (
-        RUN, "CRASHED", "Process exited with status 1", False
+        RUN,
+        "CRASHED",
+        "Process exited with status 1",
+        False,
     )
 
     completed = ScriptedClient(reads=[ApiUnavailable("down"), flow_run("COMPLETED")])
@@ -136,10 +141,13 @@ async def test_crash_after_an_outage_unless_the_engine_reported() -> None:
 
 
 def flow_run_named(state_type: str, name: str, policy: dict[str, Any] | None = None) -> FlowRun:
-    return FlowRun.model_validate({
-        "id": str(RUN), "state": {"type": state_type, "name": name},
-        "empirical_policy": policy or {},
-    })
+    return FlowRun.model_validate(
+        {
+            "id": str(RUN),
+            "state": {"type": state_type, "name": name},
+            "empirical_policy": policy or {},
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,21 +156,36 @@ def flow_run_named(state_type: str, name: str, policy: dict[str, Any] | None = N
         (flow_run_named("RUNNING", "Running"), CrashOutcome.CRASHED),
         (flow_run_named("PENDING", "Pending"), CrashOutcome.CRASHED),
         # The engine that would retry in its own process is gone: nobody else will run it.
-        (flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "in_process"}),
-         CrashOutcome.CRASHED),
+        (
+            flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "in_process"}),
+            CrashOutcome.CRASHED,
+        ),
         (flow_run_named("PAUSED", "Suspended"), CrashOutcome.LEFT_ALONE),
         (flow_run_named("SCHEDULED", "Resuming"), CrashOutcome.LEFT_ALONE),
-        (flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "reschedule"}),
-         CrashOutcome.LEFT_ALONE),
+        (
+            flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "reschedule"}),
+            CrashOutcome.LEFT_ALONE,
+        ),
         (flow_run_named("CANCELLING", "Cancelling"), CrashOutcome.LEFT_ALONE),
         (flow_run_named("FAILED", "Failed"), CrashOutcome.LEFT_ALONE),
     ],
-    ids=["running", "pending", "in-process-retry", "suspended", "resuming",
-         "rescheduled-retry", "cancelling", "failed"],
+    ids=[
+        "running",
+        "pending",
+        "in-process-retry",
+        "suspended",
+        "resuming",
+        "rescheduled-retry",
+        "cancelling",
+        "failed",
+    ],
 )
-async def test_only_runs_left_in_flight_are_crashed(current: FlowRun, outcome: CrashOutcome) -> None:
+async def test_only_runs_left_in_flight_are_crashed(
+    current: FlowRun, outcome: CrashOutcome
+) -> None:
     client = ScriptedClient(reads=[current], sets=[accept()])
-    assert await reporter(client).crash_if_running(RUN, "Process exited with status 0") is outcome
+    report = await reporter(client).crash_if_running(RUN, "Process exited with status 0")
+    assert report.outcome is outcome
     crashed = [state["type"] for _, state, _ in client.proposals]
     assert crashed == (["CRASHED"] if outcome is CrashOutcome.CRASHED else [])
 

@@ -25,6 +25,7 @@ from agent.settings import load_settings
 from agent.storage import Storage
 from agent.supervisor import Phase, RunContext, Supervisor
 from agent.workspace import Workspaces
+from tests.unit.fakes import FakeEngines, FakeHooks
 
 
 class FakeServer:
@@ -174,6 +175,8 @@ async def supervise(
     *,
     record: RunRecord | None = None,
     before: Any = None,
+    hooks: FakeHooks | None = None,
+    engines: FakeEngines | None = None,
 ) -> tuple[Supervisor, RunRecords]:
     transport = httpx.MockTransport(server.handler)
     client = PrefectClient(settings.api, transport=transport, max_attempts=1)
@@ -187,6 +190,8 @@ async def supervise(
             records=records,
             reporter=Reporter(client, sleep=_no_sleep),
             workspaces=Workspaces(lambda: settings, Storage(settings.agent.state_dir)),
+            engines=engines or FakeEngines(),  # type: ignore[arg-type]
+            hooks=hooks or FakeHooks(),  # type: ignore[arg-type]
         )
         flow_run = FlowRun.model_validate(server.run_body())
         supervisor = Supervisor(ctx, server.run_id, settings.deployments[0], flow_run=flow_run)

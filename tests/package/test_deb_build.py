@@ -54,6 +54,9 @@ def test_contents(built_deb: Path) -> None:
         "/etc/runner-agent/agent.d": "d",
         "/usr/share/man/man8/runner-agent.8.gz": "-",
         "/usr/lib/sysusers.d/runner-agent.conf": "-",
+        "/usr/share/doc/runner-agent/troubleshooting.md.gz": "-",
+        "/usr/share/doc/runner-agent/migrating.md.gz": "-",
+        "/usr/share/doc/runner-agent/config.md.gz": "-",
         f"{VENV}/pyvenv.cfg": "-",
         f"{VENV}/bin/python3": "l",
     }

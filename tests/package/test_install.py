@@ -162,7 +162,12 @@ def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
     scope_pid = guest.sh(f"systemctl show -P MainPID {scope} || true").strip()
     before = main_pid(guest)
 
-    out = guest.sh(f"apt-get install -y {UPGRADE_DIR}/{upgrade_deb.name} 2>&1")
+    # The README's steps edited agent.toml, a conffile: if the new package ships a changed one,
+    # dpkg asks; keep the operator's, as an unattended upgrade does.
+    out = guest.sh(
+        "apt-get install -y -o Dpkg::Options::=--force-confold "
+        f"{UPGRADE_DIR}/{upgrade_deb.name} 2>&1"
+    )
     assert "Unpacking runner-agent" in out and "Setting up runner-agent" in out, out
 
     new_version = upgrade_deb.name.split("_")[1]

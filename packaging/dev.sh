@@ -1,7 +1,7 @@
 #!/bin/bash
 # Developer entry point. Two commands matter (see README):
 #   packaging/dev.sh demo   - local SQLite Prefect server + demo deployment + agent -> COMPLETED
-#   packaging/dev.sh test   - ruff, mypy --strict, and the whole pytest suite
+#   packaging/dev.sh test   - ruff (check, format), mypy --strict, ansible-lint, then the pytest suite
 # Both install what they need first (apt packages, cached venvs), so they work on a fresh Debian 12.
 set -euo pipefail
 
@@ -74,21 +74,39 @@ agent_venv() {
         -exec rm -rf {} + 2>/dev/null || true
 }
 
+# ansible-lint and the ansible-core it runs on, from a hashed lock (packaging/lock-requirements.sh).
+# Its own venv: it would otherwise pin jinja2, pyyaml and packaging under the agent's tests.
+ansible_lint_venv() {
+    local lock="$REPO/packaging/ansible-lint-requirements.txt" key
+    key="$( (cat "$lock"; "$BASE_PYTHON" -V) | sha256sum | cut -c1-12)"
+    ANSIBLE_LINT_VENV="$CACHE/ansible-lint-$key"
+    build_venv "$ANSIBLE_LINT_VENV" --require-hashes -r "$lock"
+    find "$CACHE" -maxdepth 1 -name 'ansible-lint-*' -type d ! -path "$ANSIBLE_LINT_VENV" -mtime +1 \
+        -exec rm -rf {} + 2>/dev/null || true
+}
+
 setup() {
     need_root
     install_apt
     mkdir -p "$CACHE"
     prefect_venv
     agent_venv
+    ansible_lint_venv
 }
 
 cmd_test() {
     setup
     cd "$REPO"
-    log "ruff"
+    log "ruff check"
     "$AGENT_VENV/bin/ruff" check .
-    log "mypy --strict agent"
-    "$AGENT_VENV/bin/mypy" --strict agent
+    log "ruff format --check"
+    "$AGENT_VENV/bin/ruff" format --check .
+    log "mypy --strict agent tests"
+    "$AGENT_VENV/bin/mypy" --strict agent tests
+    log "ansible-lint (production profile, packaging/ansible/.ansible-lint)"
+    # PATH: its syntax check runs ansible-playbook, which must be the venv's, not Debian's.
+    (cd packaging/ansible &&
+        PATH="$ANSIBLE_LINT_VENV/bin:$PATH" "$ANSIBLE_LINT_VENV/bin/ansible-lint" --profile production --nocolor)
     log "pytest"
     "$AGENT_VENV/bin/python" -m pytest "$@"
 }
@@ -101,6 +119,7 @@ cmd_demo() {
 case "${1:-}" in
     test) shift; cmd_test "$@" ;;
     demo) shift; cmd_demo "$@" ;;
-    setup) setup; echo "PREFECT_VENV=$PREFECT_VENV"; echo "AGENT_VENV=$AGENT_VENV" ;;
+    setup) setup; echo "PREFECT_VENV=$PREFECT_VENV"; echo "AGENT_VENV=$AGENT_VENV"
+           echo "ANSIBLE_LINT_VENV=$ANSIBLE_LINT_VENV" ;;
     *) echo "usage: $0 {demo|test [pytest args]|setup}" >&2; exit 2 ;;
 esac

@@ -34,4 +34,6 @@ compile packaging/requirements.txt pyproject.toml
 compile packaging/build-requirements.txt packaging/build-requirements.in
 # Test runner for the unit tests that build_virtualenv runs against the built venv.
 compile packaging/test-requirements.txt packaging/test-requirements.in
-echo "updated packaging/{,build-,test-}requirements.txt" >&2
+# ansible-lint for packaging/dev.sh test (its own venv; not part of the package).
+compile packaging/ansible-lint-requirements.txt packaging/ansible-lint-requirements.in
+echo "updated packaging/{,build-,test-,ansible-lint-}requirements.txt" >&2

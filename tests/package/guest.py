@@ -53,9 +53,17 @@ class Guest:
     def __init__(self, container: Container) -> None:
         self.container = container
 
-    def sh(self, script: str, *, check: bool = True, timeout: float = 600) -> str:
+    def sh(
+        self,
+        script: str,
+        *,
+        check: bool = True,
+        timeout: float = 600,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+    ) -> str:
         proc: subprocess.CompletedProcess[str] = self.container.exec(
-            ["sh", "-c", script], check=False, timeout=timeout
+            ["sh", "-c", script], check=False, timeout=timeout, env=env, input=input
         )
         if check and proc.returncode != 0:
             raise GuestCommandFailed(

@@ -54,6 +54,9 @@ def test_contents(built_deb: Path) -> None:
         "/etc/runner-agent/agent.d": "d",
         "/usr/share/man/man8/runner-agent.8.gz": "-",
         "/usr/lib/sysusers.d/runner-agent.conf": "-",
+        "/usr/share/doc/runner-agent/troubleshooting.md.gz": "-",
+        "/usr/share/doc/runner-agent/migrating.md.gz": "-",
+        "/usr/share/doc/runner-agent/config.md.gz": "-",
         f"{VENV}/pyvenv.cfg": "-",
         f"{VENV}/bin/python3": "l",
     }
@@ -127,9 +130,15 @@ def test_maintainer_scripts_restart_the_service_but_never_touch_the_slice(
     prerm = control_file(built_deb, "prerm")
     postrm = control_file(built_deb, "postrm")
     assert 'systemd-sysusers ${DPKG_ROOT:+--root="$DPKG_ROOT"} runner-agent.conf' in postinst
-    assert "deb-systemd-helper enable 'runner-agent.service'" in postinst
-    # Restart after upgrade ($2 = old version), start on first install.
-    assert "_dh_action=restart" in postinst and "_dh_action=start" in postinst
+    # A fresh install neither enables nor starts the agent (the operator does, once it is
+    # configured); an upgrade ($2 = old version) keeps it enabled if it was, and restarts it
+    # if it is running.
+    assert "deb-systemd-helper --quiet was-enabled 'runner-agent.service'" in postinst
+    assert "deb-systemd-invoke start" not in postinst and "_dh_action=start" not in postinst
+    restart = postinst[postinst.index('if [ -n "$2" ]; then') :]
+    assert restart.split("\n")[1].strip() == (
+        "deb-systemd-invoke try-restart 'runner-agent.service' >/dev/null || true"
+    )
     # The old version is stopped only on removal, never before an upgrade.
     stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
     assert stops and all("runner-agent.service" in line for line in stops)

@@ -1,8 +1,9 @@
-"""apt install, run, upgrade and purge the .deb on a clean Debian 12 booted with systemd.
+"""Install, run, upgrade and purge the .deb on a clean Debian 12 booted with systemd.
 
-One container for the module, used in order: install -> active with a real config -> a flow run
-COMPLETED -> upgrade during a running flow -> purge. Each test states what it needs from the
-previous one; a failure early makes the later ones fail on that state, which the message names.
+One container for the module, used in order: the README's install steps word for word -> a
+flow run COMPLETED -> upgrade during a running flow -> purge. Each test states what it needs
+from the previous one; a failure early makes the later ones fail on that state, which the
+message names.
 """
 
 from __future__ import annotations
@@ -16,17 +17,24 @@ from tests.integration.agent_process import Api, render_config, wait_for
 from tests.integration.prefect_server import PrefectServer
 from tests.package.debbuild import build_deb, higher_version
 from tests.package.guest import FLOWS, Guest, boot_guest
+from tests.package.readme import install_steps
 
 pytestmark = pytest.mark.system
 
-DEB_DIR = "/debs"
+DEB_DIR = "/srv/debs"
+UPGRADE_DIR = "/srv/debs-upgrade"
 FLOW_DIR = "/srv/flows"
+# The operator's editor: it writes the test's config over the shipped agent.toml. Under /root,
+# which the purge snapshot leaves out (it is the operator's, not the package's).
+EDITOR = "/root/edit-agent-toml"
+EDITED_CONFIG = "/root/agent.toml.edited"
 
 
 @pytest.fixture(scope="module")
-def upgrade_deb(built_deb: Path) -> Path:
-    """The same tree rebuilt with a higher version, next to the first .deb."""
-    return build_deb(built_deb.parent, version=higher_version(), nocheck=True)
+def upgrade_deb(built_deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tree rebuilt with a higher version, in a directory of its own (the README's
+    `apt install ./runner-agent_*.deb` must find the first .deb alone)."""
+    return build_deb(tmp_path_factory.mktemp("deb-upgrade"), version=higher_version(), nocheck=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,7 @@ def guest(
     flows.chmod(0o755)
     with boot_guest(
         debian_root,
-        binds={built_deb.parent: DEB_DIR, flows: FLOW_DIR},
+        binds={built_deb.parent: DEB_DIR, upgrade_deb.parent: UPGRADE_DIR, flows: FLOW_DIR},
         prefect_venv=Path(prefect_server.python).parent.parent,
     ) as booted:
         yield booted
@@ -87,46 +95,60 @@ def main_pid(guest: Guest) -> int:
     return int(guest.sh("systemctl show -P MainPID runner-agent.service").strip())
 
 
-def test_apt_install_resolves_dependencies_and_creates_the_user(
-    guest: Guest, built_deb: Path, clean_state: tuple[set[str], set[str]]
+def run_steps(guest: Guest, steps: tuple[str, ...]) -> str:
+    """Each README step as written, from the .deb's directory, as root. The operator's answer
+    to apt's "Do you want to continue?" is on stdin."""
+    out = ""
+    for step in steps:
+        # The step on a line of its own: its trailing comment must not swallow anything.
+        script = f"exec 2>&1\ncd {DEB_DIR} || exit 1\n{step}\n"
+        out += guest.sh(script, env={"EDITOR": EDITOR}, input="Y\n")
+    return out
+
+
+def test_readme_install_steps_register_the_deployment_and_a_run_completes(
+    guest: Guest,
+    built_deb: Path,
+    prefect_server: PrefectServer,
+    api: Api,
+    clean_state: tuple[set[str], set[str]],
 ) -> None:
     assert "/usr/bin/runner-agent" not in clean_state[0]
-    out = guest.sh(f"apt-get install -y --no-install-recommends {DEB_DIR}/{built_deb.name} 2>&1")
+    steps = install_steps().host
+    installs = [i for i, step in enumerate(steps) if step.startswith("apt install ./")]
+    assert installs and installs[0] == 0, steps
+    guest.write(EDITOR, f'#!/bin/sh\ncat {EDITED_CONFIG} > "$1"\n', mode=0o755)
+    guest.write(EDITED_CONFIG, agent_config(prefect_server))
+
+    out = run_steps(guest, steps[:1])
     assert "Setting up runner-agent" in out, out
     assert guest.sh("dpkg-query -W -f '${Status} ${Version}' runner-agent") == (
         f"install ok installed {built_deb.name.split('_')[1]}"
     )
+    # Not started with the shipped config, and not enabled to start at boot with it.
+    assert guest.active() == "inactive", guest.journal()
+    assert guest.sh("systemctl is-enabled runner-agent.service || true").strip() == "disabled"
     assert guest.sh("getent passwd runner-agent | cut -d: -f6,7").strip() == (
         "/var/lib/runner-agent:/usr/sbin/nologin"
     )
-    assert guest.sh("systemctl is-enabled runner-agent.service").strip() == "enabled"
     # postinst byte-compiled the venv, so root never writes stray byte-code into /usr/lib.
     assert guest.sh("ls /usr/lib/runner-agent/lib/python3.11/site-packages/agent/__pycache__")
 
-
-def test_enable_now_with_a_real_config_gives_an_active_service(
-    guest: Guest, prefect_server: PrefectServer, api: Api
-) -> None:
-    guest.write("/etc/runner-agent/agent.d/50-test.toml", agent_config(prefect_server))
-    guest.sh("runner-agent check-config >/dev/null")
-    # postinst already started it with the shipped defaults; pick up the config, then the
-    # operator's documented command.
-    guest.systemctl("restart", "runner-agent.service")
-    guest.systemctl("enable", "--now", "runner-agent.service")
+    run_steps(guest, steps[1:])
     assert guest.active() == "active", guest.journal()
-    api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
-    # Reload (SIGHUP through ExecReload) works on a minimal system and keeps the process.
-    pid = main_pid(guest)
-    guest.systemctl("reload", "runner-agent.service")
-    assert main_pid(guest) == pid
-    assert guest.active() == "active", guest.journal()
-
-
-def test_a_flow_run_completes_through_the_installed_agent(guest: Guest, api: Api) -> None:
+    assert guest.sh("systemctl is-enabled runner-agent.service").strip() == "enabled"
     deployment = api.wait_deployment("pkg-hello", "pkg-hello", timeout=60)
     run_id = api.create_run(deployment)
     state = api.wait_final(run_id, timeout=180)
     assert state["type"] == "COMPLETED", (state, guest.journal())
+
+
+def test_reload_keeps_the_agent_process(guest: Guest) -> None:
+    # SIGHUP through ExecReload (/bin/kill from procps) works on a minimal system.
+    pid = main_pid(guest)
+    guest.systemctl("reload", "runner-agent.service")
+    assert main_pid(guest) == pid
+    assert guest.active() == "active", guest.journal()
 
 
 def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
@@ -140,7 +162,12 @@ def test_upgrade_restarts_the_agent_without_killing_a_running_flow(
     scope_pid = guest.sh(f"systemctl show -P MainPID {scope} || true").strip()
     before = main_pid(guest)
 
-    out = guest.sh(f"apt-get install -y {DEB_DIR}/{upgrade_deb.name} 2>&1")
+    # The README's steps edited agent.toml, a conffile: if the new package ships a changed one,
+    # dpkg asks; keep the operator's, as an unattended upgrade does.
+    out = guest.sh(
+        "apt-get install -y -o Dpkg::Options::=--force-confold "
+        f"{UPGRADE_DIR}/{upgrade_deb.name} 2>&1"
+    )
     assert "Unpacking runner-agent" in out and "Setting up runner-agent" in out, out
 
     new_version = upgrade_deb.name.split("_")[1]

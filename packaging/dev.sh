@@ -9,6 +9,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${RUNNER_AGENT_TEST_CACHE:-/var/cache/runner-agent-tests}"
 PREFECT_PIN="prefect==3.8.8"
 FASTAPI_PIN="fastapi==0.150.0"
+# The newest Prefect 3 release without the engine's control channel
+# (prefect/_internal/control_listener.py arrived in 3.6.27): the older-engine tests run flows with it.
+PREFECT_OLD_PIN="prefect==3.6.26"
 # Debian's interpreter, not pyenv's: the venvs are also used inside the booted test container.
 BASE_PYTHON="/usr/bin/python3"
 APT_PACKAGES=(python3 python3-venv python3-dev git systemd-container debootstrap build-essential
@@ -57,6 +60,14 @@ prefect_venv() {
     export RUNNER_AGENT_TEST_PREFECT_VENV="$PREFECT_VENV"
 }
 
+prefect_old_venv() {
+    local key
+    key="$(printf '%s %s %s' "$PREFECT_OLD_PIN" "$FASTAPI_PIN" "$("$BASE_PYTHON" -V)" | sha256sum | cut -c1-12)"
+    PREFECT_OLD_VENV="$CACHE/prefect-old-$key"
+    build_venv "$PREFECT_OLD_VENV" "$PREFECT_OLD_PIN" "$FASTAPI_PIN"
+    export RUNNER_AGENT_TEST_PREFECT_OLD_VENV="$PREFECT_OLD_VENV"
+}
+
 agent_venv() {
     local key
     # Keyed on the dependency lists only, so unrelated pyproject edits keep the venv.
@@ -90,6 +101,7 @@ setup() {
     install_apt
     mkdir -p "$CACHE"
     prefect_venv
+    prefect_old_venv
     agent_venv
     ansible_lint_venv
 }

@@ -1,9 +1,10 @@
-"""Session-wide fixtures. Only the real Prefect server lives here (integration and system tests)."""
+"""Session-wide fixtures: the real Prefect server and the older-engine venv."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,29 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         yield server
     finally:
         server.stop()
+
+
+OLD_VENV_ENV = "RUNNER_AGENT_TEST_PREFECT_OLD_VENV"
+
+
+@pytest.fixture(scope="session")
+def prefect_old_venv() -> Path:
+    """The venv of the newest Prefect 3 release without the engine's control channel.
+
+    packaging/dev.sh builds it (`prefect-old-<key>` in the test cache) and exports its path as
+    RUNNER_AGENT_TEST_PREFECT_OLD_VENV. Missing, it fails the test in CI and skips it elsewhere.
+    """
+    value = os.environ.get(OLD_VENV_ENV, "")
+    venv = Path(value)
+    packages = sorted(venv.glob("lib/python3*/site-packages/prefect")) if value else []
+    if not value:
+        problem = f"{OLD_VENV_ENV} is not set; `bash packaging/dev.sh setup` builds that venv"
+    elif not (venv / "bin" / "python").is_file() or not packages:
+        problem = f"{OLD_VENV_ENV}={value} has no bin/python with prefect installed"
+    elif (packages[0] / "_internal" / "control_listener.py").exists():
+        problem = f"{OLD_VENV_ENV}={value} is not an older engine: it has the control channel"
+    else:
+        return venv
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)

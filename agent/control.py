@@ -14,113 +14,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hmac
-import json
 import logging
 import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 from uuid import UUID
 
+from agent.control_protocol import (
+    ACK,
+    CURRENT_VERSION,
+    HELLO_PREFIX,
+    HELLO_SIZE,
+    INTENT_BYTES,
+    LEGACY_VERSION,
+    MAX_RECEIPT_SIZE,
+    MAX_TOKEN_LINE,
+    RECEIPT_ACK,
+    RECEIPT_CAPABILITY,
+    RECEIPT_PREFIX,
+    TOKEN_BYTES,
+    AcknowledgedIntent,
+    Conclusion,
+    ControlEndpoint,
+    EngineReceipt,
+    Intent,
+    ProtocolError,
+    ReportedState,
+    SignalResult,
+    parse_receipt,
+)
+
+__all__ = [
+    "AcknowledgedIntent",
+    "Conclusion",
+    "ControlChannel",
+    "ControlEndpoint",
+    "EngineReceipt",
+    "ReportedState",
+    "SignalResult",
+]
+
 log = logging.getLogger("agent.control")
-
-PORT_ENV = "PREFECT__CONTROL_PORT"
-TOKEN_ENV = "PREFECT__CONTROL_TOKEN"
-
-Intent = Literal["cancel", "reschedule", "relinquish"]
-INTENT_BYTES: dict[Intent, bytes] = {"cancel": b"c", "reschedule": b"r", "relinquish": b"q"}
-
-ACK = b"a"
-HELLO_PREFIX = b"\x00PF"
-HELLO_SIZE = len(HELLO_PREFIX) + 2
-RECEIPT_PREFIX = b"\x01"
-RECEIPT_ACK = b"\x02"
-MAX_RECEIPT_SIZE = 4096
-LEGACY_VERSION = 1
-CURRENT_VERSION = 2
-RECEIPT_CAPABILITY = 1
-
-_TOKEN_BYTES = 32
-_MAX_TOKEN_LINE = 256
-_MAX_STATE_TYPE = 64
-
-
-class SignalResult(enum.Enum):
-    ACKNOWLEDGED = "acknowledged"  # the engine owns the intent: send SIGTERM now
-    ALREADY_CONCLUDED = "already_concluded"  # the engine concluded first: see conclusion()
-    NOT_ACKNOWLEDGED = "not_acknowledged"  # no evidence: use the signal-only fallback
-
-
-class Disposition(enum.Enum):
-    STATE_REPORTED = "STATE_REPORTED"
-    ORCHESTRATION_ABORTED = "ORCHESTRATION_ABORTED"
-
-
-@dataclass(frozen=True)
-class ReportedState:
-    """The state the engine says it reported to the server (Prefect's `StateType` value)."""
-
-    id: UUID
-    type: str
-    name: str
-
-
-@dataclass(frozen=True)
-class EngineReceipt:
-    """The engine concluded the attempt itself; `state` is set exactly for STATE_REPORTED."""
-
-    disposition: Disposition
-    state: ReportedState | None = None
-
-
-@dataclass(frozen=True)
-class AcknowledgedIntent:
-    """The engine committed the supervisor's intent; the supervisor owns the next state."""
-
-    intent: Intent
-
-
-Conclusion = EngineReceipt | AcknowledgedIntent
-
-
-@dataclass(frozen=True)
-class ControlEndpoint:
-    """Where one run's engine connects back; the token never appears in a repr."""
-
-    port: int
-    token: str = field(repr=False)
-
-    def environment(self) -> dict[str, str]:
-        return {PORT_ENV: str(self.port), TOKEN_ENV: self.token}
-
-
-class ProtocolError(ValueError):
-    """A peer broke the protocol (the message never quotes the peer's bytes)."""
-
-
-def parse_receipt(payload: bytes) -> EngineReceipt:
-    """A receipt's JSON body, validated strictly: unknown, missing or mistyped fields are errors."""
-    try:
-        body = json.loads(payload)
-        disposition = Disposition(body["disposition"])
-        if disposition is Disposition.ORCHESTRATION_ABORTED and set(body) == {"disposition"}:
-            return EngineReceipt(disposition)
-        state_type, state_name = body["state_type"], body["state_name"]
-        if (
-            disposition is not Disposition.STATE_REPORTED
-            or set(body) != {"disposition", "state_id", "state_type", "state_name"}
-            or not isinstance(state_type, str)
-            or not isinstance(state_name, str)
-            or not 0 < len(state_type) <= _MAX_STATE_TYPE
-        ):
-            raise ValueError
-        state = ReportedState(UUID(body["state_id"]), state_type, state_name)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise ProtocolError("malformed receipt") from None
-    return EngineReceipt(disposition, state)
 
 
 @dataclass(eq=False)
@@ -203,7 +139,7 @@ class ControlChannel:
         if self.port is None:
             return None
         self.unregister(flow_run_id)
-        token = secrets.token_hex(_TOKEN_BYTES)
+        token = secrets.token_hex(TOKEN_BYTES)
         self._registrations[flow_run_id] = _Registration(flow_run_id, token.encode("ascii"))
         return ControlEndpoint(self.port, token)
 
@@ -311,7 +247,7 @@ class ControlChannel:
                 return
             finally:
                 self._handshakes -= 1
-            registration = self._claim(line.strip()) if len(line) <= _MAX_TOKEN_LINE else None
+            registration = self._claim(line.strip()) if len(line) <= MAX_TOKEN_LINE else None
             if registration is None:
                 self._reject("unknown or already used token")
                 return

@@ -2,8 +2,8 @@
 
 The services are entered in an AsyncExitStack and torn down in exactly the reverse order:
 API client (first in, last out), event emitter, flow-run log shipper, the engines' control
-channel, then the runner and the watchdog in one TaskGroup. So the runner stops first, its last messages are flushed while the client still
-lives, and the client closes last.
+channel, then the runner and the watchdog in one TaskGroup. So the runner stops first, its last
+messages are flushed while the client still lives, and the client closes last.
 """
 
 from __future__ import annotations

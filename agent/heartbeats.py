@@ -21,9 +21,9 @@ from uuid import UUID
 from agent import __version__, events
 from agent.emitter import EventEmitter
 from agent.notify import Liveness
-from agent.settings import Settings
 from agent.outcomes import Phase, RunOutcomes
 from agent.reporting import Reporter
+from agent.settings import Settings
 
 log = logging.getLogger("agent.heartbeats")
 

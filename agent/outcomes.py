@@ -105,6 +105,7 @@ class RunOutcomes:
         self.conclusion: Conclusion | None = None  # what the engine said on the control channel
         self._cancel_requested = asyncio.Event()
         self._cancel_started: float | None = None
+        self._cancel_settled = False
         self.unit = unit_name(flow_run_id)
         self.record = RunRecord(
             flow_run_id=str(flow_run_id), deployment=self.deployment_name, phase="new"
@@ -214,31 +215,37 @@ class RunOutcomes:
         await self.finish()
 
     async def finish_cancellation(self, *, launched: bool) -> None:
-        """The run's process is gone (or never started): hooks, CANCELLED, the event."""
+        """The run's process is gone (or never started): hooks, then CANCELLED and the event
+        unless `settle_cancelled` did that already."""
         self.phase = Phase.REPORTING
         if launched:
             await self.run_hooks(HookKind.CANCELLATION)
+        if not self._cancel_settled:
+            await self.settle_cancelled(launched=launched)
+        await self.finish()
+
+    async def settle_cancelled(self, *, launched: bool) -> None:
+        """CANCELLED, then the cancelled-run event once that is durable."""
+        self._cancel_settled = True
         current = await self.ctx.reporter.read_run(self.id, retry=True)
         state = current.state if current is not None else None
         # A fallback kill makes the engine report Crashed; that is ours to replace. A run that
         # completed, failed or was cancelled before the kill landed keeps its state.
         if state is not None and state.type.is_final and state.type is not StateType.CRASHED:
             self.note(f"Run was already {state.type.value} when the cancellation finished")
-            await self.finish()
             return
         decision = await self.ctx.reporter.propose(self.id, states.cancelled_state(), force=True)
-        if decision == "ACCEPT":
-            took = self.ctx.clock() - (self._cancel_started or self.ctx.clock())
-            self.note(
-                f"Cancelled the flow run ({'stopped' if launched else 'never launched'}; "
-                f"{took:.2f}s after the request)"
-            )
-            # Only once CANCELLED is durable: automations act on this event.
-            if self.ctx.on_cancelled is not None:
-                self.ctx.on_cancelled(self)
-        else:
+        if decision != "ACCEPT":
             self.note(f"Could not mark the run CANCELLED (the server answered {decision})")
-        await self.finish()
+            return
+        took = self.ctx.clock() - (self._cancel_started or self.ctx.clock())
+        self.note(
+            f"Cancelled the flow run ({'stopped' if launched else 'never launched'}; "
+            f"{took:.2f}s after the request)"
+        )
+        # Only once CANCELLED is durable: automations act on this event.
+        if self.ctx.on_cancelled is not None:
+            self.ctx.on_cancelled(self)
 
     async def run_hooks(self, kind: HookKind) -> None:
         """The flow's hooks of `kind`, at most once per run (the record says if they started)."""

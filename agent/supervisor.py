@@ -214,9 +214,10 @@ class Supervisor(RunOutcomes):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
         else:
+            acked = signal is SignalResult.ACKNOWLEDGED
             how = (
                 "the engine acknowledged the cancellation"
-                if signal is SignalResult.ACKNOWLEDGED
+                if acked
                 else "no control channel answer from the engine"
             )
             self.note(
@@ -224,6 +225,10 @@ class Supervisor(RunOutcomes):
                 f"{format_duration(grace)}"
             )
             await self.ctx.launcher.terminate(handle)
+            if acked:
+                # The engine now ends as a cancellation and proposes nothing more: the run is
+                # CANCELLED at once, not after the engine's exit (about 2 s) and the hooks.
+                await self.settle_cancelled(launched=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
         # Always: the main process may be gone while its children linger.

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.control import (
+from agent.control import ControlChannel
+from agent.control_protocol import (
     AcknowledgedIntent,
-    ControlChannel,
     ControlEndpoint,
     Disposition,
     EngineReceipt,

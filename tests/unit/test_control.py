@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.control import (
+from agent.control import ControlChannel
+from agent.control_protocol import (
     HELLO_PREFIX,
     MAX_RECEIPT_SIZE,
     PORT_ENV,
     RECEIPT_ACK,
     TOKEN_ENV,
     AcknowledgedIntent,
-    ControlChannel,
     ControlEndpoint,
     Disposition,
     EngineReceipt,

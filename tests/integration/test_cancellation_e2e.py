@@ -195,8 +195,12 @@ def test_heartbeats_reach_the_event_api(prefect_server: Any, api: Api, tmp_path:
         beat = wait_for(run_heartbeat, 30, what="a flow-run heartbeat")[0]
         related = {r["prefect.resource.role"]: r for r in beat["related"]}
         assert related["deployment"]["prefect.resource.id"] == f"prefect.deployment.{deployment_id}"
-        assert related["flow"]["prefect.resource.name"] == "cancel-sleeper-beat"
+        flow_id = api.run(run_id)["flow_id"]
+        assert related["flow"]["prefect.resource.id"] == f"prefect.flow.{flow_id}"
         assert related["tag"]["prefect.resource.id"] == "prefect.tag.cancel-test"
+        # The engine's own heartbeat (it carries its version), not the agent's stand-in: it
+        # goes on while the agent is stopped (docs/runs.md).
+        assert beat["resource"].get("prefect.version")
 
         def agent_heartbeat() -> list[dict[str, Any]]:
             return [

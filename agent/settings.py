@@ -138,6 +138,18 @@ class ApiSettings(_Model):
     timeout: PositiveDuration = 30.0
 
 
+JobVariable = Literal[
+    "env", "memory_max", "cpu_quota", "tasks_max", "runtime_max", "user", "python"
+]
+DEFAULT_JOB_VARIABLES: tuple[JobVariable, ...] = (
+    "env",
+    "memory_max",
+    "cpu_quota",
+    "tasks_max",
+    "runtime_max",
+)
+
+
 class AgentSettings(_Model):
     name: Name = Field(default_factory=socket.gethostname)
     limit: Annotated[int, _count(1)] = 4
@@ -147,6 +159,8 @@ class AgentSettings(_Model):
     cancel_grace: Duration = 30.0
     # A flow's on_cancellation / on_crashed hooks that the agent runs are killed after this.
     hook_timeout: PositiveDuration = 300.0
+    # The run settings a deployment's or a flow run's job variables may set (jobvars.py).
+    job_variables: tuple[JobVariable, ...] = DEFAULT_JOB_VARIABLES
     launcher: Literal["auto", "systemd", "process"] = "auto"
     slice: Annotated[str, BeforeValidator(values.validate_slice)] = "runner-agent-flows.slice"
     state_dir: AbsolutePath = Path("/var/lib/runner-agent")

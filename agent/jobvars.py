@@ -1,0 +1,124 @@
+"""Job variables: run settings that a deployment or a flow run may set through the API.
+
+Prefect lets a deployment (`job_variables`) and each flow run (the UI's "Custom run",
+`prefect deployment run --job-variable`, `run_deployment(job_variables=...)`) override how the
+run is executed. The agent merges them, in rising precedence, over the run settings the host's
+config gives ([flow_run] and the deployment's own keys): host config < deployment < flow run.
+
+Anyone who can write to the API can set job variables, so the host's admin decides which keys
+are honoured: `[agent] job_variables`, by default the limits and `env`. `user` and `python`
+change who runs what and are honoured only when listed. A run that asks for a key the host does
+not allow, or gives an invalid value, is not started: it ends CRASHED with a message that names
+the key and the config that would allow it. Values are parsed like the config's ("1G", "30m",
+"150%"); `env` is merged key by key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent.config_errors import show
+from agent.settings import FLOW_RUN_KEYS, FlowRunSettings
+
+# Keys that change who runs the flow, or with which interpreter: never honoured by default.
+PRIVILEGED = frozenset({"user", "python"})
+ALLOW_KEY = "agent.job_variables"
+
+
+class JobVariablesError(Exception):
+    """A run's job variables cannot be honoured; str() is the Crashed state's message."""
+
+    def __init__(self, key: str, problem: str, origin: str) -> None:
+        super().__init__(key, problem, origin)
+        self.key = key
+        self.problem = problem
+        self.origin = origin
+
+    def __str__(self) -> str:
+        return f"job variable {self.key!r} (from the {self.origin}): {self.problem}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of job variables: `origin` names it in errors ("deployment", "flow run")."""
+
+    origin: str
+    values: Mapping[str, Any]
+
+
+def apply_job_variables(
+    base: FlowRunSettings,
+    layers: Collection[Layer],
+    *,
+    allowed: Collection[str],
+    ignored: Collection[str] = (),
+) -> FlowRunSettings:
+    """`base` with the layers' job variables applied in order; raises JobVariablesError.
+
+    `ignored` keys are dropped without a word (a work pool's own variables that mean nothing
+    here, already logged once by whoever knows why).
+    """
+    merged: dict[str, Any] = {}
+    env: dict[str, str] = dict(base.env)
+    origins: dict[str, str] = {}
+    for layer in layers:
+        for key, value in layer.values.items():
+            if key in ignored:
+                continue
+            if key not in FLOW_RUN_KEYS:
+                raise JobVariablesError(
+                    key, f"unknown here (known: {', '.join(FLOW_RUN_KEYS)})", layer.origin
+                )
+            if key not in allowed:
+                raise JobVariablesError(key, _not_allowed(key), layer.origin)
+            origins[key] = layer.origin
+            if key == "env":
+                env.update(_env_table(value, layer.origin))
+            else:
+                merged[key] = value
+    if not merged and env == base.env:
+        return base
+    # The config's own spelling ("2G", "200%"), which validation reads back exactly.
+    data = {**base.model_dump(mode="json"), **merged, "env": env}
+    try:
+        return FlowRunSettings.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = str(error["loc"][0]) if error["loc"] else "?"
+        problem = _problem(error)
+        raise JobVariablesError(key, problem, origins.get(key, "flow run")) from None
+
+
+def _not_allowed(key: str) -> str:
+    hint = (
+        "it changes who or what runs the flow, so only a host that lists it allows it"
+        if key in PRIVILEGED
+        else "this host does not allow it"
+    )
+    return f"not allowed: {hint}; add {key!r} to [agent] job_variables in the agent's config"
+
+
+def _env_table(value: Any, origin: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise JobVariablesError(
+            "env", f"expected a table of names to strings, got {show(value)}", origin
+        )
+    table: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not isinstance(item, str | int | float | bool):
+            raise JobVariablesError(
+                "env", f"expected names and string values, got {show({name: item})}", origin
+            )
+        table[name] = str(item).lower() if isinstance(item, bool) else str(item)
+    return table
+
+
+def _problem(error: Any) -> str:
+    ctx = error.get("ctx") or {}
+    if error.get("type") == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    return f"{error['msg']}, got {show(error.get('input'))}"

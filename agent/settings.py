@@ -234,6 +234,8 @@ class DeploymentSettings(_Model):
     )
     tags: tuple[str, ...] = ()
     description: str = ""
+    # flow.serve's default (Prefect 3.8.8): the server checks run parameters against the schema.
+    enforce_parameter_schema: Annotated[bool, Field(strict=True)] = True
     schedule: Schedule | None = None
     # Overrides of [flow_run]; only the keys a deployment sets (model_fields_set) apply.
     python: NonEmpty | None = None

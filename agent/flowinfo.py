@@ -273,6 +273,7 @@ class FlowInspector:
         if remembered is not None and self._clock() - remembered[0] < FAILURE_MEMORY:
             return remembered[1]
         async with self._slots:
+            started = self._clock()
             result = await run_helper(
                 command,
                 time_limit=self._timeout,
@@ -280,6 +281,13 @@ class FlowInspector:
                 kill_group=self._kill_group,
             )
         if isinstance(result, FlowInfo):
+            log.info(
+                "deployment %r: computed the parameter schema of flow %r in %.1fs",
+                deployment.name,
+                result.flow_name,
+                self._clock() - started,
+                extra={"deployment": deployment.name},
+            )
             self.cache.put(key, result)
             self._failures.pop(key, None)
         else:
@@ -313,6 +321,8 @@ class FlowInspector:
         if deployment.git is None:
             if deployment.path is None:  # settings guarantee one of them
                 raise LaunchError(f"deployment {deployment.name!r} has no code source")
+            if not deployment.path.is_dir():
+                raise LaunchError(f"the code directory {deployment.path} does not exist")
             marks = await asyncio.to_thread(code_tree_marks, deployment.path, entry_file)
             yield deployment.path, {"path": str(deployment.path), "files": marks}
             return

@@ -344,3 +344,11 @@ async def test_a_slow_helper_is_not_waited_for_and_not_started_twice(
         "etl": FlowInfo("count", "Counts.", SCHEMA)
     }
     assert len(fp.calls) == 1
+
+
+async def test_a_missing_code_directory_is_named(
+    fp: FakeProcess, state: Path, venv: Path, tmp_path: Path
+) -> None:
+    info = await inspect(inspector(state, venv), deployment(tmp_path / "gone"))
+    assert info == FlowInfoFailure(f"the code directory {tmp_path / 'gone'} does not exist")
+    assert not fp.calls

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +211,31 @@ async def test_another_user_runs_it_through_setpriv(
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    fp.register(
-        ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--init-groups", "--", *argv(venv)],
+    nobody = pwd.getpwnam("nobody")
+    recorder = fp.register(
+        [
+            "/usr/bin/setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--init-groups",
+            "--",
+            *argv(venv),
+        ],
         stdout=json.dumps(ANSWER),
     )
     info = await inspect(inspector(state, venv), deployment(code, user="nobody"))
     assert isinstance(info, FlowInfo)
+    [call] = recorder.calls
+    assert call.kwargs is not None and call.kwargs["env"]["USER"] == "nobody"
+
+
+async def test_another_user_needs_a_root_agent(
+    fp: FakeProcess, state: Path, venv: Path, code: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)
+    info = await inspect(inspector(state, venv), deployment(code, user="nobody"))
+    assert info == FlowInfoFailure("cannot run flows as user 'nobody': the agent is not root")
+    assert not fp.calls
 
 
 # -- caching ----------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ async def run_helper(
     problem = None
     try:
         async with asyncio.timeout(time_limit):
-            out, err = await _communicate(proc, max_output)
+            out, err = await _communicate(proc, max_output, kill_group)
     except TimeoutError:
         problem = f"timed out after {time_limit:g}s"
     except _OutputTooLarge:
@@ -144,38 +144,44 @@ async def run_helper(
         with contextlib.suppress(Exception):
             await asyncio.shield(proc.wait())
         raise
-    # Also on success: anything the flow's module left running in the group goes.
-    kill_group(proc.pid)
     if problem is not None:
+        kill_group(proc.pid)
         await proc.wait()
         return FlowInfoFailure(problem)
     return parse_answer(proc.returncode, out, err)
 
 
-async def _communicate(proc: asyncio.subprocess.Process, max_output: int) -> tuple[bytes, bytes]:
+async def _communicate(
+    proc: asyncio.subprocess.Process, max_output: int, kill_group: Callable[[int], None]
+) -> tuple[bytes, bytes]:
     try:
         async with asyncio.TaskGroup() as group:
-            out = group.create_task(_read_all(proc.stdout, max_output))
             err = group.create_task(_read_tail(proc.stderr, STDERR_KEPT))
-            await proc.wait()
+            group.create_task(proc.wait())  # returns once stderr is closed too
+            out = await _read_all(proc.stdout, max_output)
+            # Only the helper holds its stdout: at EOF its answer is complete. Processes the
+            # flow's module started would hold stderr open for good: the group goes now.
+            kill_group(proc.pid)
     except ExceptionGroup as errors:
         if errors.subgroup(_OutputTooLarge) is not None:
             raise _OutputTooLarge from None
         raise
-    return out.result(), err.result()
+    return out, err.result()
 
 
 def parse_answer(returncode: int | None, stdout: bytes, stderr: bytes) -> FlowInfoResult:
+    """The helper's answer decides; the exit status only explains a missing one (a complete
+    answer may come with our own SIGKILL, sent as soon as it was read)."""
     try:
         answer = json.loads(stdout)
     except ValueError:
         answer = None
     if isinstance(answer, dict) and isinstance(answer.get("error"), str):
         return FlowInfoFailure(one_line(answer["error"]))
+    info = FlowInfo.from_json(answer)
+    if info is not None:
+        return info
     if returncode == 0:
-        info = FlowInfo.from_json(answer)
-        if info is not None:
-            return info
         return FlowInfoFailure(one_line(f"malformed answer from the helper: {stdout[:200]!r}"))
     lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
     if returncode is not None and returncode < 0:

@@ -119,6 +119,33 @@ async def test_a_python_without_prefect_says_so(tmp_path: Path) -> None:
     )
 
 
+async def test_what_a_flow_module_leaves_running_is_killed(tmp_path: Path, python: str) -> None:
+    marker = tmp_path / "child-pid"
+    info = await inspect(
+        tmp_path,
+        python,
+        f"""
+        import pathlib, subprocess
+        from prefect import flow
+        child = subprocess.Popen(["sleep", "300"])
+        pathlib.Path({str(marker)!r}).write_text(str(child.pid))
+
+        @flow
+        def main():
+            pass
+        """,
+    )
+    assert isinstance(info, FlowInfo), info
+    await gone(int(marker.read_text()))
+
+
+async def gone(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"{pid} is still running"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     # An "interpreter" that starts a child and hangs: what a flow module doing so looks like.
     marker = tmp_path / "child-pid"
@@ -127,8 +154,4 @@ async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     hanging.chmod(0o755)
     info = await inspect(tmp_path, str(hanging), "", helper_time_limit=5.0)
     assert info == FlowInfoFailure("timed out after 5s")
-    child = int(marker.read_text())
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, f"the child {child} outlived the timeout"
-        await asyncio.sleep(0.1)
+    await gone(int(marker.read_text()))

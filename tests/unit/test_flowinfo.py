@@ -179,6 +179,17 @@ async def test_failures_read_as_one_bounded_line(
     assert await inspect(inspector(state, venv), deployment(code)) == FlowInfoFailure(reason)
 
 
+async def test_a_complete_answer_counts_whatever_the_exit_status(
+    fp: FakeProcess, state: Path, venv: Path, code: Path
+) -> None:
+    # The group is killed as soon as the answer is read; the helper may not have exited yet.
+    recorder = fp.register(argv(venv), stdout=json.dumps(ANSWER), returncode=-9)
+    kills = Kills()
+    info = await inspect(inspector(state, venv, kills=kills), deployment(code))
+    assert info == FlowInfo("count", "Counts.", SCHEMA)
+    assert kills.pids == [recorder.calls[0].pid]
+
+
 async def test_oversize_output_is_cut_off_and_the_group_killed(
     fp: FakeProcess, state: Path, venv: Path, code: Path
 ) -> None:
@@ -186,7 +197,7 @@ async def test_oversize_output_is_cut_off_and_the_group_killed(
     kills = Kills()
     info = await inspect(inspector(state, venv, kills=kills, max_output=1000), deployment(code))
     assert info == FlowInfoFailure("printed more than 1000 bytes")
-    assert kills.pids == [recorder.calls[0].pid]
+    assert set(kills.pids) == {recorder.calls[0].pid}
 
 
 async def test_a_missing_python_is_a_failure(fp: FakeProcess, state: Path, code: Path) -> None:

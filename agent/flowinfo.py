@@ -191,6 +191,13 @@ def parse_answer(returncode: int | None, stdout: bytes, stderr: bytes) -> FlowIn
     return FlowInfoFailure(one_line(f"{lines[-1]} ({status})" if lines else status))
 
 
+@dataclass(frozen=True)
+class _Job:
+    inputs: tuple[DeploymentSettings, FlowRunSettings]
+    task: asyncio.Task[FlowInfoResult]
+    deadline: float  # of waiting for it; it runs on until done
+
+
 class FlowInspector:
     """Computes FlowInfo for deployments, at most once per code version, in the background."""
 
@@ -215,37 +222,44 @@ class FlowInspector:
         self.cache = FlowInfoCache(state_dir / "flowinfo")
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._failures: dict[str, tuple[float, FlowInfoFailure]] = {}
-        self._inflight: dict[str, tuple[Any, asyncio.Task[FlowInfoResult]]] = {}
+        self._inflight: dict[str, _Job] = {}
 
     async def lookup(
         self, deployments: Sequence[DeploymentSettings], wait: float
     ) -> dict[str, FlowInfoResult | None]:
-        """Each deployment's info, or None if it is still being computed after `wait` seconds.
+        """Each deployment's info, or None if it is still being computed.
 
-        What is not ready keeps being computed; the next lookup picks it up.
+        Each computation is waited for at most `wait` seconds from its start, over all lookups:
+        one still running from an earlier lookup delays none of the others. What is not ready
+        keeps being computed; a later lookup picks it up.
         """
-        tasks = {d.name: self._start(d) for d in deployments}
+        tasks = {d.name: self._start(d, wait) for d in deployments}
         for name in set(self._inflight) - set(tasks):
-            self._inflight.pop(name)[1].cancel()
-        if tasks:
-            await asyncio.wait(set(tasks.values()), timeout=wait)
+            self._inflight.pop(name).task.cancel()
+        now = self._clock()
+        waited = [self._inflight[n] for n in tasks if self._inflight[n].deadline > now]
+        if waited:
+            timeout = max(job.deadline for job in waited) - now
+            await asyncio.wait({job.task for job in waited}, timeout=timeout)
         return {
             name: task.result() if task.done() and not task.cancelled() else None
             for name, task in tasks.items()
         }
 
-    def _start(self, deployment: DeploymentSettings) -> asyncio.Task[FlowInfoResult]:
+    def _start(self, deployment: DeploymentSettings, wait: float) -> asyncio.Task[FlowInfoResult]:
         flow_run = deployment.flow_run_settings(self._flow_run_defaults())
         inputs = (deployment, flow_run)
         running = self._inflight.get(deployment.name)
-        if running is not None and not running[1].done():
-            if running[0] == inputs:
-                return running[1]
-            running[1].cancel()  # a reload changed what it depends on
+        if running is not None and not running.task.done():
+            if running.inputs == inputs:
+                return running.task
+            running.task.cancel()  # a reload changed what it depends on
+        # A finished one is started again: from the caches that is quick, and it notices
+        # code that changed since.
         task = asyncio.create_task(
             self.inspect(deployment, flow_run), name=f"flowinfo-{deployment.name}"
         )
-        self._inflight[deployment.name] = (inputs, task)
+        self._inflight[deployment.name] = _Job(inputs, task, self._clock() + wait)
         return task
 
     async def inspect(

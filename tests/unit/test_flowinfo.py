@@ -383,3 +383,24 @@ async def test_a_missing_code_directory_is_named(
     info = await inspect(inspector(state, venv), deployment(tmp_path / "gone"))
     assert info == FlowInfoFailure(f"the code directory {tmp_path / 'gone'} does not exist")
     assert not fp.calls
+
+
+async def test_a_long_computation_does_not_hold_up_the_others(
+    fp: FakeProcess, state: Path, venv: Path, code: Path, tmp_path: Path
+) -> None:
+    other_code = tmp_path / "other"
+    other_code.mkdir()
+    (other_code / "flow.py").write_text("")
+    fp.register(argv(venv), stdout=json.dumps(ANSWER), wait=2.0)
+    fp.register([*argv(venv)[:2], "flow.py:fast"], stdout=json.dumps(ANSWER))
+    clock = Clock()
+    flow_info = inspector(state, venv, clock=clock)
+    slow = deployment(code)
+    fast = deployment(other_code, name="fast", entrypoint="flow.py:fast")
+    first = await flow_info.lookup((slow, fast), wait=0.2)
+    assert first == {"etl": None, "fast": FlowInfo("count", "Counts.", SCHEMA)}
+    clock.now += 1  # the slow one has had its wait
+    # A sync again: "fast" is looked up afresh (from the cache) and waited for; "etl" is not,
+    # though this lookup would wait long enough for it.
+    again = await flow_info.lookup((slow, fast), wait=10)
+    assert again == {"etl": None, "fast": FlowInfo("count", "Counts.", SCHEMA)}

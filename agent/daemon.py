@@ -27,6 +27,7 @@ from agent.control import ControlChannel
 from agent.deployments import DeploymentRegistry
 from agent.emitter import EventEmitter, with_backlog
 from agent.failpoints import FailpointError, Failpoints
+from agent.flowinfo import FlowInspector
 from agent.flowlogs import FlowRunLogs
 from agent.heartbeats import Heartbeats
 from agent.launch.auto import select_launcher
@@ -169,18 +170,26 @@ class Daemon:
             # Entered after the client, before the runs: it lives longer than they do.
             control = await stack.enter_async_context(ControlChannel())
             reporter = Reporter(client)
+            # One Storage: the schema helper's lease on a checkout must be seen by the runs' gc.
+            storage = Storage(
+                settings.agent.state_dir,
+                credentials_dir=_credentials_dir(self.environ),
+                environ=self.environ,
+            )
+            flow_info = FlowInspector(
+                # `runner` is bound below, before any sync can ask (reload swaps its settings).
+                settings.agent.state_dir,
+                storage,
+                lambda: runner.settings.flow_run,
+            )
             runner = Runner(
                 settings,
                 client=client,
                 launcher=launcher,
                 flow_logs=flow_logs,
                 liveness=self.liveness,
-                registry=DeploymentRegistry(client, settings.agent.state_dir),
-                storage=Storage(
-                    settings.agent.state_dir,
-                    credentials_dir=_credentials_dir(self.environ),
-                    environ=self.environ,
-                ),
+                registry=DeploymentRegistry(client, settings.agent.state_dir, flow_info=flow_info),
+                storage=storage,
                 failpoints=self.failpoints,
                 reporter=reporter,
                 control=control,

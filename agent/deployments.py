@@ -7,6 +7,11 @@ their history stays). Stopping the agent pauses nothing: restarts must not lose 
 An upsert makes the server delete the deployment's future auto-scheduled runs and schedule them
 again, so a deployment whose server copy already matches the config is left untouched. Without
 that, every agent restart in a fleet would churn every schedule.
+
+Like `flow.serve`, a deployment carries its flow's parameter schema and, unless the config sets
+one, the flow's docstring as description; flowinfo.py computes both from the code. A deployment
+whose info is still being computed after FLOW_INFO_WAIT is left out of this sync (the runner
+syncs again at its next poll); one whose flow cannot be loaded is registered without a schema.
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ from typing import Any
 from uuid import UUID
 
 from agent.api import PrefectApiError, PrefectClient
-from agent.settings import CronSchedule, DeploymentSettings
+from agent.deployment_settings import CronSchedule, DeploymentSettings
+from agent.flowinfo import FlowInfo, FlowInfoFailure, FlowInfoLookup
 
 log = logging.getLogger("agent.deployments")
 
 REGISTRY_FILE = "deployments.json"
+# What the server stores for "no schema" (it turns null and {} into this).
+EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+# The runner bounds a whole poll by 2 * api.timeout + 5 s; leave most of it to the API calls.
+FLOW_INFO_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,13 @@ def schedule_body(deployment: DeploymentSettings) -> list[dict[str, Any]]:
     return [{"schedule": spec, "active": True}]
 
 
-def deployment_body(deployment: DeploymentSettings, flow_id: UUID) -> dict[str, Any]:
+def deployment_body(
+    deployment: DeploymentSettings,
+    flow_id: UUID,
+    info: FlowInfo | FlowInfoFailure | None = None,
+) -> dict[str, Any]:
+    """The upsert body; `info` is the flow's (None or a failure: no schema, no docstring)."""
+    known = info if isinstance(info, FlowInfo) else None
     return {
         "name": deployment.name,
         "flow_id": str(flow_id),
@@ -56,11 +72,12 @@ def deployment_body(deployment: DeploymentSettings, flow_id: UUID) -> dict[str, 
         "schedules": schedule_body(deployment),
         "parameters": dict(deployment.parameters),
         "tags": list(deployment.tags),
-        "description": deployment.description or None,
+        "description": deployment.description or (known and known.description) or None,
         # A git deployment's code lives in a per-commit checkout chosen at claim time.
         "path": str(deployment.path) if deployment.path is not None else None,
         "entrypoint": deployment.entrypoint,
-        "enforce_parameter_schema": False,
+        "parameter_openapi_schema": known.parameter_openapi_schema if known else EMPTY_SCHEMA,
+        "enforce_parameter_schema": deployment.enforce_parameter_schema,
     }
 
 
@@ -94,7 +111,17 @@ def is_up_to_date(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> boo
     Anything odd in the server's copy (wrong types, another deployment's name) means "not up to
     date": the upsert then writes the config's version over it.
     """
-    for key in ("name", "flow_id", "paused", "parameters", "description", "path", "entrypoint"):
+    for key in (
+        "name",
+        "flow_id",
+        "paused",
+        "parameters",
+        "description",
+        "path",
+        "entrypoint",
+        "parameter_openapi_schema",
+        "enforce_parameter_schema",
+    ):
         if existing.get(key) != wanted.get(key):
             return False
     tags = existing.get("tags") or []
@@ -115,21 +142,37 @@ class DeploymentRegistry:
     deployment removed from the config can be paused after a restart too.
     """
 
-    def __init__(self, client: PrefectClient, state_dir: Path) -> None:
+    def __init__(
+        self,
+        client: PrefectClient,
+        state_dir: Path,
+        *,
+        flow_info: FlowInfoLookup | None = None,
+    ) -> None:
+        """Without `flow_info`, deployments are registered without schema or docstring."""
         self._client = client
         self._registry_path = state_dir / REGISTRY_FILE
+        self._flow_info = flow_info
+        self._told: dict[str, str] = {}  # what was last logged about each deployment's info
 
     async def sync(
         self, deployments: tuple[DeploymentSettings, ...]
     ) -> dict[str, RegisteredDeployment]:
         """Upsert every deployment, pause the removed ones; return name -> registration.
 
-        A deployment that fails to register is logged and left out; the others still run.
+        A deployment that fails to register, or whose flow info is not ready yet, is left out
+        (and logged); the others still run.
         """
+        infos: dict[str, FlowInfo | FlowInfoFailure | None] = {}
+        if self._flow_info is not None:
+            infos = await self._flow_info.lookup(deployments, FLOW_INFO_WAIT)
         registered: dict[str, RegisteredDeployment] = {}
         for deployment in deployments:
+            info = infos.get(deployment.name)
+            if self._flow_info is not None and not self._ready(deployment, info):
+                continue
             try:
-                registered[deployment.name] = await self._upsert(deployment)
+                registered[deployment.name] = await self._upsert(deployment, info)
             except PrefectApiError as exc:
                 log.error(
                     "could not register deployment %r: %s",
@@ -157,9 +200,44 @@ class DeploymentRegistry:
         self._save(remembered)
         return registered
 
-    async def _upsert(self, deployment: DeploymentSettings) -> RegisteredDeployment:
+    def _ready(
+        self, deployment: DeploymentSettings, info: FlowInfo | FlowInfoFailure | None
+    ) -> bool:
+        """False while the info is being computed; logs each change of what is known, once."""
+        name = deployment.name
+        if info is None:
+            note = "pending"
+        elif isinstance(info, FlowInfoFailure):
+            note = f"failed: {info.reason}"
+        else:
+            note = "ok"
+        if self._told.get(name) == note:
+            return info is not None
+        self._told[name] = note
+        extra = {"deployment": name}
+        if info is None:
+            log.info(
+                "deployment %r: still computing its flow's parameter schema; "
+                "registering it when that is done",
+                name,
+                extra=extra,
+            )
+        elif isinstance(info, FlowInfoFailure):
+            log.warning(
+                "deployment %r: registering it without a parameter schema: cannot load the "
+                "flow %s: %s",
+                name,
+                deployment.entrypoint,
+                info.reason,
+                extra=extra,
+            )
+        return info is not None
+
+    async def _upsert(
+        self, deployment: DeploymentSettings, info: FlowInfo | FlowInfoFailure | None
+    ) -> RegisteredDeployment:
         flow_id = await self._client.upsert_flow(deployment.flow_name)
-        wanted = deployment_body(deployment, flow_id)
+        wanted = deployment_body(deployment, flow_id, info)
         existing = await self._client.read_deployment_by_name(deployment.flow_name, deployment.name)
         if existing is not None and is_up_to_date(existing, wanted):
             deployment_id = UUID(str(existing["id"]))
@@ -204,7 +282,8 @@ class DeploymentRegistry:
         except OSError as exc:
             log.error(
                 "could not remember the registered deployments in %s: %s",
-                self._registry_path, exc.strerror or exc,
+                self._registry_path,
+                exc.strerror or exc,
             )
             with contextlib.suppress(OSError):
                 tmp.unlink()

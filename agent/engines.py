@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 log = logging.getLogger("agent.engines")
 
 PROBE_TIMEOUT = 30.0
+# How long a failed probe's answer is kept before the interpreter is probed again.
+FAILURE_MEMORY = 300.0
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 MAX_OUTPUT = 64 * 1024
 
@@ -105,16 +108,20 @@ class Engines:
         lock = self._locks.setdefault(python, asyncio.Lock())
         async with lock:
             known = self._known.get(python)
-            if known is not None and known[0].version is not None:
+            if known is not None:
                 info, stamp = known
-                if _mtime(info.root) == stamp:
+                if info.version is not None and _mtime(info.root) == stamp:
+                    return info
+                # A failed probe is not repeated at every launch (it may take the timeout).
+                if info.version is None and stamp is not None and time.monotonic() < stamp:
                     return info
             info = await self._probe(python, {**BASE_ENV, **(env or {})})
             if info.version is None:
                 log.warning("%s", info.describe())
             elif known is None or known[0].version != info.version:
                 log.info("flow python %s: %s", python, info.describe())
-            self._known[python] = (info, _mtime(info.root))
+            stamp = _mtime(info.root) if info.version else time.monotonic() + FAILURE_MEMORY
+            self._known[python] = (info, stamp)
             return info
 
     async def _probe(self, python: str, env: dict[str, str]) -> EngineInfo:

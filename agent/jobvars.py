@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.config_errors import show
-from agent.settings import FLOW_RUN_KEYS, FlowRunSettings
+from agent.run_settings import FLOW_RUN_KEYS, FlowRunSettings
 
 # Keys that change who runs the flow, or with which interpreter: never honoured by default.
 PRIVILEGED = frozenset({"user", "python"})

@@ -172,8 +172,11 @@ async def run_watchdog(
 
 
 async def _bounded(on_tick: Callable[[], Awaitable[None]], budget: float) -> None:
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that arrives
+    # as the tick finishes, and the watchdog loop would outlive its stop.
     try:
-        await asyncio.wait_for(on_tick(), timeout=budget)
+        async with asyncio.timeout(budget):
+            await on_tick()
     except TimeoutError:
         log.warning("watchdog tick took longer than %.1fs; abandoned", budget)
     except Exception:

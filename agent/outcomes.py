@@ -257,6 +257,10 @@ class RunOutcomes:
         if request is None:
             self.note(f"Cannot run the flow's on_{kind.value} hooks: the deployment is gone")
             return
+        if self.engine is not None and self.engine.version is None:
+            # Without Prefect in the flow's venv there is no flow to load and no hook to run.
+            self.log.info("no on_%s hooks: %s", kind.value, self.engine.describe())
+            return
         self.save_after_the_fact(
             self.record.phase, extra={**self.record.extra, "hooks_started": [*started, kind.value]}
         )

@@ -66,7 +66,8 @@ SERVE = textwrap.dedent(
 # Stands in for the engine in the footprint scenario: the agent runs `<python> -m prefect.engine`
 # under its sh wrapper, and this ignores its arguments and just sleeps, so the figures are the
 # agent's own.
-FAKE_PYTHON = "#!/bin/sh\nexec sleep 600\n"
+# The engine (`-m prefect.engine`) sleeps; the agent's schema helper fails at once.
+FAKE_PYTHON = '#!/bin/sh\n[ "$1" = -m ] && exec sleep 600\nexit 1\n'
 
 
 def write_flows(directory: Path) -> Path:

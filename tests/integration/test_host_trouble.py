@@ -333,12 +333,14 @@ def code_agent(
     work = tmp_path_factory.mktemp("host-code-agent")
     markers = work / "markers"
     markers.mkdir()
-    # An interpreter that starts slowly: it waits until the test has removed the code.
+    # An interpreter whose engine (`-m prefect.engine`, not the agent's schema helper) starts
+    # slowly: it waits until the test has removed the code.
     slow = work / "slow-python"
     gone = code_dirs["gone-before-load"]
     slow.write_text(
-        f"#!/bin/sh\ntouch {markers}/gone-before-load\n"
-        f'while [ -d {gone} ]; do sleep 0.1; done\nexec {prefect_server.python} "$@"\n'
+        f'#!/bin/sh\nif [ "$1" = -m ]; then\n  touch {markers}/gone-before-load\n'
+        f"  while [ -d {gone} ]; do sleep 0.1; done\nfi\n"
+        f'exec {prefect_server.python} "$@"\n'
     )
     slow.chmod(0o755)
 

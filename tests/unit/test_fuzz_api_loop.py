@@ -43,7 +43,7 @@ from agent import api as api_module
 from agent.api import PrefectApiError, PrefectClient
 from agent.cancellation import CancellationWatcher
 from agent.claims import claim_message
-from agent.deployments import REGISTRY_FILE, DeploymentRegistry
+from agent.deployments import EMPTY_SCHEMA, REGISTRY_FILE, DeploymentRegistry
 from agent.emitter import EventEmitter
 from agent.flowlogs import FlowRunLogs
 from agent.launch.base import LaunchRequest
@@ -1140,7 +1140,7 @@ def _registered(server: FakePrefect, root: Path, name: str = "hello") -> str:
     return server.add_deployment(
         name, "hello-flow", schedules=[{"schedule": {"interval": 3600.0}, "active": True}],
         parameters={}, tags=[], path=str(root), entrypoint="flow.py:hello",
-        enforce_parameter_schema=False,
+        enforce_parameter_schema=True, parameter_openapi_schema=EMPTY_SCHEMA,
     )
 
 

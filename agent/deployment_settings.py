@@ -1,0 +1,141 @@
+"""A `[[deployment]]` of the config: its code source, schedules and run-setting overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from agent import values
+from agent.run_settings import (
+    FLOW_RUN_KEYS,
+    AbsolutePath,
+    ConfigModel,
+    CpuQuota,
+    Duration,
+    EnvName,
+    FlowRunSettings,
+    MemoryLimit,
+    Name,
+    NonEmpty,
+    PositiveDuration,
+    RuntimeLimit,
+    TasksLimit,
+    json_parameters,
+)
+
+
+class GitSettings(ConfigModel):
+    url: Annotated[str, BeforeValidator(values.validate_git_url)]
+    branch: NonEmpty | None = None
+    commit: Annotated[str, BeforeValidator(values.validate_commit)] | None = None
+    token_file: AbsolutePath | None = None
+    submodules: Annotated[bool, Field(strict=True)] = False
+    subdirectory: Annotated[str, BeforeValidator(values.validate_relative_subdirectory)] = ""
+    pull_interval: Duration = 60.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_branch(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "branch" not in data and "commit" not in data:
+            return {**data, "branch": "main"}
+        return data
+
+    @model_validator(mode="after")
+    def _branch_or_commit(self) -> GitSettings:
+        if self.branch is not None and self.commit is not None:
+            raise ValueError("set either branch or commit, not both")
+        return self
+
+
+class CronSchedule(ConfigModel):
+    cron: Annotated[str, BeforeValidator(values.validate_cron)]
+    timezone: Annotated[str, BeforeValidator(values.validate_timezone)] = "UTC"
+
+
+class IntervalSchedule(ConfigModel):
+    interval: PositiveDuration
+
+
+SCHEDULE_TAGS = ("cron", "interval")
+
+
+def _schedule_kind(data: Any) -> str:
+    if isinstance(data, Mapping):
+        return "cron" if "cron" in data else "interval"
+    return "cron" if isinstance(data, CronSchedule) else "interval"
+
+
+Schedule = Annotated[
+    Annotated[CronSchedule, Tag("cron")] | Annotated[IntervalSchedule, Tag("interval")],
+    Discriminator(_schedule_kind),
+]
+
+
+class DeploymentSettings(ConfigModel):
+    name: Name
+    flow_name: Name
+    entrypoint: Annotated[str, BeforeValidator(values.validate_entrypoint)]
+    path: AbsolutePath | None = None
+    git: GitSettings | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(json_parameters)] = Field(
+        default_factory=dict
+    )
+    tags: tuple[str, ...] = ()
+    description: str = ""
+    # flow.serve's default (Prefect 3.8.8): the server checks run parameters against the schema.
+    enforce_parameter_schema: Annotated[bool, Field(strict=True)] = True
+    schedule: Schedule | None = None
+    # Overrides of [flow_run]; only the keys a deployment sets (model_fields_set) apply.
+    python: NonEmpty | None = None
+    memory_max: MemoryLimit = None
+    cpu_quota: CpuQuota = None
+    tasks_max: TasksLimit = None
+    runtime_max: RuntimeLimit = None
+    user: Annotated[str, BeforeValidator(values.validate_user)] | None = None
+    env: dict[EnvName, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_flow_name(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "flow_name" not in data and "name" in data:
+            return {**data, "flow_name": data["name"]}
+        return data
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_shape(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            if "cron" in data and "interval" in data:
+                raise ValueError("set either cron or interval, not both")
+            if "cron" not in data and "interval" not in data:
+                raise ValueError('needs cron = "..." or interval = "..."')
+        elif data is not None and not isinstance(data, CronSchedule | IntervalSchedule):
+            raise ValueError(f'expected a table like {{ interval = "10m" }}, got {data!r}')
+        return data
+
+    @model_validator(mode="after")
+    def _one_code_source(self) -> DeploymentSettings:
+        if self.path is not None and self.git is not None:
+            raise ValueError("set either path or git, not both")
+        if self.path is None and self.git is None:
+            raise ValueError("needs a code source: set path (a directory) or git (a repository)")
+        return self
+
+    def flow_run_settings(self, defaults: FlowRunSettings) -> FlowRunSettings:
+        """The run settings for this deployment: [flow_run] with this deployment's overrides."""
+        updates = {key: getattr(self, key) for key in FLOW_RUN_KEYS if key in self.model_fields_set}
+        if "env" in updates:
+            updates["env"] = {**defaults.env, **self.env}
+        return defaults.model_copy(update=updates)
+
+

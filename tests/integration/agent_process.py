@@ -9,46 +9,27 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import tomli_w
 
 from tests.integration.server_http import server_client
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        # Quoted keys: an environment variable name or a parameter may hold a dot.
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
 def render_config(
-    sections: dict[str, dict[str, Any]], deployments: Sequence[dict[str, Any]]
+    sections: Mapping[str, Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]]
 ) -> str:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    for deployment in deployments:
-        lines.append("[[deployment]]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in deployment.items()]
-        lines.append("")
-    return "\n".join(lines)
+    """The agent's TOML: one table per section, then one `[[deployment]]` per deployment."""
+    document: dict[str, Any] = {name: dict(values) for name, values in sections.items()}
+    if deployments:
+        document["deployment"] = [dict(deployment) for deployment in deployments]
+    return tomli_w.dumps(document)
 
 
 class AgentProcess:

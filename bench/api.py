@@ -7,6 +7,7 @@ timestamps, so both contenders are measured by the same clock and the same rules
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,9 +15,9 @@ from typing import Any
 
 import httpx
 
+from tests.integration.server_http import server_client
+
 FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-# SQLite under a burst answers 503 (database locked) now and then; those are retried.
-RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 class BenchError(RuntimeError):
@@ -58,25 +59,14 @@ class Timeline:
 
 class BenchApi:
     def __init__(self, api_url: str) -> None:
-        self.client = httpx.Client(base_url=api_url, timeout=30.0)
+        # Rides out the busy server's 503s and resets (tests/integration/server_http.py).
+        self.client = server_client(api_url)
 
     def close(self) -> None:
         self.client.close()
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response: httpx.Response | None = None
-        for attempt in range(10):
-            try:
-                response = self.client.request(method, url, **kwargs)
-            except httpx.TransportError:
-                if attempt == 9:
-                    raise
-                time.sleep(0.25 * (attempt + 1))
-                continue
-            if response.status_code not in RETRY_STATUSES:
-                break
-            time.sleep(0.25 * (attempt + 1))
-        assert response is not None
+        response = self.client.request(method, url, **kwargs)
         response.raise_for_status()
         return response
 
@@ -96,7 +86,9 @@ class BenchApi:
         )
 
     def create_run(self, deployment_id: str) -> str:
-        response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json={})
+        # The key makes a creation retried after a 503 that did the write return the same run.
+        body = {"idempotency_key": str(uuid.uuid4())}
+        response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)
         return str(response.json()["id"])
 
     def set_cancelling(self, run_id: str) -> None:

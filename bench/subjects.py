@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from bench import procs
-from tests.integration.agent_process import toml_value
+from tests.integration.agent_process import render_config
 
 NOOP_FLOW = "bench-noop"
 SLEEPER_FLOW = "bench-sleeper"
@@ -103,23 +103,14 @@ def agent_config(
         },
         "flow_run": {"python": python, "env": dict(flow_env)},
     }
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-        lines.append("")
+    listed = []
     for dep_name, (flow_name, entrypoint, python_override) in deployments.items():
-        lines += [
-            "[[deployment]]",
-            f"name = {toml_value(dep_name)}",
-            f"flow_name = {toml_value(flow_name)}",
-            f"entrypoint = {toml_value(entrypoint)}",
-            f"path = {toml_value(str(flows_dir))}",
-        ]
+        entry = {"name": dep_name, "flow_name": flow_name, "entrypoint": entrypoint,
+                 "path": str(flows_dir)}
         if python_override is not None:
-            lines.append(f"python = {toml_value(python_override)}")
-        lines.append("")
-    return "\n".join(lines)
+            entry["python"] = python_override
+        listed.append(entry)
+    return render_config(sections, listed)
 
 
 def base_env(tag: str) -> dict[str, str]:

@@ -25,7 +25,8 @@ from tests.integration.prefect_server import VENV_ENV
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 480.0
+# A hang guard, not a speed target: the smoke run takes a few minutes, longer on a busy machine.
+TIMEOUT = 900.0
 # A figure the report prints: "0.12 s", "45.3 MiB", "0.010 %", "15", "0 of 3".
 NUMBER = re.compile(r"^(\d+(\.\d+)?) (s|MiB|%)$|^\d+$|^\d+ of \d+$")
 
@@ -60,6 +61,8 @@ def leftovers(tag: str, workdir: str) -> list[str]:
     return found
 
 
+# Beyond the suite's 600 s: the benchmark's own timeout and its clean-up must come first.
+@pytest.mark.timeout(TIMEOUT + 120)
 def test_smoke_benchmark_writes_a_full_report(tmp_path: Path) -> None:
     venv = os.environ.get(VENV_ENV, "")
     if not venv:

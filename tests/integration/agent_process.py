@@ -8,44 +8,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import tomli_w
+
+from tests.integration.server_http import server_client
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        # Quoted keys: an environment variable name or a parameter may hold a dot.
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
 def render_config(
-    sections: dict[str, dict[str, Any]], deployments: Sequence[dict[str, Any]]
+    sections: Mapping[str, Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]]
 ) -> str:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    for deployment in deployments:
-        lines.append("[[deployment]]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in deployment.items()]
-        lines.append("")
-    return "\n".join(lines)
+    """The agent's TOML: one table per section, then one `[[deployment]]` per deployment."""
+    document: dict[str, Any] = {name: dict(values) for name, values in sections.items()}
+    if deployments:
+        document["deployment"] = [dict(deployment) for deployment in deployments]
+    return tomli_w.dumps(document)
 
 
 class AgentProcess:
@@ -191,20 +175,17 @@ def wait_for(
 
 
 class Api:
-    """Small synchronous helper for test assertions against the real server."""
+    """Small synchronous helper for test assertions against the real server.
 
-    def __init__(self, api_url: str) -> None:
-        # SQLite under a burst of runs answers 503 (database locked) now and then; retry those.
-        self.client = httpx.Client(base_url=api_url, timeout=30)
-        self._retry_statuses = {502, 503, 504}
+    Retries the server's transient answers (tests/integration/server_http.py); `retry=False`
+    sees every answer as it comes, for a test that watches an outage.
+    """
+
+    def __init__(self, api_url: str, *, retry: bool = True) -> None:
+        self.client = server_client(api_url, retry=retry)
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(8):
-            response = self.client.request(method, url, **kwargs)
-            if response.status_code not in self._retry_statuses:
-                return response
-            time.sleep(0.25 * (attempt + 1))
-        return response
+        return self.client.request(method, url, **kwargs)
 
     def deployment_id(self, flow_name: str, name: str) -> str | None:
         response = self.request("GET", f"/deployments/name/{flow_name}/{name}")
@@ -218,6 +199,8 @@ class Api:
         )
 
     def create_run(self, deployment_id: str, **body: Any) -> str:
+        """A new run of the deployment; the idempotency key makes a retried creation safe."""
+        body.setdefault("idempotency_key", str(uuid.uuid4()))
         response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)
         response.raise_for_status()
         return str(response.json()["id"])

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.agent_process import Api
 from tests.integration.prefect_server import PrefectServer, make_flow_dir
+from tests.integration.server_http import async_server_client
 
 HERE = Path(__file__).resolve().parent
 
@@ -22,21 +23,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def prefect_http(prefect_server: PrefectServer) -> Iterator[httpx.Client]:
-    """A plain sync client on the server's API, for assertions independent of agent.api."""
-    with httpx.Client(base_url=prefect_server.api_url, timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture
 async def prefect_ahttp(prefect_server: PrefectServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=prefect_server.api_url, timeout=30.0) as client:
+    """An async client on the server's API, for assertions independent of agent.api.
+
+    It retries the server's transient answers (tests/integration/server_http.py).
+    """
+    async with async_server_client(prefect_server.api_url) as client:
         yield client
 
 
 @pytest.fixture
 def api(prefect_server: PrefectServer) -> Iterator[Api]:
-    """The test helper client on the session's server (retries the server's 502/503/504)."""
+    """The test helper client on the session's server (retries its transient answers)."""
     client = Api(prefect_server.api_url)
     yield client
     client.close()

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
+from tests.integration.server_http import server_client
+
 VENV_ENV = "RUNNER_AGENT_TEST_PREFECT_VENV"
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 20.0
@@ -154,7 +156,8 @@ class PrefectServer:
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer yet"
-        with httpx.Client(base_url=self.api_url, timeout=5.0) as client:
+        # No transport retries: this loop is the retry, and it watches the process between tries.
+        with server_client(self.api_url, retry=False, timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self._proc is not None and self._proc.poll() is not None:
                     raise PrefectServerError(

@@ -24,6 +24,7 @@ from tests.integration.prefect_server import (
     make_flow_dir,
     prefect_venv,
 )
+from tests.integration.server_http import AsyncRetryingTransport
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,9 @@ def client_for(server: PrefectServer, **kwargs: Any) -> PrefectClient:
 
 @pytest.fixture
 async def client(prefect_server: PrefectServer) -> AsyncIterator[PrefectClient]:
-    async with client_for(prefect_server) as c:
+    """The agent's client, over the tests' retrying transport: the tests here check the shapes
+    the agent sends, and must not fail because the busy server answered 503 once too often."""
+    async with client_for(prefect_server, transport=AsyncRetryingTransport()) as c:
         yield c
 
 
@@ -121,10 +124,17 @@ async def test_deployment_upsert_update_and_read(client: PrefectClient, tmp_path
 
 
 async def test_claim_race_and_crash_report(
-    prefect_server: PrefectServer, client: PrefectClient
+    prefect_server: PrefectServer, client: PrefectClient, prefect_ahttp: httpx.AsyncClient
 ) -> None:
     deployment_id = await new_deployment(client)
-    run = await client.create_flow_run(deployment_id, tags=["t1"])
+    # Not client.create_flow_run: it sends no idempotency key, so a retried 503 that had made
+    # the run would leave a second one due, and the scheduled-runs query below would see both.
+    created = await prefect_ahttp.post(
+        f"/deployments/{deployment_id}/create_flow_run",
+        json={"tags": ["t1"], "idempotency_key": str(uuid.uuid4())},
+    )
+    created.raise_for_status()
+    run = await client.read_flow_run(UUID(created.json()["id"]))
     assert run.state is not None and run.state.type is StateType.SCHEDULED
 
     due = await client.get_scheduled_flow_runs(
@@ -140,7 +150,7 @@ async def test_claim_race_and_crash_report(
     assert first.status is SetStateStatus.ACCEPT
     assert first.state is not None and first.state.type is StateType.PENDING
 
-    async with client_for(prefect_server) as other:
+    async with client_for(prefect_server, transport=AsyncRetryingTransport()) as other:
         second = await other.set_flow_run_state(run.id, pending("claimed by B"), force=False)
     # Observed on 3.8.8: ABORT, "This run is in a PENDING state and cannot transition to a
     # PENDING state." (recorded in agent/api.py's docstring).
@@ -207,7 +217,7 @@ async def test_emitted_event_can_be_read_back(
 
 async def test_logs_are_stored(client: PrefectClient, prefect_ahttp: httpx.AsyncClient) -> None:
     deployment_id = await new_deployment(client)
-    run = await client.create_flow_run(deployment_id)
+    run = await client.create_flow_run(deployment_id)  # a duplicate made by a retry is harmless
     message = unique("agent says")
     await client.create_logs([{
         "name": "runner-agent", "level": 20, "message": message,
@@ -262,6 +272,7 @@ async def test_server_restart_keeps_data_and_client_reports_outage(
     flow_id = await client.upsert_flow(flow_name)
     prefect_server.stop()
     try:
+        # No retrying transport under this one: it must see the outage as it is.
         async with client_for(prefect_server, max_attempts=2, backoff_base=0.01) as down:
             with pytest.raises(ApiUnavailable, match=r"GET /health failed after 2 attempt"):
                 await down.health()
@@ -280,7 +291,7 @@ async def test_basic_auth_against_a_server_with_an_auth_string(tmp_path: Path) -
     await asyncio.to_thread(server.start)
     try:
         config = StaticApiConfig(server.api_url, auth_string="admin:s3cret", key="ignored")
-        async with PrefectClient(config) as good:
+        async with PrefectClient(config, transport=AsyncRetryingTransport()) as good:
             await good.health()
             flow_id = await good.upsert_flow("guarded")
             assert await good.upsert_flow("guarded") == flow_id

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.integration
 
 CANCELLING = "prefect.flow-run.Cancelling"
 SCHEDULED = "prefect.flow-run.Scheduled"
+# Bound on every wait for the server: a hang guard. A busy server (SQLite, two cores shared
+# with busy processes) takes seconds to connect or to deliver an event, never a minute.
+PATIENCE = 60.0
 
 
 class EndpointRefused(Exception):
@@ -34,7 +37,7 @@ def poster(client: httpx.AsyncClient) -> Callable[[list[dict[str, Any]]], Any]:
 
 
 async def read_back(
-    client: httpx.AsyncClient, name: str, resource_id: str, within: float = 20.0
+    client: httpx.AsyncClient, name: str, resource_id: str, within: float = PATIENCE
 ) -> dict[str, Any]:
     """Events persist asynchronously: poll `POST /events/filter` until ours shows up."""
     body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]}}, "limit": 10}
@@ -57,6 +60,8 @@ def assert_same_event(stored: dict[str, Any], sent: dict[str, Any]) -> None:
     assert stored["payload"] == sent["payload"]
 
 
+# Creations are retried on 503 (tests/integration/server_http.py): flows and deployments are
+# upserts, flow runs carry an idempotency key.
 async def create_flow(client: httpx.AsyncClient, name: str) -> str:
     response = await client.post("/flows/", json={"name": name})
     response.raise_for_status()
@@ -93,7 +98,10 @@ async def test_heartbeats_can_be_read_back(
         agent_name=agent_name, host="host-1", version="0.1.0", limit=4, running=1,
         launcher="process",
     )
-    async with EventEmitter(poster(prefect_ahttp), api_url=prefect_server.api_url) as emitter:
+    # The flush at exit may outlast the 3 s default while the poster rides out a 503.
+    async with EventEmitter(
+        poster(prefect_ahttp), api_url=prefect_server.api_url, shutdown_timeout=PATIENCE
+    ) as emitter:
         emitter.emit(heartbeat)
         emitter.emit(agent)
     assert emitter.stats() == {"sent": 2, "dropped": 0, "rejected": 0, "pending": 0}
@@ -124,7 +132,7 @@ async def test_websocket_fallback_delivers_events(
         refused, api_url=prefect_server.api_url, flush_interval=0.1
     ) as emitter:
         emitter.emit(event)
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while emitter.stats()["sent"] < 1:
                 await asyncio.sleep(0.05)
         assert emitter.use_websocket
@@ -139,14 +147,16 @@ async def test_subscription_sees_cancelling(
     sub = EventSubscription(prefect_server.api_url)
     sub.subscribe(CANCELLING, seen.put_nowait)
     async with sub:
-        await asyncio.wait_for(sub.connected_event.wait(), 15)
+        await asyncio.wait_for(sub.connected_event.wait(), PATIENCE)
         flow_id = await create_flow(prefect_ahttp, "events-live-cancel")
-        response = await prefect_ahttp.post("/flow_runs/", json={"flow_id": flow_id})
+        response = await prefect_ahttp.post(
+            "/flow_runs/", json={"flow_id": flow_id, "idempotency_key": str(uuid.uuid4())}
+        )
         response.raise_for_status()
         run_id = response.json()["id"]
         await set_state(prefect_ahttp, run_id, "RUNNING")
         await set_state(prefect_ahttp, run_id, "CANCELLING")
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(PATIENCE):
             while True:
                 event = await seen.get()
                 if event["resource"]["prefect.resource.id"] == f"prefect.flow-run.{run_id}":
@@ -173,16 +183,17 @@ async def test_subscription_sees_scheduled_runs_of_its_deployments_only(
     sub.subscribe(SCHEDULED, on_scheduled)
     sub.set_related(SCHEDULED, [f"prefect.deployment.{mine}"])
     async with sub:
-        await asyncio.wait_for(sub.connected_event.wait(), 15)
+        await asyncio.wait_for(sub.connected_event.wait(), PATIENCE)
         run_ids = {}
         for deployment_id in (other, mine):
             response = await prefect_ahttp.post(
-                f"/deployments/{deployment_id}/create_flow_run", json={}
+                f"/deployments/{deployment_id}/create_flow_run",
+                json={"idempotency_key": str(uuid.uuid4())},
             )
             response.raise_for_status()
             assert response.json()["state"]["type"] == "SCHEDULED"
             run_ids[deployment_id] = response.json()["id"]
-        await asyncio.wait_for(got_one.wait(), 20)
+        await asyncio.wait_for(got_one.wait(), PATIENCE)
         # Give the other deployment's event time to arrive, were it (wrongly) let through.
         await asyncio.sleep(2)
     assert [e["resource"]["prefect.resource.id"] for e in seen] == [

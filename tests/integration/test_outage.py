@@ -39,8 +39,11 @@ from tests.integration.prefect_server import PrefectServer, prefect_venv
 pytestmark = pytest.mark.integration
 
 OUTAGE = 60.0
-WATCHDOG_USEC = 2_000_000
-PING_EVERY = WATCHDOG_USEC / 2 / 1e6
+# systemd's deadline. The agent pings at half of it (unit-tested on a fake clock); 6 s leaves a
+# busy machine room to be late with a ping without the test calling the watchdog starved.
+WATCHDOG_USEC = 6_000_000
+WATCHDOG_DEADLINE = WATCHDOG_USEC / 1e6
+PING_EVERY = WATCHDOG_DEADLINE / 2
 AGENT_NAME = "outage-agent"
 EVENT_CAP = 5_000  # EventEmitter's max_buffered default, as the STATUS line shows it
 
@@ -311,8 +314,9 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         max_gap = max(gaps)
         print(f"watchdog: {len(pings)} pings during the outage, max gap {max_gap:.3f}s "
               f"(WATCHDOG_USEC={WATCHDOG_USEC / 1e6:.0f}s, ping every {PING_EVERY:.1f}s)")
-        assert pings[0][0] - t0 < PING_EVERY * 1.5 and back - pings[-1][0] < PING_EVERY * 1.5
-        assert max_gap < PING_EVERY * 1.5, gaps
+        # Fed throughout: no gap (the stop and the restart included) reached the deadline.
+        assert pings[0][0] - t0 < WATCHDOG_DEADLINE and back - pings[-1][0] < WATCHDOG_DEADLINE
+        assert max_gap < WATCHDOG_DEADLINE, gaps
         outage_statuses = notify.statuses(t0, back)
         assert any(re.search(r"API unreachable for \d+s", s) for s in outage_statuses)
         events_queued = queued(outage_statuses, "events")
@@ -321,7 +325,10 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         print(f"event buffer during the outage: peak {peak} queued "
               f"(cap {events_queued[0][1]}); last STATUS: {outage_statuses[-1]!r}")
         assert all(q <= cap == EVENT_CAP for q, cap in events_queued), events_queued
-        assert peak >= 0.8 * OUTAGE / PING_EVERY, events_queued[-5:]  # heartbeats kept coming
+        # Heartbeats kept coming: one queued per tick while the server was down (the STATUS of
+        # a tick is sent before its heartbeat, and the last tick's STATUS may fall after t1).
+        ticks_down = len(notify.pings(t0, t1))
+        assert peak >= ticks_down - 2, (ticks_down, events_queued[-5:])
         assert queued(outage_statuses, "flow-run log messages"), outage_statuses[-5:]
         assert not any("dropped" in s for s in notify.statuses(0)), "nothing may be dropped"
 

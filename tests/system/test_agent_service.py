@@ -469,7 +469,9 @@ def test_stop_returns_quickly_and_leaves_runs_alone(agent: Bed) -> None:
     c.systemctl("stop", SERVICE)
     took = time.monotonic() - started
     print(f"systemctl stop with a run in flight: {took:.2f}s")
-    assert took < 5
+    # A hang guard, below TimeoutStopSec=30 (a stop that timed out); that the stop did not wait
+    # for the run (15 s) is shown by the run still going below, not by the clock.
+    assert took < 25
     assert agent.service("ActiveState")["ActiveState"] == "inactive"
     assert agent.active(unit) and agent.scope_pids(unit) == pids
     agent.start_agent()  # adopts it and reports nothing over the engine's own final state

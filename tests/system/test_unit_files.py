@@ -155,7 +155,8 @@ def test_stop_and_restart_leave_the_flow_scope_and_its_records_alone(
     flow_pid = c.read_file("/run/runner-agent/flow.pid").strip()
     started = time.monotonic()
     c.systemctl("stop", "runner-agent.service")
-    assert time.monotonic() - started < 10  # well within TimeoutStopSec
+    # A hang guard: a clean stop takes about a second, one that hits TimeoutStopSec=30 takes 30 s.
+    assert time.monotonic() - started < 25
     assert c.show("runner-agent.service", "ActiveState")["ActiveState"] == "inactive"
     # The run goes on, and /run/runner-agent (RuntimeDirectoryPreserve=yes) keeps its record.
     assert c.show(FLOW_SCOPE, "ActiveState")["ActiveState"] == "active"

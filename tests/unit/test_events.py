@@ -22,6 +22,7 @@ from agent.notify import Liveness
 from agent.runner import Runner
 from agent.settings import load_settings
 from agent.storage import Storage
+from tests.unit.virtual_time import run_virtual, virtual_loop
 
 RUN = UUID("11111111-1111-1111-1111-111111111111")
 FLOW = UUID("22222222-2222-2222-2222-222222222222")
@@ -233,13 +234,17 @@ async def test_background_sender_batches_and_retries_with_backoff() -> None:
     assert all(len(b) <= 3 for b in send.batches)
 
 
-async def test_full_batch_is_sent_before_the_interval() -> None:
+def test_full_batch_is_sent_before_the_interval() -> None:
     send = Recorder()
-    async with EventEmitter(send, batch_size=5, flush_interval=30) as em:
-        await asyncio.sleep(0.05)  # let the sender start waiting
-        for n in range(5):
-            em.emit(ev(n))
-        await eventually(lambda: len(send.batches) == 1, within=2)
+
+    async def main() -> None:  # on a virtual clock (tests/unit/virtual_time.py)
+        async with EventEmitter(send, batch_size=5, flush_interval=30) as em:
+            await asyncio.sleep(0.05)  # let the sender start waiting
+            for n in range(5):
+                em.emit(ev(n))
+            await eventually(lambda: len(send.batches) == 1, within=2)
+
+    run_virtual(main())
     assert send.batches == [[ev(n) for n in range(5)]]
 
 
@@ -252,21 +257,25 @@ async def test_exit_flushes_what_is_pending() -> None:
     assert asyncio.all_tasks() == before
 
 
-async def test_exit_is_bounded_when_the_api_hangs(caplog: pytest.LogCaptureFixture) -> None:
+def test_exit_is_bounded_when_the_api_hangs(caplog: pytest.LogCaptureFixture) -> None:
     async def hang(batch: list[dict[str, Any]]) -> None:
         await asyncio.sleep(3600)
 
-    before = asyncio.all_tasks()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    with caplog.at_level(logging.WARNING, logger="agent.emitter"):
+    async def main() -> tuple[EventEmitter, float]:  # on a virtual clock
+        before = asyncio.all_tasks()
+        loop = virtual_loop()
+        start = loop.time()
         async with EventEmitter(hang, flush_interval=0.01, shutdown_timeout=0.2) as em:
             em.emit(ev(1))
             await asyncio.sleep(0.05)  # the sender is now stuck in hang()
-    assert loop.time() - start < 2
+        assert asyncio.all_tasks() == before
+        return em, loop.time() - start
+
+    with caplog.at_level(logging.WARNING, logger="agent.emitter"):
+        em, took = run_virtual(main())
+    assert took == pytest.approx(0.05 + 0.2)  # the shutdown_timeout, not the hour
     assert em.stats() == {"sent": 0, "dropped": 0, "rejected": 0, "pending": 1}
     assert "1 events were not delivered at shutdown" in caplog.text
-    assert asyncio.all_tasks() == before
 
 
 def test_emit_never_blocks_without_a_loop() -> None:
@@ -407,7 +416,7 @@ def test_runner_status_says_how_long_the_api_has_been_unreachable(tmp_path: Path
     assert runner.status_text() == "0/4 runs; last poll 2s ago; API unreachable for 42s"
 
 
-async def test_retry_now_ends_the_backoff_once_the_api_is_back() -> None:
+def test_retry_now_ends_the_backoff_once_the_api_is_back() -> None:
     sent: list[list[dict[str, Any]]] = []
     attempts = 0
     failing = True
@@ -419,18 +428,22 @@ async def test_retry_now_ends_the_backoff_once_the_api_is_back() -> None:
             raise OSError("connection refused")
         sent.append(batch)
 
-    loop = asyncio.get_running_loop()
-    emitter = EventEmitter(send, flush_interval=0.5, max_backoff=60.0)
-    async with emitter:
-        emitter.emit({"event": "a"})
-        while attempts < 3:  # backoffs 0.5 s, 1 s; now waiting 2 s
-            await asyncio.sleep(0.01)
-        failing = False
-        back = loop.time()
-        emitter.retry_now()
-        while not sent and loop.time() - back < 1.5:
-            await asyncio.sleep(0.01)
-        took = loop.time() - back
+    async def main() -> float:  # on a virtual clock: the backoff is exact
+        nonlocal failing
+        loop = virtual_loop()
+        emitter = EventEmitter(send, flush_interval=0.5, max_backoff=60.0)
+        async with emitter:
+            emitter.emit({"event": "a"})
+            while attempts < 3:  # backoffs 0.5 s, 1 s; now waiting 2 s
+                await asyncio.sleep(0.01)
+            failing = False
+            back = loop.time()
+            emitter.retry_now()
+            while not sent:
+                await asyncio.sleep(0.01)
+            return loop.time() - back
+
+    took = run_virtual(main())
     assert sent and sent[0][0]["event"] == "a"
     assert took < 0.5, f"delivered {took:.2f}s after retry_now, i.e. after the backoff"
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,60 +14,28 @@ from pathlib import Path
 import pytest
 
 from agent.notify import Liveness, Notifier, run_watchdog
+from tests.unit.virtual_time import run_virtual, virtual_loop
 
 # A blocked send or a lost cancellation must fail fast, not hang the suite.
 pytestmark = pytest.mark.timeout(30)
 
 
 class NotifySocket:
-    """What systemd would see: a datagram socket that collects the messages sent to it.
-
-    Like systemd it must keep reading while the agent sends (`watching()`), because a datagram
-    socket queues only net.unix.max_dgram_qlen messages. It reads in a thread, so the receive
-    times stay true while the event loop under test is blocked.
-    """
+    """What systemd would see: a datagram socket that collects the messages sent to it."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
-        self.sock.settimeout(0.01)
-        self._received: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self.sock.recv(4096).decode()
-            except TimeoutError:
-                return
-            with self._lock:
-                self._received.append((time.monotonic(), message))
-
-    def drain_timed(self) -> list[tuple[float, str]]:
-        """Everything received since the last drain, in order, with the time it arrived."""
-        self._read()
-        with self._lock:
-            messages, self._received = self._received, []
-        return messages
+        self.sock.setblocking(False)
 
     def drain(self) -> list[str]:
-        return [message for _, message in self.drain_timed()]
-
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        stop = threading.Event()
-
-        def reader() -> None:
-            while not stop.is_set():
-                self._read()
-
-        thread = threading.Thread(target=reader, name="notify-socket", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        """Everything queued on the socket, in order (the sends are done when this is called)."""
+        messages = []
+        while True:
+            try:
+                messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return messages
 
 
 @pytest.fixture
@@ -180,17 +145,45 @@ def test_liveness() -> None:
     assert liveness.check() == ["cancellation"]
 
 
+# -- the watchdog, on a virtual clock ---------------------------------------------------------
+# run_watchdog does all its work in the loop, so these run on tests/unit/virtual_time.py: the
+# cadence is exact and a busy machine cannot stretch it. What reaches a real socket is tested
+# above and below. The tests wake between ticks (0.31 s, not 0.30 s): at the same instant the
+# order of two timers would be the test's subject, and a cancellation landing just as an
+# on_tick finishes is swallowed by Python 3.11's asyncio.wait_for.
+
+WATCHDOG_ENV = {"NOTIFY_SOCKET": "/nonexistent/notify.sock", "WATCHDOG_USEC": "100000"}
+PING = "WATCHDOG=1"
+
+
+class RecordingNotifier(Notifier):
+    """What systemd would receive, stamped with the loop's clock when it was sent."""
+
+    def __init__(self, environ: dict[str, str] = WATCHDOG_ENV) -> None:
+        super().__init__(environ)
+        self.sent: list[tuple[float, str]] = []
+        self._read = 0
+
+    def send(self, message: str) -> None:
+        self.sent.append((asyncio.get_running_loop().time(), message))
+
+    def drain(self) -> list[str]:
+        """The messages sent since the last drain."""
+        fresh, self._read = self.sent[self._read :], len(self.sent)
+        return [message for _, message in fresh]
+
+    def times(self, message: str) -> list[float]:
+        return [at for at, sent in self.sent if sent == message]
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
-async def test_watchdog_pings_at_the_interval(
-    systemd: tuple[NotifySocket, dict[str, str]],
-) -> None:
-    receiver, environ = systemd
-    notifier = Notifier(environ)
+def test_watchdog_pings_at_the_interval() -> None:
+    notifier = RecordingNotifier()
     assert notifier.watchdog_interval == 0.05
     ticks = 0
 
@@ -198,64 +191,58 @@ async def test_watchdog_pings_at_the_interval(
         nonlocal ticks
         ticks += 1
 
-    with receiver.watching():
+    async def main() -> float:
+        start = virtual_loop().time()
         task = asyncio.create_task(run_watchdog(
             notifier, Liveness(), interval=0.05, on_tick=on_tick, status=lambda: f"tick {ticks}",
         ))
         await asyncio.sleep(0.52)
         await _cancel(task)
-        timed = receiver.drain_timed()
+        sent = len(notifier.sent)
         await asyncio.sleep(0.15)
-        assert receiver.drain() == []  # cancelled means stopped
-    messages = [message for _, message in timed]
-    pings = [at for at, message in timed if message == "WATCHDOG=1"]
-    assert 8 <= len(pings) <= 12
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert 0.04 <= sum(gaps) / len(gaps) <= 0.07
-    assert min(gaps) >= 0.03  # never a burst of pings
+        assert len(notifier.sent) == sent  # cancelled means stopped
+        return start
+
+    start = run_virtual(main())
+    pings = [at - start for at in notifier.times(PING)]
+    assert pings == pytest.approx([0.05 * n for n in range(11)])  # at once, then every 0.05 s
     # Each tick: ping, status, then the agent heartbeat (on_tick).
     assert ticks == len(pings)
-    assert messages[:4] == ["WATCHDOG=1", "STATUS=tick 0", "WATCHDOG=1", "STATUS=tick 1"]
-    assert messages[-1] == f"STATUS=tick {ticks - 1}"
+    messages = [message for _, message in notifier.sent]
+    assert messages == [m for n in range(ticks) for m in (PING, f"STATUS=tick {n}")]
 
 
-async def test_no_watchdog_configured_still_updates_status(notify_dir: Path) -> None:
-    receiver = NotifySocket(str(notify_dir / "n.sock"))
+def test_no_watchdog_configured_still_updates_status() -> None:
+    notifier = RecordingNotifier({"NOTIFY_SOCKET": WATCHDOG_ENV["NOTIFY_SOCKET"]})
+    assert notifier.watchdog_interval is None
     ticks = 0
 
     async def on_tick() -> None:
         nonlocal ticks
         ticks += 1
 
-    try:
-        notifier = Notifier({"NOTIFY_SOCKET": str(notify_dir / "n.sock")})
-        with receiver.watching():
-            task = asyncio.create_task(
-                run_watchdog(notifier, Liveness(), interval=0.05, on_tick=on_tick,
-                             status=lambda: "ok")
-            )
-            await asyncio.sleep(0.12)
-            await _cancel(task)
-        messages = receiver.drain()
-        assert len(messages) >= 2
-        assert set(messages) == {"STATUS=ok"}
-        assert ticks == len(messages)  # the agent heartbeat still runs on every tick
-    finally:
-        receiver.sock.close()
+    async def main() -> None:
+        task = asyncio.create_task(
+            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=on_tick,
+                         status=lambda: "ok")
+        )
+        await asyncio.sleep(0.12)
+        await _cancel(task)
+
+    run_virtual(main())
+    assert notifier.drain() == ["STATUS=ok"] * 3  # at 0, 0.05 and 0.10 s
+    assert ticks == 3  # the agent heartbeat still runs on every tick
 
 
-async def test_a_stalled_poll_loop_withholds_the_ping(
-    systemd: tuple[NotifySocket, dict[str, str]], caplog: pytest.LogCaptureFixture
-) -> None:
-    receiver, environ = systemd
-    liveness = Liveness()
+def test_a_stalled_poll_loop_withholds_the_ping(caplog: pytest.LogCaptureFixture) -> None:
+    notifier = RecordingNotifier()
     ticks = 0
 
     async def on_tick() -> None:
         nonlocal ticks
         ticks += 1
 
-    async def poll_loop(block: asyncio.Event) -> None:
+    async def poll_loop(liveness: Liveness, block: asyncio.Event) -> None:
         liveness.register("poll", 0.2)
         try:
             while True:
@@ -266,101 +253,100 @@ async def test_a_stalled_poll_loop_withholds_the_ping(
         finally:
             liveness.unregister("poll")
 
-    async def heartbeats() -> None:
+    async def heartbeats(liveness: Liveness) -> None:
         liveness.register("heartbeats", 60)
         while True:
             await asyncio.sleep(0.02)
             liveness.progress("heartbeats")
 
-    block = asyncio.Event()
-    with receiver.watching():
+    async def main() -> None:
+        liveness = Liveness(clock=virtual_loop().time)
+        block = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(poll_loop(block)), group.create_task(heartbeats())]
+            loops = [group.create_task(poll_loop(liveness, block)),
+                     group.create_task(heartbeats(liveness))]
             watchdog = group.create_task(run_watchdog(
-                Notifier(environ), liveness, interval=0.05, on_tick=on_tick,
+                notifier, liveness, interval=0.05, on_tick=on_tick,
                 status=lambda: "1/4 runs; API ok",
             ))
-            await asyncio.sleep(0.3)
-            healthy = receiver.drain()
-            assert healthy.count("WATCHDOG=1") >= 4
+            await asyncio.sleep(0.31)
+            healthy = notifier.drain()
+            assert healthy.count(PING) == 7  # at 0, 0.05, ... 0.30 s
             assert "STATUS=1/4 runs; API ok" in healthy
 
-            block.set()
-            await asyncio.sleep(0.25)  # poll goes stale after 0.2 s
-            receiver.drain()
+            block.set()  # the poll at 0.32 s is its last: stale from the tick at 0.55 s on
+            await asyncio.sleep(0.25)
+            notifier.drain()
             ticks_at_stall = ticks
             await asyncio.sleep(0.3)
-            stalled = receiver.drain()
-            assert "WATCHDOG=1" not in stalled
-            assert len(stalled) >= 4
-            assert set(stalled) == {
+            stalled = notifier.drain()
+            assert stalled == [
                 "STATUS=stalled: poll made no progress; watchdog ping withheld"
-            }
+            ] * 6
             assert ticks == ticks_at_stall  # no agent heartbeat while stalled either
 
             for task in [*loops, watchdog]:
                 task.cancel()
+
+    run_virtual(main())
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # logged once, not at every tick
     assert "poll" in errors[0].getMessage()
     assert "heartbeats" not in errors[0].getMessage()
 
 
-async def test_pings_resume_when_the_loop_progresses_again(
-    systemd: tuple[NotifySocket, dict[str, str]], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_pings_resume_when_the_loop_progresses_again(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="agent.notify")
-    receiver, environ = systemd
+    notifier = RecordingNotifier()
     now = [0.0]
     liveness = Liveness(clock=lambda: now[0])
     liveness.register("poll", 10)
-    with receiver.watching():
+
+    async def main() -> None:
         task = asyncio.create_task(
-            run_watchdog(Notifier(environ), liveness, interval=0.05, on_tick=None, status=None)
+            run_watchdog(notifier, liveness, interval=0.05, on_tick=None, status=None)
         )
         await asyncio.sleep(0.08)
+        assert notifier.drain() == [PING, PING]
         now[0] = 11.0
-        await asyncio.sleep(0.12)
-        receiver.drain()
-        await asyncio.sleep(0.12)
-        assert "WATCHDOG=1" not in receiver.drain()
+        await asyncio.sleep(0.24)
+        assert PING not in notifier.drain()
         liveness.progress("poll")
         await asyncio.sleep(0.12)
-        assert receiver.drain().count("WATCHDOG=1") >= 2
+        assert notifier.drain() == [PING, PING]  # the next two ticks
         await _cancel(task)
+
+    run_virtual(main())
     assert "all loops are making progress again" in caplog.text
 
 
-async def test_a_blocked_event_loop_stops_the_pings(
-    systemd: tuple[NotifySocket, dict[str, str]],
-) -> None:
-    receiver, environ = systemd
+def test_a_blocked_event_loop_stops_the_pings() -> None:
+    notifier = RecordingNotifier()
 
-    async def blocking() -> None:
-        time.sleep(0.4)  # noqa: ASYNC251 - the point of the test
-
-    with receiver.watching():
+    async def main() -> tuple[float, float]:
+        loop = virtual_loop()
         task = asyncio.create_task(
-            run_watchdog(Notifier(environ), Liveness(), interval=0.05, on_tick=None, status=None)
+            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=None, status=None)
         )
         await asyncio.sleep(0.12)
-        assert receiver.drain().count("WATCHDOG=1") >= 2
-        blocked_at = time.monotonic()
-        await blocking()
-        unblocked_at = time.monotonic()
+        assert notifier.drain() == [PING] * 3
+        blocked_at = loop.time()
+        loop.advance(0.4)  # a blocking call: 0.4 s pass and nothing else in the loop runs
+        unblocked_at = loop.time()
         await asyncio.sleep(0.12)
-        timed = receiver.drain_timed()
         await _cancel(task)
-    assert unblocked_at - blocked_at >= 0.4
-    pings = [at for at, message in timed if message == "WATCHDOG=1"]
-    assert not [at for at in pings if at < unblocked_at]  # silence for the whole block
-    assert 2 <= len(pings) <= 5  # and back at the normal cadence afterwards
+        return blocked_at, unblocked_at
+
+    blocked_at, unblocked_at = run_virtual(main())
+    pings = notifier.times(PING)
+    assert not [at for at in pings if blocked_at < at < unblocked_at]  # silence while blocked
+    # One overdue ping at once, then the normal cadence: never a burst to catch up.
+    after = [at - unblocked_at for at in pings if at >= unblocked_at]
+    assert after == pytest.approx([0.0, 0.05, 0.10])
 
 
-async def test_a_slow_or_failing_tick_never_delays_the_ping(
-    systemd: tuple[NotifySocket, dict[str, str]], caplog: pytest.LogCaptureFixture
-) -> None:
-    receiver, environ = systemd
+def test_a_slow_or_failing_tick_never_delays_the_ping(caplog: pytest.LogCaptureFixture) -> None:
+    notifier = RecordingNotifier()
     calls = 0
 
     async def on_tick() -> None:
@@ -370,23 +356,25 @@ async def test_a_slow_or_failing_tick_never_delays_the_ping(
             await asyncio.sleep(10)  # a hung API call
         raise RuntimeError("api down")
 
-    with receiver.watching():
+    async def main() -> float:
+        start = virtual_loop().time()
         task = asyncio.create_task(
-            run_watchdog(Notifier(environ), Liveness(), interval=0.05, on_tick=on_tick,
-                         status=None)
+            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=on_tick, status=None)
         )
         await asyncio.sleep(0.52)
         await _cancel(task)
-    assert 8 <= receiver.drain().count("WATCHDOG=1") <= 12
+        return start
+
+    start = run_virtual(main())
+    pings = [at - start for at in notifier.times(PING)]
+    assert pings == pytest.approx([0.05 * n for n in range(11)])
     assert "abandoned" in caplog.text
     assert "watchdog tick failed" in caplog.text
     assert "api down" in caplog.text
 
 
-async def test_cancelled_mid_tick_exits_cleanly(
-    systemd: tuple[NotifySocket, dict[str, str]],
-) -> None:
-    receiver, environ = systemd
+def test_cancelled_mid_tick_exits_cleanly() -> None:
+    notifier = RecordingNotifier()
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -398,32 +386,35 @@ async def test_cancelled_mid_tick_exits_cleanly(
             cancelled.set()
             raise
 
-    with receiver.watching():
+    async def main() -> None:
         task = asyncio.create_task(
-            run_watchdog(Notifier(environ), Liveness(), interval=5, on_tick=on_tick, status=None)
+            run_watchdog(notifier, Liveness(), interval=5, on_tick=on_tick, status=None)
         )
-        await asyncio.wait_for(started.wait(), 1)
+        await started.wait()
         await _cancel(task)
+
+    run_virtual(main())
     assert cancelled.is_set()  # the heartbeat in flight was cancelled, not left behind
-    assert receiver.drain() == ["WATCHDOG=1"]
+    assert notifier.drain() == [PING]
 
 
-async def test_a_failing_status_callback_does_not_stop_the_ping(
-    systemd: tuple[NotifySocket, dict[str, str]], caplog: pytest.LogCaptureFixture
+def test_a_failing_status_callback_does_not_stop_the_ping(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    receiver, environ = systemd
+    notifier = RecordingNotifier()
 
     def status() -> str:
         raise KeyError("runs")
 
-    with receiver.watching():
+    async def main() -> None:
         task = asyncio.create_task(
-            run_watchdog(Notifier(environ), Liveness(), interval=0.05, on_tick=None,
-                         status=status)
+            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=None, status=status)
         )
         await asyncio.sleep(0.12)
         await _cancel(task)
-    assert set(receiver.drain()) == {"WATCHDOG=1"}
+
+    run_virtual(main())
+    assert notifier.drain() == [PING] * 3
     assert "building the status text failed" in caplog.text
 
 
@@ -433,9 +424,9 @@ def test_a_full_queue_never_blocks_the_sender(
     caplog.set_level(logging.DEBUG, logger="agent.notify")
     receiver, environ = systemd
     notifier = Notifier(environ)
-    started = time.monotonic()
     for _ in range(50):  # nobody reads: the queue (max_dgram_qlen) fills up
         notifier.watchdog()
-    assert time.monotonic() - started < 1
+    # The sends that found the queue full failed at once; a blocking send would have hung here
+    # (the module's timeout) instead of failing.
     assert "failed" in caplog.text
     assert 1 <= len(receiver.drain()) < 50

@@ -1,4 +1,9 @@
-"""Idle polling stays cheap (issue 8): one request per `poll_interval`, wake-ups coalesce."""
+"""Idle polling stays cheap (issue 8): one request per `poll_interval`, wake-ups coalesce.
+
+The runner, its fake server (httpx.MockTransport) and its fake launcher all live in the event
+loop, so these run on a virtual clock (tests/unit/virtual_time.py): the counts are those of the
+runner's timing logic, whatever the machine is doing.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import pytest
 from agent.flowlogs import FlowRunLogs
 from agent.runner import MIN_WAKE_GAP, POLL_JITTER
 from tests.unit import test_fuzz_api_loop as fakes
+from tests.unit.virtual_time import run_virtual
 
 
 async def count_polls(
@@ -46,30 +52,30 @@ async def count_polls(
     return server.hits[first + 1 :].count("scheduled"), server.hits[first + 1 :]
 
 
-async def test_an_idle_agent_sends_one_request_per_poll_interval(
+def test_an_idle_agent_sends_one_request_per_poll_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls, hits = await count_polls(tmp_path, monkeypatch, interval=0.2, seconds=1.0)
+    polls, hits = run_virtual(count_polls(tmp_path, monkeypatch, interval=0.2, seconds=1.0))
     # At most one poll per shortest jittered interval; nothing else is asked while idle.
     assert 2 <= polls <= 1.0 / (0.2 * (1 - POLL_JITTER)) + 1, polls
     assert set(hits) == {"scheduled"}, sorted(set(hits))
 
 
-async def test_a_storm_of_wake_ups_costs_a_few_polls_not_one_each(
+def test_a_storm_of_wake_ups_costs_a_few_polls_not_one_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 100 wake-ups in 0.5 s with a 10 s interval: without coalescing, ~100 polls.
-    polls, _ = await count_polls(
+    polls, _ = run_virtual(count_polls(
         tmp_path, monkeypatch, interval=10.0, seconds=0.5, wake_every=0.005
-    )
+    ))
     assert 1 <= polls <= 0.5 / MIN_WAKE_GAP + 2, polls
 
 
-async def test_a_single_wake_up_polls_at_once(
+def test_a_single_wake_up_polls_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One Scheduled event after a quiet spell: polled right away, not after the 10 s interval.
-    polls, _ = await count_polls(
+    polls, _ = run_virtual(count_polls(
         tmp_path, monkeypatch, interval=10.0, seconds=0.3, wake_every=0.25
-    )
+    ))
     assert polls >= 1, polls

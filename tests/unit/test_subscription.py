@@ -323,8 +323,7 @@ async def test_unreachable_server_then_shutdown_is_clean() -> None:
     sub.subscribe(CANCELLING, lambda e: None)
     before = asyncio.all_tasks()
     async with sub:
-        await asyncio.sleep(0.3)
-        assert sub.reconnects >= 1
+        await eventually(lambda: sub.reconnects >= 1)
         assert not sub.connected
     assert asyncio.all_tasks() == before
 

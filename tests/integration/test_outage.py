@@ -231,11 +231,14 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
 
         # During the outage: the agent sees both exits and says the API is unreachable.
         for label in ("crash", "giveup"):
-            wait_for(
-                lambda label=label: any(
+            def exited(label: str = label) -> bool:
+                return any(
                     m.startswith("Process exited with status")
                     for m in agent_messages(agent, runs[label])
-                ),
+                )
+
+            wait_for(
+                exited,
                 30,
                 what=f"the agent to see {label} exit during the outage",
             )
@@ -285,15 +288,19 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
 
         # The agent's run messages from before and during the outage were delivered.
         for label in ("crash", "done", "giveup"):
-            wait_for(
-                lambda label=label: all(
+
+            def messages_delivered(label: str = label) -> bool:
+                return all(
                     any(needle in m for m in api.logs(runs[label]))
                     for needle in (
                         f"Claimed by runner-agent '{AGENT_NAME}'",
                         "Launched in process",
                         "Process exited with status",
                     )
-                ),
+                )
+
+            wait_for(
+                messages_delivered,
                 60,
                 what=f"the agent's messages for {label} in /logs/filter",
             )

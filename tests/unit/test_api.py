@@ -131,7 +131,7 @@ async def test_upsert_and_update_deployment() -> None:
     server = Server(ok(DEPLOYMENT, 201), httpx.Response(204))
     async with server.client() as client:
         assert await client.upsert_deployment(body) == DEP_ID
-        assert await client.update_deployment(DEP_ID, {"paused": True}) is None
+        await client.update_deployment(DEP_ID, {"paused": True})
     assert (server.requests[0].method, str(server.requests[0].url)) == (
         "POST", f"{BASE}/deployments/")
     assert server.body(0) == body
@@ -229,9 +229,11 @@ async def test_transition_id_is_kept_across_retries() -> None:
 
 
 async def test_read_flow_run_states() -> None:
-    states = [{"id": str(uuid4()), "type": t, "name": t.title(), "timestamp": "2026-01-01T00:00:0"
-               f"{i}Z", "message": None, "state_details": {}} for i, t in enumerate(
-                   ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])]
+    states: list[dict[str, Any]] = [
+        {"id": str(uuid4()), "type": t, "name": t.title(),
+         "timestamp": f"2026-01-01T00:00:0{i}Z", "message": None, "state_details": {}}
+        for i, t in enumerate(["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])
+    ]
     server = Server(ok(states))
     async with server.client() as client:
         read = await client.read_flow_run_states(RUN_ID)
@@ -321,7 +323,7 @@ class Ceiling:
 
 
 def test_backoff_grows_exponentially_to_the_cap() -> None:
-    client = Server(ok(True)).client(backoff_base=0.5, backoff_max=10.0, rng=Ceiling())  # type: ignore[arg-type]
+    client = Server(ok(True)).client(backoff_base=0.5, backoff_max=10.0, rng=Ceiling())
     assert [client.backoff(n, None) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 10, 10]
     jittered = Server(ok(True)).client(backoff_base=0.5, backoff_max=10.0)
     delays = [jittered.backoff(4, None) for _ in range(200)]

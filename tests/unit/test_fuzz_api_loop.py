@@ -26,11 +26,11 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import httpx
@@ -54,6 +54,7 @@ from agent.schemas import MAX_WAIT_SECONDS, OrchestrationResult
 from agent.settings import Settings, load_settings
 from agent.storage import Storage
 from agent.supervisor import Phase as RunPhase
+from agent.supervisor import Supervisor
 from tests.unit.fakes import FakeEngines, FakeHooks
 
 AGENT = "fuzz-agent"
@@ -178,7 +179,7 @@ class FakePrefect:
         return self.answer(endpoint, path, request)
 
     def answer(self, endpoint: str, path: str, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else None
+        body: Any = json.loads(request.content) if request.content else None
         tail = path.rstrip("/").split("/")
         if endpoint == "health":
             return httpx.Response(200, json=True)
@@ -186,9 +187,9 @@ class FakePrefect:
             flow_id = self.flows.setdefault(body["name"], str(uuid4()))
             return httpx.Response(201, json={"id": flow_id, "name": body["name"]})
         if endpoint == "deployment_by_name":
-            flow_id = self.flows.get(_unquote(tail[-2]))
+            wanted = self.flows.get(_unquote(tail[-2]))
             for deployment in self.deployments.values():
-                if deployment["flow_id"] == flow_id and deployment["name"] == _unquote(tail[-1]):
+                if deployment["flow_id"] == wanted and deployment["name"] == _unquote(tail[-1]):
                     return httpx.Response(200, json=deployment)
             return httpx.Response(404, json={"detail": "Deployment not found"})
         if endpoint == "deployment_create":
@@ -372,7 +373,9 @@ JSON = st.recursive(
     max_leaves=8,
 )
 HUGE = st.integers(1, 3).map(lambda n: "\u00e9x" * (n * 400_000))  # 1.6 to 4.8 MB of UTF-8
-DEEP = st.integers(50, 300).map(lambda depth: functools.reduce(lambda v, _: [v], range(depth), 0))
+DEEP = st.integers(50, 300).map(
+    lambda depth: functools.reduce(lambda v, _: [v], range(depth), cast(Any, 0))
+)
 HOSTILE = st.one_of(
     JSON, HUGE, DEEP,
     st.sampled_from([None, "", 0, -1, 1e308, True, [], {}, "not-a-uuid", "2020-13-45T99:99"]),
@@ -870,7 +873,8 @@ def test_cancellation_watcher_survives_hostile_answers(bad: list[Fault], unfilte
         spy_on(client, errors)
         async with client:
             watcher = CancellationWatcher(
-                client=client, supervisors=lambda: supervisors,  # type: ignore[arg-type]
+                client=client,
+                supervisors=lambda: cast(Mapping[UUID, Supervisor], supervisors),
                 poll_interval=lambda: 0.005, websocket_connected=lambda: False,
                 liveness=Liveness(),
             )
@@ -1270,7 +1274,8 @@ async def test_cancellation_poll_does_not_trust_a_filter_it_did_not_get() -> Non
     supervisor = FakeSupervisor()
     async with PrefectClient(_api(), transport=httpx.MockTransport(server.handler)) as client:
         watcher = CancellationWatcher(
-            client=client, supervisors=lambda: {UUID(running): supervisor},  # type: ignore[arg-type]
+            client=client,
+            supervisors=lambda: cast(Mapping[UUID, Supervisor], {UUID(running): supervisor}),
             poll_interval=lambda: 1.0, websocket_connected=lambda: False, liveness=Liveness(),
         )
         with captured() as capture:
@@ -1351,7 +1356,7 @@ async def test_a_hung_answer_times_the_poll_out_and_the_loop_goes_on(tmp_path: P
             await stall.wait()
         return await real_handler(request)
 
-    server.handler = handler  # type: ignore[assignment,method-assign]
+    server.handler = handler  # type: ignore[method-assign]
     config = (tmp_path / "agent.toml")
     with captured() as capture:
         async with agent_env(tmp_path, server) as (cfg, _, launcher, _):

@@ -438,7 +438,11 @@ def test_every_config_exits_0_or_78_with_one_named_line(
         ran: list[Settings] = []
         with pytest.MonkeyPatch.context() as patch:
             fake = type(sys)("agent.daemon")
-            fake.run = lambda settings, **_: ran.append(settings) or 0  # type: ignore[attr-defined]
+            def run(settings: Settings, **_: object) -> int:
+                ran.append(settings)
+                return 0
+
+            fake.run = run  # type: ignore[attr-defined]
             patch.setitem(sys.modules, "agent.daemon", fake)
             status, out, err = run_cli(argv, environ)
         if case.problem is None:

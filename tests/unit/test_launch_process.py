@@ -145,7 +145,8 @@ async def test_kill_finishes_what_ignores_sigterm(
     cleanup.append(handle)
     assert handle.pid is not None
     await started(request)
-    await wait_for(lambda: len(family(handle.pid)) == 4)  # type: ignore[arg-type]
+    pid = handle.pid
+    await wait_for(lambda: len(family(pid)) == 4)
     procs = family(handle.pid)
 
     await launcher.terminate(handle)

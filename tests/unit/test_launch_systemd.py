@@ -4,6 +4,7 @@ The real thing runs in the booted-systemd test bed (tests/system)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -233,6 +234,7 @@ class _Handle:
         self.flow_run_id = flow_run_id
         self.unit = unit
         self.pid: int | None = None
+        self.output: asyncio.StreamReader | None = None
 
     async def wait(self) -> int:
         return 0

@@ -114,7 +114,7 @@ async def test_proposal_keeps_its_transition_id_across_retries() -> None:
     assert await reporter(client).propose(RUN, state, force=False) == "ACCEPT"
     assert len(client.proposals) == 4
     assert {id(s) for _, s, _ in client.proposals} == {id(state)}
-    assert state["state_details"]["transition_id"] == "t-1"
+    assert state["state_details"] == {"transition_id": "t-1"}
 
 
 async def test_proposal_gives_up_on_a_definite_answer() -> None:

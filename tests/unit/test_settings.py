@@ -711,11 +711,13 @@ def test_the_shipped_example_config_documents_the_real_defaults(tmp_path: Path) 
 def test_settings_built_in_code_read_nothing_implicitly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNNER_AGENT_AGENT__LIMIT", "9")
     monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere/api")
-    settings = Settings(
-        deployments=[{"name": "a", "entrypoint": "a.py:f", "path": "/srv/a"}],
+    settings = Settings.model_validate(
+        {"deployments": [{"name": "a", "entrypoint": "a.py:f", "path": "/srv/a"}]},
     )
     assert settings.agent.limit == 4
     assert settings.api.url == "http://127.0.0.1:4200/api"
     assert [d.name for d in settings.deployments] == ["a"]
     with pytest.raises(ValueError, match="duplicate deployment name 'a'"):
-        Settings(deployment=[{"name": "a", "entrypoint": "a.py:f", "path": "/srv/a"}] * 2)
+        Settings.model_validate(
+            {"deployment": [{"name": "a", "entrypoint": "a.py:f", "path": "/srv/a"}] * 2}
+        )

@@ -54,20 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     venv = prefect_venv(os.environ)
     with tempfile.TemporaryDirectory(prefix="warm-compare-") as tmp:
         work = Path(tmp)
-        os.chmod(work, 0o755)
+        work.chmod(0o755)
         home, out = work / "home", work / "out"
         home.mkdir()
         out.mkdir()
         # The run's own Prefect profile and fsspec config, which the template must not mask.
         (home / ".prefect").mkdir()
         (home / ".prefect" / "profiles.toml").write_text(
-            'active = "probe"\n[profiles.probe]\nPREFECT_TASKS_DEFAULT_RETRIES = "3"\n')
+            'active = "probe"\n[profiles.probe]\nPREFECT_TASKS_DEFAULT_RETRIES = "3"\n'
+        )
         (home / ".config" / "fsspec").mkdir(parents=True)
         (home / ".config" / "fsspec" / "conf.json").write_text('{"file": {"auto_mkdir": true}}')
         if args.user:
             entry = find_user(args.user)
-            for path in (home, home / ".prefect", home / ".config", home / ".config" / "fsspec",
-                         out):
+            for path in (
+                home,
+                home / ".prefect",
+                home / ".config",
+                home / ".config" / "fsspec",
+                out,
+            ):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         with server(venv, work / "server", args.api_url) as api_url:
             api = BenchApi(api_url)
@@ -77,16 +83,23 @@ def main(argv: list[str] | None = None) -> int:
                 h.deploy("probe", "probe.py:probe")
                 h.start_pools(2)
                 os.umask(0o027)  # after the templates started: the run must get this one
-                for label in ("cold-1", "cold-2", "fork-1", "fork-2", "handover-1",
-                              "handover-2"):
+                for label in ("cold-1", "cold-2", "fork-1", "fork-2", "handover-1", "handover-2"):
                     mode = label.split("-")[0]
                     run_id = h.create_and_claim("probe")
                     target = out / f"{label}.json"
-                    result = h.finish(h.launch_and_wait(
-                        mode, run_id, user=args.user,
-                        extra_env={**RUN_ENV, "PROBE_OUT": str(target)}))
-                    print(f"{label}: status {result.status} {result.final} "
-                          f"fallback={result.fallback}", file=sys.stderr)
+                    result = h.finish(
+                        h.launch_and_wait(
+                            mode,
+                            run_id,
+                            user=args.user,
+                            extra_env={**RUN_ENV, "PROBE_OUT": str(target)},
+                        )
+                    )
+                    print(
+                        f"{label}: status {result.status} {result.final} "
+                        f"fallback={result.fallback}",
+                        file=sys.stderr,
+                    )
                     if result.status != 0:
                         log = work / "runs" / run_id / "output.log"
                         print(log.read_text()[-3000:], file=sys.stderr)
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in sorted(set(cold) | set(warm)):
             if cold.get(key) != warm.get(key):
                 diffs[key] = {
-                    "cold": cold.get(key), "warm": warm.get(key),
+                    "cold": cold.get(key),
+                    "warm": warm.get(key),
                     "per_run_anyway": cold.get(key) != cold2.get(key),
                     "warm_runs_differ": warm.get(key) != warm2.get(key),
                 }

@@ -16,7 +16,6 @@ one template would SHARE (keys, start times), so they need a reset too.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -73,28 +72,54 @@ json.dump(out, sys.stdout)
 """
 
 A_ENV = {
-    "HOME": "/tmp/scan-home-a", "USER": "alice", "LOGNAME": "alice", "TMPDIR": "/tmp/scan-tmp-a",
-    "TZ": "UTC", "PREFECT_API_URL": "http://127.0.0.1:1/api", "PREFECT_LOGGING_LEVEL": "INFO",
-    "PREFECT_HOME": "/tmp/scan-prefect-a", "PREFECT_CLIENT_MAX_RETRIES": "5",
-    "PREFECT_API_KEY": "key-a", "COLUMNS": "80", "TERM": "dumb",
+    "HOME": "/tmp/scan-home-a",
+    "USER": "alice",
+    "LOGNAME": "alice",
+    "TMPDIR": "/tmp/scan-tmp-a",
+    "TZ": "UTC",
+    "PREFECT_API_URL": "http://127.0.0.1:1/api",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_HOME": "/tmp/scan-prefect-a",
+    "PREFECT_CLIENT_MAX_RETRIES": "5",
+    "PREFECT_API_KEY": "key-a",
+    "COLUMNS": "80",
+    "TERM": "dumb",
 }
 B_ENV = {
-    "HOME": "/tmp/scan-home-b", "USER": "bob", "LOGNAME": "bob", "TMPDIR": "/tmp/scan-tmp-b",
-    "TZ": "Asia/Tokyo", "PREFECT_API_URL": "http://127.0.0.2:2/api",
-    "PREFECT_LOGGING_LEVEL": "DEBUG", "PREFECT_HOME": "/tmp/scan-prefect-b",
-    "PREFECT_CLIENT_MAX_RETRIES": "7", "PREFECT_API_KEY": "key-b", "COLUMNS": "200",
+    "HOME": "/tmp/scan-home-b",
+    "USER": "bob",
+    "LOGNAME": "bob",
+    "TMPDIR": "/tmp/scan-tmp-b",
+    "TZ": "Asia/Tokyo",
+    "PREFECT_API_URL": "http://127.0.0.2:2/api",
+    "PREFECT_LOGGING_LEVEL": "DEBUG",
+    "PREFECT_HOME": "/tmp/scan-prefect-b",
+    "PREFECT_CLIENT_MAX_RETRIES": "7",
+    "PREFECT_API_KEY": "key-b",
+    "COLUMNS": "200",
     "TERM": "xterm",
 }
 # A fixed hash seed: set orderings would otherwise differ between any two interpreters.
-BASE = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONHASHSEED": "0"}
+BASE = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONHASHSEED": "0",
+}
 
 
 def dump(python: str, env: dict[str, str], cwd: str) -> dict[str, str]:
     for key in ("HOME", "TMPDIR"):
         Path(env.get(key, "/tmp")).mkdir(parents=True, exist_ok=True)
-    out = subprocess.run([python, "-c", DUMP, ",".join(PRELOAD)], env={**BASE, **env}, cwd=cwd,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [python, "-c", DUMP, ",".join(PRELOAD)],
+        env={**BASE, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     result: dict[str, str] = json.loads(out.stdout)
     return result
 
@@ -106,10 +131,22 @@ def main() -> int:
         a2 = dump(python, A_ENV, a_dir)
         b = dump(python, B_ENV, b_dir)
     noisy = {k for k in a1 if a1.get(k) != a2.get(k)}
-    differs = {k: (a1.get(k), b.get(k)) for k in sorted(set(a1) | set(b))
-               if k not in noisy and a1.get(k) != b.get(k)}
-    print(json.dumps({"globals_compared": len(a1), "per_process_values": {k: a1.get(k) for k in sorted(noisy)},
-                      "differ_with_environment": differs}, indent=1))
+    differs = {
+        k: (a1.get(k), b.get(k))
+        for k in sorted(set(a1) | set(b))
+        if k not in noisy and a1.get(k) != b.get(k)
+    }
+    per_process = {k: a1.get(k) for k in sorted(noisy)}
+    print(
+        json.dumps(
+            {
+                "globals_compared": len(a1),
+                "per_process_values": per_process,
+                "differ_with_environment": differs,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -25,8 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -79,8 +78,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Harness:
-    def __init__(self, api: BenchApi, python: str, work: Path, api_url: str,
-                 flow_env: Mapping[str, str]) -> None:
+    def __init__(
+        self, api: BenchApi, python: str, work: Path, api_url: str, flow_env: Mapping[str, str]
+    ) -> None:
         self.api = api
         self.python = python
         self.work = work
@@ -95,8 +95,7 @@ class Harness:
 
     def deploy(self, name: str, entrypoint: str) -> str:
         flow = self.api.request("POST", "/flows/", json={"name": name}).json()
-        body = {"name": name, "flow_id": flow["id"], "path": str(FLOWS),
-                "entrypoint": entrypoint}
+        body = {"name": name, "flow_id": flow["id"], "path": str(FLOWS), "entrypoint": entrypoint}
         dep = self.api.request("POST", "/deployments/", json=body).json()
         self.deployments[name] = str(dep["id"])
         return self.deployments[name]
@@ -107,15 +106,17 @@ class Harness:
         return run_id
 
     def claim(self, run_id: str) -> None:
-        answer = self.api.request("POST", f"/flow_runs/{run_id}/set_state",
-                                  json={"state": pending_state()}).json()
+        answer = self.api.request(
+            "POST", f"/flow_runs/{run_id}/set_state", json={"state": pending_state()}
+        ).json()
         if answer.get("status") != "ACCEPT":
             raise RuntimeError(f"claim of {run_id} refused: {answer}")
 
     # -- one run ----------------------------------------------------------------------------
 
-    def environment(self, run_id: str, tmpdir: Path, extra: Mapping[str, str],
-                    user: str = "") -> dict[str, str]:
+    def environment(
+        self, run_id: str, tmpdir: Path, extra: Mapping[str, str], user: str = ""
+    ) -> dict[str, str]:
         """What the agent gives the engine (launcher.base_environment + engine_environment)."""
         env = base_environment(user, extra=self.flow_env)
         env.update(extra)
@@ -133,25 +134,44 @@ class Harness:
         tmpdir.mkdir(parents=True, mode=0o700)
         return run_dir, tmpdir
 
-    def launch_and_wait(self, mode: str, run_id: str, *, phases: bool = False,
-                        extra_env: Mapping[str, str] | None = None,
-                        profile: bool = False, user: str = "") -> RunResult:
+    def launch_and_wait(
+        self,
+        mode: str,
+        run_id: str,
+        *,
+        phases: bool = False,
+        extra_env: Mapping[str, str] | None = None,
+        profile: bool = False,
+        user: str = "",
+    ) -> RunResult:
         run_dir, tmpdir = self.dirs(run_id)
         env = self.environment(run_id, tmpdir, extra_env or {}, user)
         identity = None
         if user:
             entry = find_user(user)
             os.chown(tmpdir, entry.pw_uid, entry.pw_gid)
-            identity = {"uid": entry.pw_uid, "gid": entry.pw_gid,
-                        "groups": sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))}
+            identity = {
+                "uid": entry.pw_uid,
+                "gid": entry.pw_gid,
+                "groups": sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))),
+            }
         launched = time.time()
         if mode == "cold":
             return self._cold(run_id, run_dir, env, launched, user)
         umask = os.umask(0o022)
         os.umask(umask)  # the agent's own, which a cold run inherits
-        spec = RunSpec(run_id=run_id, env=env, cwd=str(FLOWS), run_dir=str(run_dir),
-                       umask=umask, user=identity, output={"file": str(run_dir / "output.log")},
-                       rusage=True, phases=phases, profile=profile)
+        spec = RunSpec(
+            run_id=run_id,
+            env=env,
+            cwd=str(FLOWS),
+            run_dir=str(run_dir),
+            umask=umask,
+            user=identity,
+            output={"file": str(run_dir / "output.log")},
+            rusage=True,
+            phases=phases,
+            profile=profile,
+        )
         try:
             handle = self._warm(mode, spec)
         except WarmRefused as exc:
@@ -182,21 +202,43 @@ class Harness:
         assert self.handover is not None
         return self.handover.launch(spec, wait=self.handover_wait)
 
-    def _cold(self, run_id: str, run_dir: Path, env: Mapping[str, str],
-              launched: float, user: str = "") -> RunResult:
+    def _cold(
+        self, run_id: str, run_dir: Path, env: Mapping[str, str], launched: float, user: str = ""
+    ) -> RunResult:
         """What ProcessLauncher.launch does (setpriv only for another user)."""
         drop = setpriv_prefix(user) if user else []
-        argv = ["/bin/sh", "-c", WRAPPER, WRAPPER_NAME, str(run_dir),
-                *drop, self.python, "-m", "prefect.engine"]
+        argv = [
+            "/bin/sh",
+            "-c",
+            WRAPPER,
+            WRAPPER_NAME,
+            str(run_dir),
+            *drop,
+            self.python,
+            "-m",
+            "prefect.engine",
+        ]
         with (run_dir / "output.log").open("ab") as out:
-            proc = subprocess.Popen(argv, env=dict(env), cwd=FLOWS, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=dict(env),
+                cwd=FLOWS,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         code = os.waitstatus_to_exitcode(status)
-        return RunResult("cold", run_id, code if code >= 0 else 128 - code,
-                         usage.ru_utime + usage.ru_stime, None, launched)
+        return RunResult(
+            "cold",
+            run_id,
+            code if code >= 0 else 128 - code,
+            usage.ru_utime + usage.ru_stime,
+            None,
+            launched,
+        )
 
     def finish(self, result: RunResult) -> RunResult:
         line = self.api.timeline(result.run_id)
@@ -211,8 +253,9 @@ class Harness:
     # -- pools ------------------------------------------------------------------------------
 
     def start_pools(self, limit: int) -> dict[str, Any]:
-        env = template_environment({"PYTHONDONTWRITEBYTECODE": "1", **self.flow_env},
-                                   self.work / "template-home")
+        env = template_environment(
+            {"PYTHONDONTWRITEBYTECODE": "1", **self.flow_env}, self.work / "template-home"
+        )
         (self.work / "template-home").mkdir(exist_ok=True)
         self.template = ForkTemplate(self.python, env, self.work)
         self.handover = HandoverPool(self.python, env, self.work, limit)
@@ -237,10 +280,14 @@ def footprint(pid: int) -> dict[str, Any]:
     with proc.oneshot():
         mem = proc.memory_full_info()
         times = proc.cpu_times()
-        return {"rss_mib": mem.rss / 2**20, "pss_mib": mem.pss / 2**20,
-                "uss_mib": mem.uss / 2**20, "threads": proc.num_threads(),
-                "tasks": len(os.listdir(f"/proc/{pid}/task")),
-                "cpu": times.user + times.system}
+        return {
+            "rss_mib": mem.rss / 2**20,
+            "pss_mib": mem.pss / 2**20,
+            "uss_mib": mem.uss / 2**20,
+            "threads": proc.num_threads(),
+            "tasks": len(list(Path(f"/proc/{pid}/task").iterdir())),
+            "cpu": times.user + times.system,
+        }
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -254,8 +301,11 @@ def sequential(h: Harness, n: int, modes: tuple[str, ...]) -> list[RunResult]:
             run_id = h.create_and_claim("noop")
             result = h.finish(h.launch_and_wait(mode, run_id, phases=(mode != "cold")))
             results.append(result)
-            print(f"  seq {i} {mode:8} start {result.start:.3f}s status {result.status} "
-                  f"cpu {result.cpu:.2f}s {result.final}", file=sys.stderr)
+            print(
+                f"  seq {i} {mode:8} start {result.start:.3f}s status {result.status} "
+                f"cpu {result.cpu:.2f}s {result.final}",
+                file=sys.stderr,
+            )
     return results
 
 
@@ -289,29 +339,49 @@ def burst(h: Harness, mode: str, size: int, limit: int) -> dict[str, Any]:
 
 
 def memory_during_run(h: Harness, mode: str) -> dict[str, Any]:
-    """Footprints while a sleeper run sleeps: the engine (E), and W where there is one."""
+    """Footprints while a sleeper run sleeps: the engine (E), and its parent (sh or W).
+
+    Warm processes are found through the handle, not /proc/<pid>/environ: that shows the
+    environment a process was exec'd with, so for a forked E it is the template's.
+    """
     run_id = h.create_and_claim("sleeper")
-    box: dict[str, RunResult] = {}
-    thread = threading.Thread(target=lambda: box.update(r=h.launch_and_wait(mode, run_id)))
-    thread.start()
     found: dict[str, Any] = {}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not found:
-        time.sleep(0.25)
+    if mode == "cold":
+        box: dict[str, RunResult] = {}
+        thread = threading.Thread(target=lambda: box.update(r=h.launch_and_wait(mode, run_id)))
+        thread.start()
+        h.api.wait_states([run_id], frozenset({"RUNNING"}), 60, what="sleeper running")
         for proc in psutil.process_iter():
             try:
-                env = proc.environ()
+                if proc.environ().get("PREFECT__FLOW_RUN_ID") == run_id and proc.name() != "sh":
+                    found["engine"] = footprint(proc.pid)
+                    parent = proc.parent()
+                    if parent is not None:
+                        found["parent"] = {"name": parent.name(), **footprint(parent.pid)}
             except psutil.Error:
                 continue
-            if env.get("PREFECT__FLOW_RUN_ID") != run_id:
-                continue
-            if proc.name().startswith("python") and _sleeping_in_flow(h, run_id):
-                found["engine"] = footprint(proc.pid)
-                parent = proc.parent()
-                if parent is not None:
-                    found["parent"] = {"name": parent.name(), **footprint(parent.pid)}
-    thread.join()
-    found["status"] = box["r"].status if "r" in box else None
+        thread.join()
+        found["status"] = box["r"].status
+        return found
+    run_dir, tmpdir = h.dirs(run_id)
+    spec = RunSpec(
+        run_id=run_id,
+        env=h.environment(run_id, tmpdir, {}),
+        cwd=str(FLOWS),
+        run_dir=str(run_dir),
+        output={"file": str(run_dir / "output.log")},
+    )
+    handle = h._warm(mode, spec)
+    h.api.wait_states([run_id], frozenset({"RUNNING"}), 60, what="sleeper running")
+    found["engine"] = footprint(handle.engine)
+    found["parent"] = {"name": "W", **footprint(handle.pid)}
+    found["engine_environ_shows_run_id"] = (
+        psutil.Process(handle.engine).environ().get("PREFECT__FLOW_RUN_ID") == run_id
+    )
+    if mode == "fork":
+        assert h.template is not None
+        found["template"] = footprint(h.template.pid)
+    found["status"] = handle.wait()
     return found
 
 
@@ -330,8 +400,9 @@ def summarize(results: list[RunResult], mode: str) -> dict[str, Any]:
         "launch_to_running_p50": pct(l2r, 0.5),
         "total_p50": pct([r.total for r in rs if r.total is not None], 0.5),
         "cpu_per_run_p50": pct([r.cpu for r in rs], 0.5),
-        "cpu_after_handover_p50": pct([r.cpu_after_handover for r in rs
-                                       if r.cpu_after_handover is not None], 0.5),
+        "cpu_after_handover_p50": pct(
+            [r.cpu_after_handover for r in rs if r.cpu_after_handover is not None], 0.5
+        ),
         "fallbacks": sum(r.fallback for r in rs),
         "final": sorted({str(r.final) for r in rs}),
     }
@@ -347,12 +418,16 @@ def phase_breakdown(stamps: list[dict[str, float]]) -> dict[str, float]:
         "launch -> E forked (connect, W fork, spec, records)": ("launched", "forked"),
         "E forked -> turned (reset env, settings, logging)": ("forked", "turned"),
         "turned -> first API call done (load_flow_run)": ("turned", "load_flow_run.end"),
-        "flow load (load_flow: deployment read + user module import)":
-            ("load_flow.start", "load_flow.end"),
+        "flow load (load_flow: deployment read + user module import)": (
+            "load_flow.start",
+            "load_flow.end",
+        ),
         "run_flow entered -> RUNNING (server timestamp)": ("run_flow.start", "running"),
         "launch -> RUNNING (server timestamp)": ("launched", "running"),
-        "run_flow entered -> E exit (proposes RUNNING ... COMPLETED)":
-            ("run_flow.start", "run_flow.end"),
+        "run_flow entered -> E exit (proposes RUNNING ... COMPLETED)": (
+            "run_flow.start",
+            "run_flow.end",
+        ),
     }
     out = {}
     for label, (a, b) in steps.items():
@@ -382,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--bursts", type=int, default=1, help="bursts per mode")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--api-url", default=None,
-                        help="use this running server instead of starting one (development)")
+    parser.add_argument(
+        "--api-url",
+        default=None,
+        help="use this running server instead of starting one (development)",
+    )
     args = parser.parse_args(argv)
     venv = prefect_venv(os.environ)
     python = str(venv / "bin" / "python")
@@ -427,8 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=1, default=str)
     if args.out:
         args.out.write_text(text)
-    print(json.dumps({k: report[k] for k in ("sequential", "bursts", "pools",
-                                               "memory_during_run")}, indent=1, default=str))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("sequential", "bursts", "pools", "memory_during_run")},
+            indent=1,
+            default=str,
+        )
+    )
     return 0
 
 

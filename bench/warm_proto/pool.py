@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,13 @@ def template_environment(python_env: Mapping[str, str], prefect_home: Path) -> d
     """What a template starts with: the runs' interpreter start-up variables (PYTHON*, LANG,
     LC_*), a private PREFECT_HOME for the settings Prefect reads at import, and nothing else:
     no API URL, no key, no run identity."""
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8"}
-    env.update({k: v for k, v in python_env.items()
-                if k.startswith(("PYTHON", "LC_")) or k == "LANG"})
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+    }
+    env.update(
+        {k: v for k, v in python_env.items() if k.startswith(("PYTHON", "LC_")) or k == "LANG"}
+    )
     env["PREFECT_HOME"] = str(prefect_home)
     return env
 
@@ -66,8 +69,7 @@ def template_environment(python_env: Mapping[str, str], prefect_home: Path) -> d
 class WarmHandle:
     """A started warm run. `pid` is W's, the process that records the run's exit status."""
 
-    def __init__(self, run_id: str, pid: int, engine: int, run_dir: Path,
-                 wait_child: bool) -> None:
+    def __init__(self, run_id: str, pid: int, engine: int, run_dir: Path, wait_child: bool) -> None:
         self.run_id = run_id
         self.pid = pid
         self.engine = engine
@@ -79,7 +81,7 @@ class WarmHandle:
     def wait(self, timeout: float | None = None) -> int:
         """W's exit status: the record W wrote (137 without one: W was SIGKILLed)."""
         if self._wait_child:  # (b): W is our own child
-            _, status, self.rusage = os.wait4(self.pid, 0)
+            _, _, self.rusage = os.wait4(self.pid, 0)
         else:  # (a): W is the template's child; a pidfd says when it has ended
             ready, _, _ = select.select([self._pidfd], [], [], timeout)
             if not ready:
@@ -96,19 +98,96 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def start_transient_scope_argv(
+    unit: str,
+    pids: Sequence[int],
+    *,
+    slice: str,
+    description: str,
+    memory_max: int | None,
+    tasks_max: int | None,
+    cpu_quota: int | None,
+    runtime_max: float | None,
+) -> list[str]:
+    """`busctl call ... StartTransientUnit` that moves existing `pids` into a new scope with the
+    run's limits: what `systemd-run --scope` asks for, for processes it did not start. Limits
+    in the D-Bus units: bytes, tasks, CPU microseconds per second, runtime microseconds."""
+    props: list[str] = [
+        "PIDs",
+        "au",
+        str(len(pids)),
+        *map(str, pids),
+        "Slice",
+        "s",
+        slice,
+        "Description",
+        "s",
+        description,
+        "CollectMode",
+        "s",
+        "inactive-or-failed",  # --collect
+        "MemoryMax",
+        "t",
+        str(memory_max if memory_max is not None else 2**64 - 1),
+        "TasksMax",
+        "t",
+        str(tasks_max if tasks_max is not None else 2**64 - 1),
+    ]
+    if cpu_quota is not None:
+        props += ["CPUQuotaPerSecUSec", "t", str(cpu_quota * 10_000)]
+    if runtime_max:
+        props += ["RuntimeMaxUSec", "t", str(int(runtime_max * 1_000_000))]
+    return [
+        "busctl",
+        "call",
+        "--quiet",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        unit,
+        "fail",
+        str(_count(props)),
+        *props,
+        "0",
+    ]
+
+
+def _count(props: Sequence[str]) -> int:
+    """Number of (name, signature, value...) entries; `au` values take a count and items."""
+    count, i = 0, 0
+    while i < len(props):
+        signature = props[i + 1]
+        i += 3 + (int(props[i + 2]) if signature == "au" else 0)
+        count += 1
+    return count
+
+
 class _Process:
     """A template (fork) or a waiting process (handover): one socket, one log."""
 
-    def __init__(self, mode: str, python: str, env: Mapping[str, str], workdir: Path,
-                 name: str) -> None:
+    def __init__(
+        self,
+        mode: str,
+        python: str,
+        env: Mapping[str, str],
+        workdir: Path,
+        name: str,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.mode = mode
         self.socket_path = workdir / f"{name}.sock"
         self.log_path = workdir / f"{name}.log"
         self.started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [python, str(TEMPLATE), mode, str(self.socket_path)], env=dict(env),
-                cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [*prefix, python, str(TEMPLATE), mode, str(self.socket_path)],
+                env=dict(env),
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
             )
         self.ready_info: dict[str, Any] | None = None
@@ -117,8 +196,9 @@ class _Process:
         if self.ready_info is not None:
             return True
         if self.proc.poll() is not None:
-            raise WarmRefused(f"template exited with {self.proc.returncode}: "
-                              f"{self.log_path.read_text()[-500:]}")
+            raise WarmRefused(
+                f"template exited with {self.proc.returncode}: {self.log_path.read_text()[-500:]}"
+            )
         for line in self.log_path.read_text().splitlines():
             if line.startswith('{"ready"'):
                 self.ready_info = json.loads(line)
@@ -133,8 +213,9 @@ class _Process:
                 raise WarmRefused(f"template not ready within {timeout:g}s")
             time.sleep(0.02)
 
-    def hand_over(self, spec: RunSpec, move: Callable[[int], None] | None,
-                  wait_child: bool) -> WarmHandle:
+    def hand_over(
+        self, spec: RunSpec, move: Callable[[int], None] | None, wait_child: bool
+    ) -> WarmHandle:
         """Connect, send the spec, (move W into its scope), and return the started run."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
@@ -155,8 +236,9 @@ class _Process:
             started = json.loads(reader.readline() or b"{}")
             if "engine" not in started:
                 raise WarmRefused(f"W {pid} did not start the engine")
-            return WarmHandle(spec.run_id, pid, int(started["engine"]), Path(spec.run_dir),
-                              wait_child)
+            return WarmHandle(
+                spec.run_id, pid, int(started["engine"]), Path(spec.run_dir), wait_child
+            )
         except OSError as exc:
             raise WarmRefused(f"template unreachable: {exc}") from exc
         finally:
@@ -178,8 +260,11 @@ class _Process:
 class ForkTemplate:
     """(a) One template per flow python; every run is a fork of it."""
 
-    def __init__(self, python: str, env: Mapping[str, str], workdir: Path) -> None:
-        self.process = _Process("fork", python, env, workdir, "template")
+    def __init__(
+        self, python: str, env: Mapping[str, str], workdir: Path, prefix: Sequence[str] = ()
+    ) -> None:
+        """`prefix`: e.g. `systemd-run --scope --unit=runner-agent-warm-<hash>.scope --`."""
+        self.process = _Process("fork", python, env, workdir, "template", prefix)
 
     @property
     def pid(self) -> int:
@@ -210,8 +295,9 @@ class HandoverPool:
 
     def _refill(self) -> None:
         self._count += 1
-        self.waiting.append(_Process("handover", self._python, self._env, self._workdir,
-                                     f"waiting-{self._count}"))
+        self.waiting.append(
+            _Process("handover", self._python, self._env, self._workdir, f"waiting-{self._count}")
+        )
 
     def wait_ready(self) -> None:
         for process in self.waiting:
@@ -232,8 +318,9 @@ class HandoverPool:
         chosen.wait_ready()
         return chosen
 
-    def launch(self, spec: RunSpec, move: Callable[[int], None] | None = None,
-               *, wait: bool = False) -> WarmHandle:
+    def launch(
+        self, spec: RunSpec, move: Callable[[int], None] | None = None, *, wait: bool = False
+    ) -> WarmHandle:
         return self.take(wait).hand_over(spec, move, wait_child=True)
 
     def stop(self) -> None:

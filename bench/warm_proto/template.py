@@ -30,6 +30,9 @@ Protocol, one JSON object per line on the connection (the agent's side: bench/wa
   W -> agent  {"engine": E}            (W has recorded its pid and started E)
 """
 
+# Process plumbing next to fork/dup2/setresuid: os-level calls on purpose.
+# ruff: noqa: PTH100, PTH105, PTH108, PTH109, PTH110, PTH111, PTH115, PTH116, PTH118, PTH208
+
 from __future__ import annotations
 
 import gc
@@ -40,7 +43,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 PRELOAD = (
     "prefect.engine",
@@ -78,15 +81,16 @@ EXIT_INTERNAL = 70
 _PR_SET_PDEATHSIG = 1
 JOURNAL_STDOUT = "/run/systemd/journal/stdout"
 
-Spec = Dict[str, Any]
+Spec = dict[str, Any]
 
 
 # -- start-up --------------------------------------------------------------------------------
 
 
-def startup_values(environ: Dict[str, str]) -> Dict[str, str]:
+def startup_values(environ: dict[str, str]) -> dict[str, str]:
     return {
-        k: v for k, v in environ.items()
+        k: v
+        for k, v in environ.items()
         if (k.startswith(("PYTHON", "LC_")) or k == "LANG") and k not in APPLIED_IN_CHILD
     }
 
@@ -101,9 +105,12 @@ class Start:
         self.ppid = os.getppid()
 
 
-def _signals() -> List[signal.Signals]:
-    return [s for s in signal.valid_signals()
-            if isinstance(s, signal.Signals) and s not in (signal.SIGKILL, signal.SIGSTOP)]
+def _signals() -> list[signal.Signals]:
+    return [
+        s
+        for s in signal.valid_signals()
+        if isinstance(s, signal.Signals) and s not in (signal.SIGKILL, signal.SIGSTOP)
+    ]
 
 
 def die_with_parent(expected_ppid: int) -> None:
@@ -123,7 +130,7 @@ def preload() -> float:
     return time.process_time() - started
 
 
-def check_clean() -> List[str]:
+def check_clean() -> list[str]:
     """Why this process cannot be forked safely; [] when it can."""
     problems = []
     tasks = os.listdir("/proc/self/task")
@@ -143,14 +150,14 @@ def check_clean() -> List[str]:
 # -- the template's loop ---------------------------------------------------------------------
 
 
-def serve_forks(listener: socket.socket, start: Start) -> Tuple[Spec, socket.socket]:
+def serve_forks(listener: socket.socket, start: Start) -> tuple[Spec, socket.socket]:
     """Fork one W per connection; return only in E (with its spec)."""
     while True:
         _reap()
         try:
             listener.settimeout(1.0)
             conn, _ = listener.accept()
-        except socket.timeout:
+        except TimeoutError:
             continue
         conn.settimeout(None)
         pid = os.fork()
@@ -177,7 +184,7 @@ def _defer(signum: int, frame: Any) -> None:
     """TERM/INT while E runs: W records E's status first (what the wrapper's trap does)."""
 
 
-def supervise(conn: socket.socket, start: Start) -> Tuple[Spec, socket.socket]:
+def supervise(conn: socket.socket, start: Start) -> tuple[Spec, socket.socket]:
     """W's life. Returns only in E; W itself always ends with os._exit."""
     try:
         if os.getsid(0) != os.getpid():
@@ -192,12 +199,13 @@ def supervise(conn: socket.socket, start: Start) -> Tuple[Spec, socket.socket]:
         if problem:
             _send(conn, {"error": problem})
             os._exit(EXIT_REFUSED)
+        before = _cgroups()
         _send(conn, {"pid": os.getpid()})
         if spec.get("scope"):
             conn.settimeout(GO_TIMEOUT)
             if not _read(reader).get("go"):
                 os._exit(EXIT_REFUSED)
-            wait_for_scope(spec["scope"])
+            wait_for_scope(spec["scope"], before)
         connect_output(spec)
         run_dir = spec["run_dir"]
         _record(run_dir, "pid", os.getpid())
@@ -222,7 +230,7 @@ def supervise(conn: socket.socket, start: Start) -> Tuple[Spec, socket.socket]:
             os._exit(EXIT_INTERNAL)
 
 
-def incompatible(spec: Spec, start: Start) -> Optional[str]:
+def incompatible(spec: Spec, start: Start) -> str | None:
     wanted = startup_values(spec["env"])
     if wanted != start.values:
         keys = sorted(set(wanted.items()) ^ set(start.values.items()))
@@ -234,16 +242,34 @@ def incompatible(spec: Spec, start: Start) -> Optional[str]:
     return None
 
 
-def wait_for_scope(unit: str) -> None:
-    """StartTransientUnit returns before systemd has moved the pid: wait until it has."""
+def _cgroups() -> dict[str, str]:
+    """/proc/self/cgroup as hierarchy -> path ("name=systemd", "memory", "" for v2, ...)."""
+    with open("/proc/self/cgroup") as f:
+        return {
+            key: path
+            for _, key, path in (line.rstrip("\n").split(":", 2) for line in f if line.strip())
+        }
+
+
+def wait_for_scope(unit: str, before: dict[str, str]) -> None:
+    """StartTransientUnit returns before systemd has moved the pid, and on cgroup v1 systemd
+    moves it one hierarchy after the other. Wait until the tracking hierarchy names the unit
+    and every hierarchy that had W in a scope (the template's) has it in the unit, so that E
+    is born in the run's memory, pids and cpu cgroups, not the template's."""
     deadline = time.monotonic() + SCOPE_TIMEOUT
+    suffix = "/" + unit
     while True:
-        with open("/proc/self/cgroup") as f:
-            text = f.read()
-        if f"/{unit}\n" in text or text.rstrip().endswith(f"/{unit}"):
+        now = _cgroups()
+        tracking = now.get("name=systemd", now.get(""))
+        moved = [key for key, path in before.items() if path.endswith(".scope")]
+        if (
+            tracking is not None
+            and tracking.endswith(suffix)
+            and all(now.get(key, "").endswith(suffix) for key in moved)
+        ):
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"not moved into {unit} within {SCOPE_TIMEOUT:g}s")
+            raise RuntimeError(f"not moved into {unit} within {SCOPE_TIMEOUT:g}s: {now}")
         time.sleep(0.001)
 
 
@@ -297,7 +323,7 @@ def _record(run_dir: str, name: str, value: int) -> None:
     os.replace(tmp, os.path.join(run_dir, name))
 
 
-def _record_rusage(run_dir: str, phases: Optional[Dict[str, float]]) -> None:
+def _record_rusage(run_dir: str, phases: dict[str, float] | None) -> None:
     import resource
 
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -312,7 +338,7 @@ def _record_rusage(run_dir: str, phases: Optional[Dict[str, float]]) -> None:
         json.dump(data, f)
 
 
-def _read(reader: Any) -> Dict[str, Any]:
+def _read(reader: Any) -> dict[str, Any]:
     line = reader.readline(MAX_SPEC)
     if not line.endswith(b"\n"):
         raise RuntimeError("the agent closed the connection or sent too much")
@@ -322,7 +348,7 @@ def _read(reader: Any) -> Dict[str, Any]:
     return message
 
 
-def _send(conn: socket.socket, message: Dict[str, Any]) -> None:
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
@@ -413,7 +439,7 @@ def reset_import_time_state() -> None:
         config.set_conf_env(config.conf)  # type: ignore[attr-defined]
 
 
-def _same_dir(a: Optional[str], b: str) -> bool:
+def _same_dir(a: str | None, b: str) -> bool:
     if not a or not a.startswith("/"):
         return False
     try:
@@ -428,10 +454,12 @@ def _instrument(run_dir: str) -> None:
 
     import prefect.flow_engine as flow_engine
 
-    stamps: Dict[str, Any] = {"turned": time.time()}
-    stamps["fds_at_turn"] = {fd: os.readlink(f"/proc/self/fd/{fd}")
-                             for fd in os.listdir("/proc/self/fd")
-                             if os.path.exists(f"/proc/self/fd/{fd}")}
+    stamps: dict[str, Any] = {"turned": time.time()}
+    stamps["fds_at_turn"] = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
     before = set(sys.modules)
 
     def timed(name: str, fn: Any) -> Any:
@@ -441,6 +469,7 @@ def _instrument(run_dir: str) -> None:
                 return fn(*args, **kwargs)
             finally:
                 stamps[f"{name}.end"] = time.time()
+
         return wrapper
 
     for name in ("load_flow_run", "load_flow", "run_flow"):
@@ -455,7 +484,7 @@ def _instrument(run_dir: str) -> None:
     atexit.register(dump)
 
 
-def main(argv: List[str]) -> Tuple[Spec, socket.socket, Start]:
+def main(argv: list[str]) -> tuple[Spec, socket.socket, Start]:
     start = Start()
     mode, path = argv[1], argv[2]
     if mode == "fork":
@@ -491,8 +520,9 @@ def _profile(run_dir: str) -> None:
 
     profiler = cProfile.Profile()
     profiler.enable()
-    atexit.register(lambda: (profiler.disable(),
-                             profiler.dump_stats(os.path.join(run_dir, "profile.out"))))
+    atexit.register(
+        lambda: (profiler.disable(), profiler.dump_stats(os.path.join(run_dir, "profile.out")))
+    )
 
 
 def run_engine() -> None:

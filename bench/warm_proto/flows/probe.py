@@ -1,5 +1,7 @@
 """A flow that writes what its process looks like to $PROBE_OUT (JSON), for cold/warm diffs."""
 
+# ruff: noqa: PTH109, PTH115, PTH208, SIM115
+
 import json
 import logging
 import os
@@ -47,8 +49,9 @@ def _fds() -> dict[str, str]:
         except OSError:
             continue
         if target.startswith("socket:"):
-            inode = target[len("socket:["):-1]
-            out[fd] = "socket " + sockets.get(inode, "?").split("->")[0] + " " + sockets.get(inode, "?").partition(" state ")[2]
+            inode = target[len("socket:[") : -1]
+            kind = sockets.get(inode, "?")
+            out[fd] = f"socket {kind.split('->')[0]} {kind.partition(' state ')[2]}"
         elif target.startswith(("pipe:", "anon_inode:")):
             out[fd] = target.split(":")[0]
         else:
@@ -67,8 +70,18 @@ def _status(keys: tuple[str, ...]) -> dict[str, str]:
 
 
 def _loggers() -> dict[str, object]:
-    names = ["", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine",
-             "prefect.extra", "prefect.client", "prefect.events", "uvicorn", "httpx"]
+    names = [
+        "",
+        "prefect",
+        "prefect.flow_runs",
+        "prefect.task_runs",
+        "prefect.engine",
+        "prefect.extra",
+        "prefect.client",
+        "prefect.events",
+        "uvicorn",
+        "httpx",
+    ]
     out: dict[str, object] = {}
     for name in names:
         lg = logging.getLogger(name)
@@ -92,15 +105,16 @@ def _import_time_state() -> dict[str, object]:
     import wsgiref.handlers
 
     import fsspec.config
-    import rich
     import prefect.settings.sources
+    import rich
 
     return {
         "DEFAULT_PREFECT_HOME": str(prefect.settings.sources.DEFAULT_PREFECT_HOME),
         "rich_import_cwd": rich._IMPORT_CWD,
         "mp_original_dir": multiprocessing.process.ORIGINAL_DIR,
         "mp_authkey_sha": hashlib.sha256(
-            bytes(multiprocessing.process.current_process().authkey)).hexdigest()[:12],
+            bytes(multiprocessing.process.current_process().authkey)
+        ).hexdigest()[:12],
         "logging_start_age_lt_60s": time.time() - logging._startTime < 60,
         "fsspec_conf_dir": fsspec.config.conf_dir,
         "fsspec_conf": fsspec.config.conf,
@@ -124,7 +138,7 @@ def probe() -> None:
         parent_comm = f.read().strip()
     client = prefect.get_client(sync_client=True)
     data = {
-        "pid_is_importer": IMPORTED_BY == os.getpid(),
+        "pid_is_importer": os.getpid() == IMPORTED_BY,
         "environ": dict(sorted(os.environ.items())),
         "cwd": os.getcwd(),
         "sys.path": sys.path,
@@ -141,8 +155,11 @@ def probe() -> None:
         "tempdir": tempfile.gettempdir(),
         "tzname": time.tzname,
         "timezone": time.timezone,
-        "signals": {s.name: _handler_name(signal.getsignal(s)) for s in signal.valid_signals()
-                    if isinstance(s, signal.Signals)},
+        "signals": {
+            s.name: _handler_name(signal.getsignal(s))
+            for s in signal.valid_signals()
+            if isinstance(s, signal.Signals)
+        },
         "sigmask": sorted(str(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         "threads": sorted(t.name.split("-")[0] for t in threading.enumerate()),
         "fds": _fds(),

@@ -68,15 +68,27 @@ def cgroup_of(pid: int) -> dict[str, str]:
     return out
 
 
-def controller_file(controller_dir: str, cgroup: str, name: str) -> str:
+def controller_file(controller: str, where: dict[str, str], name: str) -> str:
+    """A cgroup v1 file of `controller` for the process whose /proc/<pid>/cgroup is `where`."""
+    key = next((k for k in where if controller in k.split(",")), None)
+    mount = next(
+        (
+            d
+            for d in Path("/sys/fs/cgroup").iterdir()
+            if controller in d.name.split(",") and not d.is_symlink()
+        ),
+        None,
+    )
+    if key is None or mount is None:
+        return f"no {controller} hierarchy in {sorted(where)}"
     try:
-        return (
-            (Path("/sys/fs/cgroup") / controller_dir / cgroup.lstrip("/") / name)
-            .read_text()
-            .strip()
-        )
+        return (mount / where[key].lstrip("/") / name).read_text().strip()
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
+
+
+def mib(text: str) -> float | str:
+    return int(text) / 2**20 if text.isdigit() else text
 
 
 def systemctl(*args: str) -> str:
@@ -136,13 +148,9 @@ def check_busctl_move() -> dict[str, Any]:
     time.sleep(0.05)  # the other hierarchies follow the tracking one
     where = cgroup_of(victim.pid)
     result["after"] = where
-    result["memory.limit_in_bytes"] = controller_file(
-        "memory", where["memory"], "memory.limit_in_bytes"
-    )
-    result["pids.max"] = controller_file("pids", where["pids"], "pids.max")
-    result["cpu.cfs_quota_us"] = controller_file(
-        "cpu,cpuacct", where["cpu,cpuacct"], "cpu.cfs_quota_us"
-    )
+    result["memory.limit_in_bytes"] = controller_file("memory", where, "memory.limit_in_bytes")
+    result["pids.max"] = controller_file("pids", where, "pids.max")
+    result["cpu.cfs_quota_us"] = controller_file("cpu", where, "cpu.cfs_quota_us")
     result["unit"] = show(
         unit, "ActiveState", "MemoryMax", "TasksMax", "CPUQuotaPerSecUSec", "Slice"
     )
@@ -364,7 +372,8 @@ def check_kill(runs: Runs, template: ForkTemplate) -> dict[str, Any]:
         "scope_limits": show(unit_a, "MemoryMax", "TasksMax", "CPUQuotaPerSecUSec", "Slice"),
         "scope_pids": sorted(
             int(p)
-            for p in controller_file("pids", cgroup_of(ha.engine)["pids"], "cgroup.procs").split()
+            for p in controller_file("pids", cgroup_of(ha.engine), "cgroup.procs").split()
+            if p.isdigit()
         ),
         "W_and_E": sorted([ha.pid, ha.engine]),
     }
@@ -376,6 +385,15 @@ def check_kill(runs: Runs, template: ForkTemplate) -> dict[str, Any]:
     out["other_run_status"] = hb.wait(120)
     out["other_run_final"] = runs.api.state_types([b])[b]
     out["killed_run_final"] = runs.api.state_types([a])[a]
+    # the same kill of a cold run, for comparison
+    c = runs.create("sleeper", {"seconds": 30})
+    proc = runs.cold(c)
+    runs.wait_state(c, "RUNNING")
+    systemctl("kill", "--kill-who=all", "--signal=SIGTERM", f"runner-agent-run-{c}.scope")
+    out["cold_killed_run_status"] = proc.wait(60)
+    out["cold_killed_run_exit_record"] = record(c, "exit-status")
+    time.sleep(1)
+    out["cold_killed_run_final"] = runs.api.state_types([c])[c]
     return out
 
 
@@ -406,12 +424,12 @@ def check_memory(runs: Runs, template: ForkTemplate) -> dict[str, Any]:
     time.sleep(2)
     for label, run_id in (("warm", warm_id), ("cold", cold_id)):
         unit = f"runner-agent-run-{run_id}.scope"
-        out[f"{label}_scope_memory_usage_mib"] = (
-            int(controller_file("memory", f"/{SLICE}/{unit}", "memory.usage_in_bytes")) / 2**20
+        where = {"memory": show(unit, "ControlGroup")["ControlGroup"]}
+        out[f"{label}_scope_memory_usage_mib"] = mib(
+            controller_file("memory", where, "memory.usage_in_bytes")
         )
-    out["template_scope_memory_usage_mib"] = (
-        int(controller_file("memory", cgroup_of(template.pid)["memory"], "memory.usage_in_bytes"))
-        / 2**20
+    out["template_scope_memory_usage_mib"] = mib(
+        controller_file("memory", cgroup_of(template.pid), "memory.usage_in_bytes")
     )
     out["warm_status"] = handle.wait(60)
     out["cold_status"] = proc.wait(60)

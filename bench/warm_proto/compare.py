@@ -123,6 +123,29 @@ def main(argv: list[str] | None = None) -> int:
                 }
         report[mode] = diffs
     report["checked_fields"] = len(cold)
+    facts = (
+        "pid_is_importer",
+        "resuid",
+        "resgid",
+        "groups",
+        "umask",
+        "cwd",
+        "tempdir",
+        "tzname",
+        "settings.profile",
+        "settings.tasks.default_retries",
+        "settings.logging.level",
+        "settings.api.url",
+        "threads",
+        "sys.path",
+        "main_file",
+        "environ.TZ",
+        "environ.RUNNER_AGENT_PROBE",
+        "import_time_state.DEFAULT_PREFECT_HOME",
+        "import_time_state.fsspec_conf_dir",
+        "loggers.prefect.effective",
+    )
+    report["warm facts (fork-1)"] = {k: dumps["fork-1"].get(k) for k in facts}
     for label in ("cold-1", "fork-1", "handover-1"):
         report[f"fds {label}"] = sorted(v for k, v in dumps[label].items() if k.startswith("fds."))
     print(json.dumps(report, indent=1, default=str))

@@ -69,13 +69,15 @@ def template_environment(python_env: Mapping[str, str], prefect_home: Path) -> d
 class WarmHandle:
     """A started warm run. `pid` is W's, the process that records the run's exit status."""
 
-    def __init__(self, run_id: str, pid: int, engine: int, run_dir: Path, wait_child: bool) -> None:
+    def __init__(
+        self, run_id: str, pid: int, pidfd: int, engine: int, run_dir: Path, wait_child: bool
+    ) -> None:
         self.run_id = run_id
         self.pid = pid
         self.engine = engine
         self.run_dir = run_dir
         self._wait_child = wait_child
-        self._pidfd = -1 if wait_child else os.pidfd_open(pid)
+        self._pidfd = pidfd
         self.rusage: Any = None
 
     def wait(self, timeout: float | None = None) -> int:
@@ -219,6 +221,7 @@ class _Process:
         """Connect, send the spec, (move W into its scope), and return the started run."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
+        pidfd = -1
         try:
             sock.connect(str(self.socket_path))
             sock.settimeout(REPLY_TIMEOUT)
@@ -228,19 +231,26 @@ class _Process:
             if "pid" not in reply:
                 raise WarmRefused(reply.get("error", "no answer from the template"))
             pid = int(reply["pid"])
+            # W waits for `go`, so it is alive now and its pid cannot be reused under the pidfd.
+            if not wait_child:
+                pidfd = os.pidfd_open(pid)
             if spec.scope:
                 if move is None:
                     raise WarmRefused("a scope needs a move function")
                 move(pid)
-                sock.sendall(b'{"go": true}\n')
+            sock.sendall(b'{"go": true}\n')
             started = json.loads(reader.readline() or b"{}")
             if "engine" not in started:
                 raise WarmRefused(f"W {pid} did not start the engine")
             return WarmHandle(
-                spec.run_id, pid, int(started["engine"]), Path(spec.run_dir), wait_child
+                spec.run_id, pid, pidfd, int(started["engine"]), Path(spec.run_dir), wait_child
             )
-        except OSError as exc:
-            raise WarmRefused(f"template unreachable: {exc}") from exc
+        except BaseException as exc:
+            if pidfd >= 0:
+                os.close(pidfd)
+            if isinstance(exc, OSError):
+                raise WarmRefused(f"template unreachable: {exc}") from exc
+            raise
         finally:
             sock.close()
 

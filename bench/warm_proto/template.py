@@ -26,7 +26,8 @@ exactly as they end a cold engine.
 Protocol, one JSON object per line on the connection (the agent's side: bench/warm_proto/pool.py):
   agent -> W  {"spec": {...}}          (see `Spec` below)
   W -> agent  {"pid": W} | {"error": "..."}   ("error": use a cold start)
-  agent -> W  {"go": true}             (only with spec["scope"]: W is in the run's scope now)
+  agent -> W  {"go": true}             (the agent holds a pidfd of W; with spec["scope"], W is
+                                        being moved into the run's scope)
   W -> agent  {"engine": E}            (W has recorded its pid and started E)
 """
 
@@ -201,18 +202,24 @@ def supervise(conn: socket.socket, start: Start) -> tuple[Spec, socket.socket]:
             os._exit(EXIT_REFUSED)
         before = _cgroups()
         _send(conn, {"pid": os.getpid()})
+        # Nothing is started or recorded before `go`: if the agent dies first, W just exits
+        # (EOF) and the run was never launched. After it, the agent holds a pidfd of W, so W's
+        # pid cannot be reused under it.
+        conn.settimeout(GO_TIMEOUT)
+        if not _read(reader).get("go"):
+            os._exit(EXIT_REFUSED)
         if spec.get("scope"):
-            conn.settimeout(GO_TIMEOUT)
-            if not _read(reader).get("go"):
-                os._exit(EXIT_REFUSED)
             wait_for_scope(spec["scope"], before)
         connect_output(spec)
         run_dir = spec["run_dir"]
+        # Held for W's life: what identifies W as this run's (its argv is the template's).
+        run_dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
         _record(run_dir, "pid", os.getpid())
         phases = {"forked": time.time()} if spec.get("phases") else None
         engine = os.fork()
         if engine == 0:
             reader.close()
+            os.close(run_dir_fd)
             return spec, conn
         _send(conn, {"engine": engine})
         reader.close()

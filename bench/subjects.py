@@ -64,9 +64,21 @@ SERVE = textwrap.dedent(
 )
 
 # Stands in for the engine in the footprint scenario: the agent runs `<python> -m prefect.engine`
-# under its sh wrapper, and this ignores its arguments and just sleeps, so the figures are the
-# agent's own.
-FAKE_PYTHON = "#!/bin/sh\nexec sleep 600\n"
+# under its sh wrapper, and this just sleeps, so the figures are the agent's own. The agent's
+# other uses of a flow's python get a quick answer: its engine probe (`-I -c`, agent/engines.py)
+# hears of an engine that sends its own heartbeats, as Prefect 3.8.8 does, but has no control
+# channel (this one cannot connect back); the hook runner (`-c`) finds no hooks. A probe that
+# hung instead would cost every launch the probe's 30 s timeout, and a hook that hung would
+# hold every cancellation for `agent.hook_timeout`.
+FAKE_PYTHON = """\
+#!/bin/sh
+case "$1" in
+    -I) echo '{"version": "0+fake", "root": "/nonexistent/prefect", "control_channel": false,\
+ "engine_heartbeats": true}'; exit 0 ;;
+    -c) exit 0 ;;
+esac
+exec sleep 600
+"""
 
 
 def write_flows(directory: Path) -> Path:

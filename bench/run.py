@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             mode=("smoke" if args.smoke else "full")
             + (f", {' and '.join(sorted(args.scenarios))} only" if args.only else ""),
             date=date,
-            duration=time.monotonic() - started, command=_command(args), plan=bench.plan.describe(),
+            duration=time.monotonic() - started, command=_command(args),
+            plan=bench.plan.describe()
+            + (f" (measured: {', '.join(sorted(args.scenarios))})" if args.only else ""),
             poll_interval=bench.poll_interval, machine=machine, agent=agent, runner=runner,
             footprint=footprint, imports=imports, errors=errors,
         )

@@ -53,7 +53,11 @@ def hook_request(
     run: LaunchRequest, kind: HookKind, *, entrypoint: str | None, timeout: float, source: str
 ) -> LaunchRequest:
     """The hook process's request: the run's python, directory, user, environment and limits,
-    with the time limit as its runtime limit, and its own unit and run directory."""
+    with the hooks' time limit as its runtime limit, and its own unit and run directory.
+
+    Not the run's own runtime limit: a run killed at RuntimeMaxSec would leave its on_crashed
+    hooks that same budget, often less than the hook process needs to start (seen: a 5 s limit
+    killed the hook process while it was flushing the hook's logs)."""
     env = {k: v for k, v in run.env.items() if k not in CONTROL_VARIABLES}
     # `-c`, not the script's path: a script's own directory goes first on sys.path, and the
     # agent package's modules (http.py, ...) would shadow the standard library's.
@@ -64,7 +68,7 @@ def hook_request(
         kind="hook",
         capture_output=True,
         env=env,
-        runtime_max=timeout if run.runtime_max is None else min(run.runtime_max, timeout),
+        runtime_max=timeout,
         run_dir=run.run_dir / f"hook-{kind.value}",
     )
 

@@ -97,6 +97,14 @@ class BenchApi:
             json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
         )
 
+    def log_messages(self, run_id: str, limit: int = 200) -> list[str]:
+        """The run's log messages in the server (the engine's, and the agent's mirrored ones)."""
+        response = self.request(
+            "POST", "/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": limit},
+        )
+        return [str(entry["message"]) for entry in response.json()]
+
     def state_types(self, run_ids: Iterable[str]) -> dict[str, str | None]:
         """Current state type of each run, one request for all of them."""
         ids = list(run_ids)

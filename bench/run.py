@@ -5,6 +5,9 @@ From the repository root, in the agent's venv (which has runner-agent installed)
     RUNNER_AGENT_TEST_PREFECT_VENV=/path/to/prefect-venv \\
         /path/to/agent-venv/bin/python -m bench.run [--smoke] [--out BENCHMARKS.md]
 
+`--only cancel` (repeatable) measures only the named scenarios; the others read n/a, so such a
+partial report needs an explicit `--out` and never replaces BENCHMARKS.md by default.
+
 It starts its own Prefect server, runs every scenario against runner-agent, then against the
 Runner, and stops everything it started, also on failure and on Ctrl-C or SIGTERM. Exit status
 0 when every scenario was measured, 1 when one failed (the report then says which), 2 on bad
@@ -33,6 +36,7 @@ import httpx
 
 from bench import procs, scenarios, subjects
 from bench.api import BenchApi, BenchError
+from bench.imports import ImportStep
 from bench.imports import measure as measure_imports
 from bench.machine import agent_revision, machine_info
 from bench.report import ContenderResult, Report, render
@@ -64,14 +68,18 @@ FULL = Plan(idle=30, sequential=15, bursts=3, burst_size=24, cancellations=3,
 SMOKE = Plan(idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1,
              footprint=(0, 4), settle=3)
 LIMIT = 4
+SCENARIOS = ("idle", "sequential", "bursts", "cancel", "footprint", "imports")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="1 run per scenario, a 3 s idle window (what the test suite runs)")
-    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md",
+    parser.add_argument("--out", type=Path, default=None,
                         help="where to write the report (default: BENCHMARKS.md)")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, default=[],
+                        metavar="SCENARIO",
+                        help=f"measure only this scenario, repeatable: {', '.join(SCENARIOS)}")
     parser.add_argument("--prefect-venv", type=Path, default=os.environ.get(VENV_ENV) or None,
                         help=f"venv with prefect 3.x (default: ${VENV_ENV})")
     parser.add_argument("--agent-log-level", default="info",
@@ -87,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"no Prefect venv: pass --prefect-venv or set ${VENV_ENV}")
     if any("=" not in item for item in args.agent_flow_env):
         parser.error("--agent-flow-env takes KEY=VALUE")
+    if args.only and args.out is None:
+        parser.error("--only writes a partial report: name it with --out")
+    if args.out is None:
+        args.out = REPO / "BENCHMARKS.md"
+    args.scenarios = frozenset(args.only or SCENARIOS)
     return args
 
 
@@ -157,10 +170,13 @@ class Bench:
                         scenarios.cancellation(api, contender, ids["sleeper"], self.tag)
                     )
 
-            for what, step in (("idle", idle), ("sequential runs", sequential),
-                               ("bursts", bursts), ("cancellations", cancellations)):
-                self.log(f"{result.label}: {what}")
-                _attempt(errors, what, step)
+            for scenario, what, step in (
+                ("idle", "idle", idle), ("sequential", "sequential runs", sequential),
+                ("bursts", "bursts", bursts), ("cancel", "cancellations", cancellations),
+            ):
+                if scenario in self.args.scenarios:
+                    self.log(f"{result.label}: {what}")
+                    _attempt(errors, what, step)
         except (BenchError, httpx.HTTPError) as exc:
             errors.append(f"start-up: {exc}; log tail:\n{contender.log_tail()}")
         finally:
@@ -238,17 +254,24 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal footprint
             footprint = bench.footprint(api, flows_dir) if api else None
 
-        _attempt(errors, "runner-agent footprint", run_footprint)
+        if "footprint" in args.scenarios:
+            _attempt(errors, "runner-agent footprint", run_footprint)
         bench.contender(api, lambda: subjects.start_runner(
             python=bench.prefect_python, server_env=server.env(), workdir=workdir / "runner",
             flows_dir=flows_dir, tag=tag, limit=LIMIT, poll_interval=round(bench.poll_interval),
         ), runner)
-        bench.log("import footprint")
-        imports = measure_imports(Path(sys.executable), REPO)
+        imports: list[ImportStep] = []
+        if "imports" in args.scenarios:
+            bench.log("import footprint")
+            imports = measure_imports(Path(sys.executable), REPO)
         machine["load average at the end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         report = Report(
-            mode="smoke" if args.smoke else "full", date=date,
-            duration=time.monotonic() - started, command=_command(args), plan=bench.plan.describe(),
+            mode=("smoke" if args.smoke else "full")
+            + (f", {' and '.join(sorted(args.scenarios))} only" if args.only else ""),
+            date=date,
+            duration=time.monotonic() - started, command=_command(args),
+            plan=bench.plan.describe()
+            + (f" (measured: {', '.join(sorted(args.scenarios))})" if args.only else ""),
             poll_interval=bench.poll_interval, machine=machine, agent=agent, runner=runner,
             footprint=footprint, imports=imports, errors=errors,
         )
@@ -279,6 +302,8 @@ def _command(args: argparse.Namespace) -> str:
              shlex.quote(sys.executable), "-m", "bench.run"]
     if args.smoke:
         parts.append("--smoke")
+    for scenario in args.only:
+        parts += ["--only", scenario]
     parts += ["--out", shlex.quote(str(args.out))]
     for item in args.agent_flow_env:
         parts += ["--agent-flow-env", shlex.quote(item)]

@@ -130,6 +130,27 @@ class Cancellation:
     leftovers: int  # any other process of the run still alive then
     engine_gone: float | None  # CANCELLING -> the run's processes (but `sleep`) have exited
     states: tuple[tuple[float, str], ...]  # seconds after CANCELLING, state type
+    history: tuple[str, ...] = ()  # every state type of the run, in order
+    path: str | None = None  # how runner-agent stopped it (cancel_path); None for the Runner
+
+    @property
+    def crashed_in_history(self) -> bool:
+        """A cancelled run that went through CRASHED fired every "Crashed" automation."""
+        return "CRASHED" in self.history
+
+
+# runner-agent's note in the run's logs says which way the cancellation went (supervisor.py).
+CANCEL_PATHS = (
+    ("the engine acknowledged the cancellation", "control channel"),
+    ("no control channel answer from the engine", "fallback: SIGTERM without acknowledgement"),
+)
+
+
+def cancel_path(messages: list[str]) -> str | None:
+    for text, path in CANCEL_PATHS:
+        if any(text in message for message in messages):
+            return path
+    return None
 
 
 def cancellation(
@@ -168,6 +189,8 @@ def cancellation(
     ]
     # Count first, then clean up: nothing of a cancelled run may outlive the benchmark.
     procs.kill(orphans + others)
+    # The agent's notes reach the server in batches; ORPHAN_GRACE has passed since CANCELLED.
+    path = cancel_path(api.log_messages(run_id))
     cancelling = (
         final_at - timeline.cancel if timeline.cancel is not None
         else next((ts for ts, t in timeline.states if t == "CANCELLING"), None)
@@ -179,6 +202,8 @@ def cancellation(
             (ts - cancelling, t) for ts, t in timeline.states
             if cancelling is not None and ts >= cancelling
         ),
+        history=tuple(t for _ts, t in timeline.states),
+        path=path,
     )
 
 

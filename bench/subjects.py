@@ -64,10 +64,23 @@ SERVE = textwrap.dedent(
 )
 
 # Stands in for the engine in the footprint scenario: the agent runs `<python> -m prefect.engine`
-# under its sh wrapper, and this ignores its arguments and just sleeps, so the figures are the
-# agent's own.
-# The engine (`-m prefect.engine`) sleeps; the agent's schema helper fails at once.
-FAKE_PYTHON = '#!/bin/sh\n[ "$1" = -m ] && exec sleep 600\nexit 1\n'
+# under its sh wrapper, and this just sleeps, so the figures are the agent's own. The agent's
+# other uses of a flow's python get a quick answer: its engine probe (`-I -c`, agent/engines.py)
+# hears of an engine that sends its own heartbeats, as Prefect 3.8.8 does, but has no control
+# channel (this one cannot connect back); the hook runner (`-c`) finds no hooks; the schema
+# helper (a script path) fails at once. A probe that hung instead would cost every launch the
+# probe's 30 s timeout, and a hook that hung would hold every cancellation for
+# `agent.hook_timeout`.
+FAKE_PYTHON = """\
+#!/bin/sh
+case "$1" in
+    -m) exec sleep 600 ;;
+    -I) echo '{"version": "0+fake", "root": "/nonexistent/prefect", "control_channel": false,\
+ "engine_heartbeats": true}'; exit 0 ;;
+    -c) exit 0 ;;
+esac
+exit 1
+"""
 
 
 def write_flows(directory: Path) -> Path:

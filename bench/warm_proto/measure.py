@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from agent.launcher import WRAPPER, WRAPPER_NAME, base_environment, find_user, setpriv_prefix
+
 from agent.states import pending_state
 from bench.api import BenchApi
 from bench.warm_proto.pool import (

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.launcher import LaunchRequest, base_environment
-from agent.states import pending_state
 from agent.units import systemd_run_argv
+
+from agent.states import pending_state
 from bench.api import BenchApi
 from bench.warm_proto.measure import ENGINE_RETRIES, FLOWS, pct
 from bench.warm_proto.pool import (

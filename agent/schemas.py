@@ -18,6 +18,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 # The longest WAIT the agent honours at once; the server can always say WAIT again.
 MAX_WAIT_SECONDS = 3600.0
+# The state name of a run waiting for a retry (Prefect's `AwaitingRetry`, a SCHEDULED type).
+AWAITING_RETRY = "AwaitingRetry"
 
 
 class StateType(StrEnum):
@@ -116,8 +118,18 @@ class FlowRun(_Model):
     def retrying_in_process(self) -> bool:
         """AwaitingRetry whose engine retries in its own process (Prefect's `retry_type`
         in_process): that engine, alive somewhere, runs it again, so nobody may claim it.
-        Prefect's workers skip these too (PrefectHQ/prefect#15458)."""
-        return self.empirical_policy.get("retry_type") == "in_process"
+        Prefect's workers skip these too (PrefectHQ/prefect#15458).
+
+        The state must say so as well: the server leaves `retry_type` in_process after the
+        retry, also through a later suspension, so a run Resuming after a suspend would never
+        be claimed by `retry_type` alone."""
+        state = self.state
+        return (
+            state is not None
+            and state.type is StateType.SCHEDULED
+            and state.name == AWAITING_RETRY
+            and self.empirical_policy.get("retry_type") == "in_process"
+        )
 
 
 class Deployment(_Model):

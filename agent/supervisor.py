@@ -188,14 +188,21 @@ class Supervisor(RunOutcomes):
         self.handle = handle
         exited = asyncio.ensure_future(handle.wait())
         cancelled = asyncio.ensure_future(self._cancel_requested.wait())
+        stopped = None
         try:
             await asyncio.wait({exited, cancelled}, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
-                await self._stop(handle, exited)
+                stopped = await self._stop(handle, exited)
             status = await exited
         finally:
             for task in (exited, cancelled):
                 task.cancel()
+        if stopped is SignalResult.ACKNOWLEDGED:
+            # The engine ended as a cancellation and proposes nothing more: CANCELLED now,
+            # before the hooks. Not before its process is gone: it sends its own heartbeats
+            # until its flow has unwound (a slow `finally`, a call that holds off SIGTERM), and
+            # no heartbeat may follow the final state.
+            await self.settle_cancelled(launched=True)
         result = await self.ctx.launcher.unit_result(handle)
         if self.ctx.control is not None:
             self.conclusion = self.ctx.control.unregister(self.id)
@@ -203,21 +210,19 @@ class Supervisor(RunOutcomes):
         await self.ctx.failpoints.hit("after-exit")
         return status, result
 
-    async def _stop(self, handle: RunHandle, exited: asyncio.Future[int]) -> None:
-        """Deliver the cancel intent, then SIGTERM; SIGKILL what is left after the grace."""
+    async def _stop(self, handle: RunHandle, exited: asyncio.Future[int]) -> SignalResult:
+        """Deliver the cancel intent, then SIGTERM; SIGKILL what is left after the grace.
+        Returns the engine's answer to the intent."""
         grace = self.ctx.settings.agent.cancel_grace
         signal = SignalResult.NOT_ACKNOWLEDGED
         if self.ctx.control is not None:
             signal = await self.ctx.control.signal(self.id, "cancel")
         if signal is SignalResult.ALREADY_CONCLUDED:
             self.note("The engine had already finished the run when the cancellation arrived")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
         else:
-            acked = signal is SignalResult.ACKNOWLEDGED
             how = (
                 "the engine acknowledged the cancellation"
-                if acked
+                if signal is SignalResult.ACKNOWLEDGED
                 else "no control channel answer from the engine"
             )
             self.note(
@@ -225,11 +230,8 @@ class Supervisor(RunOutcomes):
                 f"{format_duration(grace)}"
             )
             await self.ctx.launcher.terminate(handle)
-            if acked:
-                # The engine now ends as a cancellation and proposes nothing more: the run is
-                # CANCELLED at once, not after the engine's exit (about 2 s) and the hooks.
-                await self.settle_cancelled(launched=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
         # Always: the main process may be gone while its children linger.
         await self.ctx.launcher.kill(handle)
+        return signal

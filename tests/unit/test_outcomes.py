@@ -120,7 +120,7 @@ async def test_an_engine_receipt_means_nothing_to_add(settings: Any) -> None:
     assert proposed_types(server) == ["PENDING"]
 
 
-async def test_an_acknowledged_cancel_is_cancelled_before_the_process_ends(settings: Any) -> None:
+async def test_an_acknowledged_cancel_is_cancelled_once_the_process_ended(settings: Any) -> None:
     server = FakeServer(uuid4())
     control = FakeControl(SignalResult.ACKNOWLEDGED)
     hooks = FakeHooks()
@@ -128,6 +128,7 @@ async def test_an_acknowledged_cancel_is_cancelled_before_the_process_ends(setti
     launcher = FakeLauncher(finish_at_once=False, engine=running_then(server))
     states_at_terminate: list[list[str]] = []
     states_at_exit: list[list[str]] = []
+    states_at_hooks: list[list[str]] = []
     exits: list[asyncio.Task[None]] = []
 
     async def terminate(handle: Any) -> None:
@@ -135,7 +136,8 @@ async def test_an_acknowledged_cancel_is_cancelled_before_the_process_ends(setti
         states_at_terminate.append(proposed_types(server))
 
         async def exit_later() -> None:
-            # The acknowledged engine takes its time (about 2 s for a real one) to exit 0.
+            # The acknowledged engine takes its time (about 2 s for a real one) to exit 0,
+            # and sends its own heartbeats until its flow has unwound.
             await asyncio.sleep(0.2)
             states_at_exit.append(proposed_types(server))
             handle.status = 0
@@ -143,7 +145,14 @@ async def test_an_acknowledged_cancel_is_cancelled_before_the_process_ends(setti
 
         exits.append(asyncio.ensure_future(exit_later()))
 
+    real_hooks_run = hooks.run
+
+    async def run_hooks(*args: Any, **kwargs: Any) -> Any:
+        states_at_hooks.append(proposed_types(server))
+        return await real_hooks_run(*args, **kwargs)
+
     launcher.terminate = terminate  # type: ignore[method-assign]
+    hooks.run = run_hooks  # type: ignore[method-assign]
     await supervise(
         settings,
         server,
@@ -155,7 +164,9 @@ async def test_an_acknowledged_cancel_is_cancelled_before_the_process_ends(setti
     )
     assert control.signals == ["cancel"]
     assert states_at_terminate == [["PENDING"]]
-    assert states_at_exit == [["PENDING", "CANCELLED"]]  # CANCELLED before the exit
+    # No CANCELLED while the engine lives (it could still beat), but before the hooks run.
+    assert states_at_exit == [["PENDING"]]
+    assert states_at_hooks == [["PENDING", "CANCELLED"]]
     assert proposed_types(server) == ["PENDING", "CANCELLED"]
     assert hooks.kinds() == [HookKind.CANCELLATION]  # once, after the process ended
     assert cancelled == [server.run_id]

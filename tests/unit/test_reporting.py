@@ -162,6 +162,11 @@ def flow_run_named(state_type: str, name: str, policy: dict[str, Any] | None = N
         ),
         (flow_run_named("PAUSED", "Suspended"), CrashOutcome.LEFT_ALONE),
         (flow_run_named("SCHEDULED", "Resuming"), CrashOutcome.LEFT_ALONE),
+        # Prefect keeps `retry_type` in_process after a retry, through a suspend and resume.
+        (
+            flow_run_named("SCHEDULED", "Resuming", {"retry_type": "in_process"}),
+            CrashOutcome.LEFT_ALONE,
+        ),
         (
             flow_run_named("SCHEDULED", "AwaitingRetry", {"retry_type": "reschedule"}),
             CrashOutcome.LEFT_ALONE,
@@ -175,6 +180,7 @@ def flow_run_named(state_type: str, name: str, policy: dict[str, Any] | None = N
         "in-process-retry",
         "suspended",
         "resuming",
+        "resuming-after-an-in-process-retry",
         "rescheduled-retry",
         "cancelling",
         "failed",

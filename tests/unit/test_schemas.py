@@ -295,3 +295,26 @@ def test_fuzzed_bodies_parse_or_raise_validation_error_only(data: Any, field: st
         except ValidationError:
             continue
         assert isinstance(parsed, model)
+
+
+@pytest.mark.parametrize(
+    ("state", "retry_type", "retrying"),
+    [
+        (("SCHEDULED", "AwaitingRetry"), "in_process", True),
+        (("SCHEDULED", "AwaitingRetry"), "reschedule", False),
+        (("SCHEDULED", "AwaitingRetry"), None, False),
+        # The server leaves `retry_type` in_process after the retry: the run's later states
+        # are nobody's in-process retry (a resume after a suspend must be claimed).
+        (("SCHEDULED", "Resuming"), "in_process", False),
+        (("SCHEDULED", "Scheduled"), "in_process", False),
+        (("RUNNING", "Running"), "in_process", False),
+        (None, "in_process", False),
+    ],
+)
+def test_retrying_in_process_needs_the_awaiting_retry_state(
+    state: tuple[str, str] | None, retry_type: str | None, retrying: bool
+) -> None:
+    body = copy.deepcopy(FLOW_RUN)
+    body["state"] = {"type": state[0], "name": state[1]} if state else None
+    body["empirical_policy"]["retry_type"] = retry_type
+    assert FlowRun.model_validate(body).retrying_in_process is retrying

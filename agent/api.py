@@ -124,8 +124,12 @@ class PrefectClient(ApiTransport):
         name: str | None = None,
     ) -> FlowRun:
         """A run of a deployment (SCHEDULED for now unless `state` says otherwise)."""
-        fields = {"state": state, "parameters": parameters, "name": name,
-                  "tags": list(tags) if tags is not None else None}
+        fields = {
+            "state": state,
+            "parameters": parameters,
+            "name": name,
+            "tags": list(tags) if tags is not None else None,
+        }
         body = {key: value for key, value in fields.items() if value is not None}
         path = f"/deployments/{deployment_id}/create_flow_run"
         return self._one(await self._request("POST", path, body=body), FlowRun)
@@ -157,8 +161,11 @@ class PrefectClient(ApiTransport):
             and str(current.state_details.get("transition_id")) == str(details["transition_id"])
         ):
             # Our own proposal, applied on an earlier attempt whose answer was lost.
-            log.info("%s on run %s was already accepted (a retried proposal)",
-                     current.type.value, flow_run_id)
+            log.info(
+                "%s on run %s was already accepted (a retried proposal)",
+                current.type.value,
+                flow_run_id,
+            )
             return result.model_copy(update={"status": SetStateStatus.ACCEPT})
         return result
 

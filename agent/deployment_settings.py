@@ -137,5 +137,3 @@ class DeploymentSettings(ConfigModel):
         if "env" in updates:
             updates["env"] = {**defaults.env, **self.env}
         return defaults.model_copy(update=updates)
-
-

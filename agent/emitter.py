@@ -190,7 +190,11 @@ class EventEmitter:
             log.warning("%d %s were not delivered at shutdown", len(self._buffer), self.kind)
         log.info(
             "%s: %d sent, %d dropped, %d rejected, %d not delivered",
-            self.kind, self.sent, self.dropped, self.rejected, len(self._buffer),
+            self.kind,
+            self.sent,
+            self.dropped,
+            self.rejected,
+            len(self._buffer),
         )
 
     async def run(self) -> None:
@@ -217,14 +221,18 @@ class EventEmitter:
                 if _status(exc) in _ENDPOINT_REFUSED and not self.use_websocket and self._ws_url:
                     log.warning(
                         "the server refused POST /events (%s); sending events over %s",
-                        exc, self._ws_url,
+                        exc,
+                        self._ws_url,
                     )
                     self.use_websocket = True
                     continue
                 failures += 1
                 log.warning(
                     "could not send %d %s, retrying in ~%.0fs: %r",
-                    self.pending, self.kind, self._backoff.step(failures), exc,
+                    self.pending,
+                    self.kind,
+                    self._backoff.step(failures),
+                    exc,
                 )
                 await self._close_ws()
 
@@ -260,7 +268,9 @@ class EventEmitter:
         assert self._ws_url is not None
         if self._ws is None:
             self._ws = await open_prefect_socket(
-                self._ws_url, token=self._token, headers=self._headers,
+                self._ws_url,
+                token=self._token,
+                headers=self._headers,
                 open_timeout=self._open_timeout,
             )
         for event in batch:

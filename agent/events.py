@@ -88,16 +88,20 @@ def flow_run_heartbeat(
     """
     related: list[dict[str, str]] = []
     if flow_id:
-        related.append({
-            "prefect.resource.id": f"prefect.flow.{flow_id}",
-            "prefect.resource.role": "flow",
-            "prefect.resource.name": flow_name or "",
-        })
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow.{flow_id}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": flow_name or "",
+            }
+        )
     if deployment_id:
-        related.append({
-            "prefect.resource.id": f"prefect.deployment.{deployment_id}",
-            "prefect.resource.role": "deployment",
-        })
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+                "prefect.resource.role": "deployment",
+            }
+        )
     related += tag_resources(tags)
     resource = {
         "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
@@ -124,9 +128,7 @@ def agent_heartbeat(
         "running": running,
         "launcher": launcher,
     }
-    return build_event(
-        AGENT_HEARTBEAT, runner_resource(agent_name), (), payload, occurred=occurred
-    )
+    return build_event(AGENT_HEARTBEAT, runner_resource(agent_name), (), payload, occurred=occurred)
 
 
 def cancelled_flow_run(
@@ -149,23 +151,27 @@ def cancelled_flow_run(
     """
     related: list[dict[str, str]] = []
     if deployment_id:
-        related.append({
-            "prefect.resource.id": f"prefect.deployment.{deployment_id}",
-            "prefect.resource.role": "deployment",
-            "prefect.resource.name": deployment_name or "",
-        })
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+                "prefect.resource.role": "deployment",
+                "prefect.resource.name": deployment_name or "",
+            }
+        )
     if flow_id:
-        related.append({
-            "prefect.resource.id": f"prefect.flow.{flow_id}",
-            "prefect.resource.role": "flow",
-            "prefect.resource.name": flow_name or "",
-        })
-    related.append({
-        "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
-        "prefect.resource.role": "flow-run",
-        "prefect.resource.name": flow_run_name or "",
-    })
-    related += tag_resources([*deployment_tags, *tags])
-    return build_event(
-        CANCELLED_FLOW_RUN, runner_resource(agent_name), related, occurred=occurred
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow.{flow_id}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": flow_name or "",
+            }
+        )
+    related.append(
+        {
+            "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+            "prefect.resource.role": "flow-run",
+            "prefect.resource.name": flow_run_name or "",
+        }
     )
+    related += tag_resources([*deployment_tags, *tags])
+    return build_event(CANCELLED_FLOW_RUN, runner_resource(agent_name), related, occurred=occurred)

@@ -41,24 +41,44 @@ esac
 
 # Checked in order; the first hit names the cause. Patterns match git's stderr (LC_ALL=C).
 _CAUSES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("authentication failed", re.compile(
-        r"Authentication failed|could not read (Username|Password)|terminal prompts disabled"
-        r"|HTTP Basic: Access denied|requested URL returned error: 40[13]"
-        r"|Permission denied \(publickey|Invalid username or password", re.I)),
-    ("repository not found", re.compile(
-        r"repository '.*' not found|Repository not found|does not appear to be a git repository"
-        r"|requested URL returned error: 404|not a git repository|No such file or directory",
-        re.I)),
+    (
+        "authentication failed",
+        re.compile(
+            r"Authentication failed|could not read (Username|Password)|terminal prompts disabled"
+            r"|HTTP Basic: Access denied|requested URL returned error: 40[13]"
+            r"|Permission denied \(publickey|Invalid username or password",
+            re.I,
+        ),
+    ),
+    (
+        "repository not found",
+        re.compile(
+            r"repository '.*' not found|Repository not found|does not appear to be a git repository"
+            r"|requested URL returned error: 404|not a git repository|No such file or directory",
+            re.I,
+        ),
+    ),
     ("unknown branch", re.compile(r"couldn't find remote ref|Remote branch .* not found", re.I)),
-    ("unknown commit", re.compile(
-        r"not our ref|unadvertised object|no such remote ref|bad object|unknown revision", re.I)),
-    ("could not connect", re.compile(
-        r"Could not resolve host|Failed to connect|Couldn't connect|Connection refused"
-        r"|Connection timed out|Connection reset|Network is unreachable|No route to host"
-        r"|Operation timed out|ssh: connect to host|Could not read from remote repository"
-        r"|SSL certificate problem|gnutls_handshake|unable to access", re.I)),
-    ("unsupported URL", re.compile(r"remote-\S+' is not a git command|Unable to find remote helper",
-                                   re.I)),
+    (
+        "unknown commit",
+        re.compile(
+            r"not our ref|unadvertised object|no such remote ref|bad object|unknown revision", re.I
+        ),
+    ),
+    (
+        "could not connect",
+        re.compile(
+            r"Could not resolve host|Failed to connect|Couldn't connect|Connection refused"
+            r"|Connection timed out|Connection reset|Network is unreachable|No route to host"
+            r"|Operation timed out|ssh: connect to host|Could not read from remote repository"
+            r"|SSL certificate problem|gnutls_handshake|unable to access",
+            re.I,
+        ),
+    ),
+    (
+        "unsupported URL",
+        re.compile(r"remote-\S+' is not a git command|Unable to find remote helper", re.I),
+    ),
 )
 
 _PREFIX = re.compile(r"^(fatal|error|remote|warning):\s*", re.I)
@@ -162,8 +182,11 @@ SAFE_CONFIG = ("-c", "credential.helper=", "-c", "gc.auto=0", "-c", "advice.deta
 # Repositories are the agent's alone: git creates their files 0600 (0400 objects) and their
 # directories 0700, whatever the umask. Work trees (the checkouts flows read) are not affected.
 # Passed as GIT_CONFIG_* (git >= 2.31), which base_environment never lets in from outside.
-PRIVATE_REPOSITORY = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.sharedRepository",
-                      "GIT_CONFIG_VALUE_0": "0600"}
+PRIVATE_REPOSITORY = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "core.sharedRepository",
+    "GIT_CONFIG_VALUE_0": "0600",
+}
 PRIVATE_DIR = 0o700
 CODE_DIR = 0o755  # a commit's files: flows running as another user read them
 
@@ -191,9 +214,14 @@ class Git:
             env.update(extra_env)
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary, *SAFE_CONFIG, *args,
-                cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=stdout, stderr=asyncio.subprocess.PIPE,
+                self.binary,
+                *SAFE_CONFIG,
+                *args,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # so a timeout kills git's helpers too
             )
         except OSError as exc:
@@ -324,6 +352,9 @@ def _exists(path: Path) -> bool:
 
 async def _run_quiet(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     await proc.wait()

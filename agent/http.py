@@ -192,7 +192,9 @@ class ApiTransport:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
@@ -249,8 +251,15 @@ class ApiTransport:
                     return response
             if attempt < self._max_attempts:
                 delay = self.backoff(attempt, retry_after)
-                log.debug("%s %s failed (%s); attempt %d/%d, retrying in %.2fs",
-                          method, path, last_error, attempt, self._max_attempts, delay)
+                log.debug(
+                    "%s %s failed (%s); attempt %d/%d, retrying in %.2fs",
+                    method,
+                    path,
+                    last_error,
+                    attempt,
+                    self._max_attempts,
+                    delay,
+                )
                 await self._sleep(delay)
         raise ApiUnavailable(
             f"{method} {path} failed after {self._max_attempts} attempt(s) "
@@ -282,14 +291,17 @@ class ApiTransport:
         except (UnicodeDecodeError, LookupError):
             text = repr(response.content[:EXCERPT_CHARS])
         return MalformedResponse(
-            response.request.method, self._path_of(response), response.status_code, problem,
+            response.request.method,
+            self._path_of(response),
+            response.status_code,
+            problem,
             self.scrub(text),
         )
 
     def _path_of(self, response: httpx.Response) -> str:
         """The request's path relative to the API URL, as callers wrote it."""
         path, base = response.request.url.path, self._http.base_url.path
-        return "/" + path[len(base):] if path.startswith(base) else path
+        return "/" + path[len(base) :] if path.startswith(base) else path
 
     def _one(self, response: httpx.Response, model: type[M]) -> M:
         data = self._json(response)
@@ -312,9 +324,13 @@ class ApiTransport:
                 item_id = item.get("id") if isinstance(item, dict) else None
                 log.warning(
                     "skipping malformed %s #%d (id %s) from %s %s: %s; item: %s",
-                    model.__name__, index, excerpt(str(item_id), 60),
-                    response.request.method, self._path_of(response),
-                    describe_validation(exc), excerpt(self.scrub(_dump(item))),
+                    model.__name__,
+                    index,
+                    excerpt(str(item_id), 60),
+                    response.request.method,
+                    self._path_of(response),
+                    describe_validation(exc),
+                    excerpt(self.scrub(_dump(item))),
                 )
         return items
 

@@ -215,7 +215,9 @@ class JournalHandler(logging.Handler):
             seals = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL|SHRINK|GROW|WRITE
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             self._sock.sendmsg(
-                [], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))], 0,
+                [],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
+                0,
                 self.socket_path,
             )
         finally:

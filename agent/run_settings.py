@@ -105,7 +105,6 @@ class ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-
 JobVariable = Literal[
     "env", "memory_max", "cpu_quota", "tasks_max", "runtime_max", "user", "python"
 ]
@@ -129,5 +128,3 @@ class FlowRunSettings(ConfigModel):
 
 
 FLOW_RUN_KEYS = tuple(FlowRunSettings.model_fields)
-
-

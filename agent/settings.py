@@ -67,6 +67,7 @@ __all__ = [
     "load_settings",
 ]
 
+
 class ApiSettings(ConfigModel):
     url: Annotated[str, BeforeValidator(values.validate_http_url)] = "http://127.0.0.1:4200/api"
     key: Secret | None = None

@@ -152,8 +152,10 @@ class ExitCause:
         if kind is ExitKind.CANCELLED:
             return "stopped by a cancellation"
         if kind is ExitKind.OOM_KILLED:
-            return f"killed by the kernel OOM killer at {limit}" if limit else (
-                "killed by the kernel OOM killer"
+            return (
+                f"killed by the kernel OOM killer at {limit}"
+                if limit
+                else ("killed by the kernel OOM killer")
             )
         if kind is ExitKind.RUNTIME_EXCEEDED:
             return f"{limit} exceeded" if limit else "the unit's runtime limit was exceeded"

@@ -47,7 +47,8 @@ def limits_of(settings: Settings, deployment: str) -> dict[str, Any]:
     """The configured limits of a deployment's runs, as the config spells them."""
     configured = settings.deployment(deployment)
     flow_run: FlowRunSettings = (
-        configured.flow_run_settings(settings.flow_run) if configured is not None
+        configured.flow_run_settings(settings.flow_run)
+        if configured is not None
         else settings.flow_run
     )
     return {
@@ -68,8 +69,11 @@ def run_status(
     now: float,
 ) -> RunStatus:
     used = usage(record.pid, record.extra.get("create_time"))
-    since = record.claimed_at if record.claimed_at is not None else (
-        used.started_at if used is not None else None)
+    since = (
+        record.claimed_at
+        if record.claimed_at is not None
+        else (used.started_at if used is not None else None)
+    )
     return RunStatus(
         flow_run_id=record.flow_run_id,
         deployment=record.deployment,
@@ -132,18 +136,20 @@ def table_rows(runs: Iterable[RunStatus]) -> list[tuple[str, ...]]:
     for run in runs:
         limits = run.limits
         pid = "-" if run.pid is None else f"{run.pid}{'' if run.alive else ' (gone)'}"
-        rows.append((
-            run.flow_run_id,
-            run.deployment + ("" if limits["configured"] else " (not configured)"),
-            run.phase,
-            pid,
-            human_seconds(run.age_seconds),
-            human_bytes(run.rss_bytes),
-            human_seconds(run.cpu_seconds),
-            f"mem={limits['memory_max']} cpu={limits['cpu_quota']} "
-            f"tasks={limits['tasks_max']} runtime={limits['runtime_max']}",
-            run.unit or "-",
-        ))
+        rows.append(
+            (
+                run.flow_run_id,
+                run.deployment + ("" if limits["configured"] else " (not configured)"),
+                run.phase,
+                pid,
+                human_seconds(run.age_seconds),
+                human_bytes(run.rss_bytes),
+                human_seconds(run.cpu_seconds),
+                f"mem={limits['memory_max']} cpu={limits['cpu_quota']} "
+                f"tasks={limits['tasks_max']} runtime={limits['runtime_max']}",
+                run.unit or "-",
+            )
+        )
     return rows
 
 
@@ -152,8 +158,10 @@ def render_table(runs: Sequence[RunStatus]) -> str:
         return "no flow runs on this host\n"
     rows = [COLUMNS, *table_rows(runs)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +201,13 @@ def stream(argv: list[str], out: TextIO) -> int:
 
 
 def print_file(
-    path: Path, out: TextIO, error: Callable[[str], None], *, follow: bool,
-    poll: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+    path: Path,
+    out: TextIO,
+    error: Callable[[str], None],
+    *,
+    follow: bool,
+    poll: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     try:
         handle = path.open(errors="replace")

@@ -132,8 +132,9 @@ class Storage:
         self.root = state_dir / "storage"
         self.credentials_dir = credentials_dir
         self._clock = clock
-        self._git = Git(git_binary, base_environment(os.environ if environ is None else environ),
-                        timeout)
+        self._git = Git(
+            git_binary, base_environment(os.environ if environ is None else environ), timeout
+        )
         self._locks: dict[str, asyncio.Lock] = {}
         self._fetched: dict[str, tuple[tuple[str, str], float, str]] = {}  # (url, ref), time, sha
         self._newest: dict[str, Path] = {}
@@ -164,14 +165,16 @@ class Storage:
             repo = await self._ensure_repo(deploy_dir, source)
             sha, warning = await self._resolve(name, repo, remote, credentials, git, source)
             try:
-                root = await self._ensure_checkout(deploy_dir, repo, sha, git.submodules,
-                                                   remote, credentials)
+                root = await self._ensure_checkout(
+                    deploy_dir, repo, sha, git.submodules, remote, credentials
+                )
             except GitFailed as exc:
                 raise StorageError(source, exc.reason) from None
             path = root.joinpath(*parts)
             if not path.is_dir():
                 raise StorageError(
-                    source, f"subdirectory {git.subdirectory!r} does not exist in commit {sha}")
+                    source, f"subdirectory {git.subdirectory!r} does not exist in commit {sha}"
+                )
             self._newest[name] = root
             self._leases[root] += 1
         return Checkout(deployment_name, sha, root, path, source, warning, self._unlease)
@@ -189,8 +192,9 @@ class Storage:
             return None
         self._leases[root] += 1
         commit = relative.parts[1].split("+")[0]
-        return Checkout(relative.parts[0], commit, root, self.root / relative, str(root),
-                        None, self._unlease)
+        return Checkout(
+            relative.parts[0], commit, root, self.root / relative, str(root), None, self._unlease
+        )
 
     def leased(self) -> dict[Path, int]:
         return {path: count for path, count in self._leases.items() if count > 0}
@@ -215,12 +219,18 @@ class Storage:
             raise StorageError(source, f"cannot read the token file {token_file}")
         if token_file is None and remote.password is None:
             return Credentials(username=remote.username)
-        return Credentials(token_file, remote.username,
-                           None if token_file is not None else remote.password)
+        return Credentials(
+            token_file, remote.username, None if token_file is not None else remote.password
+        )
 
     async def _resolve(
-        self, name: str, repo: Path, remote: Remote, credentials: Credentials,
-        git: GitSource, source: str,
+        self,
+        name: str,
+        repo: Path,
+        remote: Remote,
+        credentials: Credentials,
+        git: GitSource,
+        source: str,
     ) -> tuple[str, str | None]:
         """The commit to run, and a warning when it is an older one because the fetch failed."""
         env = credentials.environment(self.root / ASKPASS)
@@ -237,9 +247,20 @@ class Storage:
         ref = f"refs/heads/{branch}"
         try:
             await self._git.run(
-                ["--git-dir", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                 "--update-head-ok", "--end-of-options", remote.url, f"+{ref}:{ref}"],
-                extra_env=env)
+                [
+                    "--git-dir",
+                    str(repo),
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--no-write-fetch-head",
+                    "--update-head-ok",
+                    "--end-of-options",
+                    remote.url,
+                    f"+{ref}:{ref}",
+                ],
+                extra_env=env,
+            )
             sha = await self._rev_parse(repo, ref)
         except GitFailed as exc:
             error = StorageError(source, exc.reason)
@@ -258,19 +279,30 @@ class Storage:
         sha = await self._rev_parse_or_none(repo, commit)
         if sha is not None:
             return sha
-        fetch = ["--git-dir", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                 "--end-of-options", url]
+        fetch = [
+            "--git-dir",
+            str(repo),
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--end-of-options",
+            url,
+        ]
         if len(commit) in (40, 64):  # servers allow wanting a reachable sha (protocol v2)
             try:
-                await self._git.run([*fetch, f"{commit}:refs/pins/{commit}"], extra_env=env,
-                                    ref_kind="commit")
+                await self._git.run(
+                    [*fetch, f"{commit}:refs/pins/{commit}"], extra_env=env, ref_kind="commit"
+                )
                 return await self._rev_parse(repo, commit)
             except GitFailed as exc:
                 if exc.reason != "unknown commit":
                     raise
         await self._git.run(
             [*fetch, "+refs/heads/*:refs/all/heads/*", "+refs/tags/*:refs/all/tags/*"],
-            extra_env=env, ref_kind="commit")
+            extra_env=env,
+            ref_kind="commit",
+        )
         sha = await self._rev_parse_or_none(repo, commit)
         if sha is None:
             raise GitFailed("unknown commit")
@@ -278,8 +310,17 @@ class Storage:
 
     async def _rev_parse(self, repo: Path, rev: str) -> str:
         out = await self._git.run(
-            ["--git-dir", str(repo), "rev-parse", "--verify", "--quiet", "--end-of-options",
-             f"{rev}^{{commit}}"], ref_kind="commit")
+            [
+                "--git-dir",
+                str(repo),
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                f"{rev}^{{commit}}",
+            ],
+            ref_kind="commit",
+        )
         return out.strip()
 
     async def _rev_parse_or_none(self, repo: Path, rev: str) -> str | None:
@@ -306,8 +347,13 @@ class Storage:
         return repo
 
     async def _ensure_checkout(
-        self, deploy_dir: Path, repo: Path, sha: str, submodules: bool,
-        remote: Remote, credentials: Credentials,
+        self,
+        deploy_dir: Path,
+        repo: Path,
+        sha: str,
+        submodules: bool,
+        remote: Remote,
+        credentials: Credentials,
     ) -> Path:
         final = deploy_dir / (f"{sha}+submodules" if submodules else sha)
         if final.is_dir():
@@ -322,8 +368,18 @@ class Storage:
                 # A private index: no `.git` in the checkout, and builds never share state.
                 env = {"GIT_INDEX_FILE": str(index)}
                 await self._git.run(["--git-dir", str(repo), "read-tree", sha], extra_env=env)
-                await self._git.run(["--git-dir", str(repo), "--work-tree", str(tmp),
-                                     "checkout-index", "--all", "--force"], extra_env=env)
+                await self._git.run(
+                    [
+                        "--git-dir",
+                        str(repo),
+                        "--work-tree",
+                        str(tmp),
+                        "checkout-index",
+                        "--all",
+                        "--force",
+                    ],
+                    extra_env=env,
+                )
             publish(tmp, final)
         except BaseException:
             await asyncio.shield(remove_tree(tmp))
@@ -337,13 +393,16 @@ class Storage:
         self, repo: Path, target: Path, sha: str, remote: Remote, credentials: Credentials
     ) -> None:
         env = credentials.environment(self.root / ASKPASS)
-        await self._git.run(["clone", "--quiet", "--no-checkout", "--end-of-options",
-                             str(repo), str(target)])
+        await self._git.run(
+            ["clone", "--quiet", "--no-checkout", "--end-of-options", str(repo), str(target)]
+        )
         # Relative submodule URLs resolve against origin; the URL holds no password.
         await self._git.run(["-C", str(target), "remote", "set-url", "origin", remote.url])
         await self._git.run(["-C", str(target), "checkout", "--quiet", "--detach", sha])
-        await self._git.run(["-C", str(target), "submodule", "update", "--quiet", "--init",
-                             "--recursive"], extra_env=env)
+        await self._git.run(
+            ["-C", str(target), "submodule", "update", "--quiet", "--init", "--recursive"],
+            extra_env=env,
+        )
 
     # -- garbage collection --------------------------------------------------------------------
 

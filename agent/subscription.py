@@ -221,7 +221,9 @@ class EventSubscription:
         """One connection's life: (was it established, why it ended or None if reconfigured)."""
         try:
             ws = await open_prefect_socket(
-                self.url, token=self._token, headers=self._headers,
+                self.url,
+                token=self._token,
+                headers=self._headers,
                 open_timeout=self._open_timeout,
             )
         except asyncio.CancelledError:
@@ -253,11 +255,15 @@ class EventSubscription:
             await asyncio.wait_for(self._changed.wait(), timeout=delay)
 
     async def _session(self, ws: ClientConnection) -> None:
-        await ws.send(json.dumps({
-            "type": "filter",
-            "filter": self.event_filter(),
-            "backfill": self._backfill > 0,
-        }))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "filter",
+                    "filter": self.event_filter(),
+                    "backfill": self._backfill > 0,
+                }
+            )
+        )
         self._set_connected(True)
         reader = asyncio.create_task(self._read(ws), name="event-subscription-read")
         changed = asyncio.create_task(self._changed.wait(), name="event-subscription-changed")

@@ -80,8 +80,10 @@ class BenchApi:
     def wait_deployment(self, flow_name: str, name: str, timeout: float) -> str:
         return str(
             wait_until(
-                lambda: self.deployment_id(flow_name, name), timeout,
-                interval=0.5, what=f"deployment {flow_name}/{name} to be registered",
+                lambda: self.deployment_id(flow_name, name),
+                timeout,
+                interval=0.5,
+                what=f"deployment {flow_name}/{name} to be registered",
             )
         )
 
@@ -93,14 +95,16 @@ class BenchApi:
 
     def set_cancelling(self, run_id: str) -> None:
         self.request(
-            "POST", f"/flow_runs/{run_id}/set_state",
+            "POST",
+            f"/flow_runs/{run_id}/set_state",
             json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
         )
 
     def log_messages(self, run_id: str, limit: int = 200) -> list[str]:
         """The run's log messages in the server (the engine's, and the agent's mirrored ones)."""
         response = self.request(
-            "POST", "/logs/filter",
+            "POST",
+            "/logs/filter",
             json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": limit},
         )
         return [str(entry["message"]) for entry in response.json()]
@@ -112,7 +116,8 @@ class BenchApi:
         for offset in range(0, len(ids), 200):
             chunk = ids[offset : offset + 200]
             response = self.request(
-                "POST", "/flow_runs/filter",
+                "POST",
+                "/flow_runs/filter",
                 json={"flow_runs": {"id": {"any_": chunk}}, "limit": len(chunk)},
             )
             for run in response.json():
@@ -137,9 +142,7 @@ class BenchApi:
 
     def timeline(self, run_id: str) -> Timeline:
         run = self.request("GET", f"/flow_runs/{run_id}").json()
-        history = self.request(
-            "GET", "/flow_run_states/", params={"flow_run_id": run_id}
-        ).json()
+        history = self.request("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
         states = sorted(
             ((parse_ts(s["timestamp"]), str(s["type"])) for s in history), key=lambda s: s[0]
         )
@@ -164,8 +167,7 @@ class BenchApi:
             start=running - created if running is not None else None,
             total=final[0] - created if final else None,
             cancel=(
-                cancelled - cancelling if cancelled is not None and cancelling is not None
-                else None
+                cancelled - cancelling if cancelled is not None and cancelling is not None else None
             ),
             final_at=final[0] if final else None,
             states=tuple(states),

@@ -43,8 +43,13 @@ def agent_revision(repo: Path) -> str:
 
     def git(*args: str) -> str:
         try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
-                                 text=True, timeout=30, check=False)
+            out = subprocess.run(
+                ["git", "-C", str(repo), *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
         except OSError:
             return ""
         return out.stdout.strip() if out.returncode == 0 else ""

@@ -38,8 +38,14 @@ def start(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log: Path) 
     """Start `argv` in its own session, output to `log` (called from the main thread only)."""
     with log.open("ab") as out:
         return psutil.Popen(
-            list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            list(argv),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
 
@@ -72,8 +78,11 @@ def footprint(pid: int) -> Footprint:
     with proc.oneshot():
         full = proc.memory_full_info()
         return Footprint(
-            rss=int(full.rss), uss=int(full.uss), pss=int(full.pss),
-            threads=proc.num_threads(), fds=proc.num_fds(),
+            rss=int(full.rss),
+            uss=int(full.uss),
+            pss=int(full.pss),
+            threads=proc.num_threads(),
+            fds=proc.num_fds(),
         )
 
 
@@ -123,7 +132,9 @@ class PeakRss:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()

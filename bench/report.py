@@ -98,20 +98,32 @@ ROWS: tuple[Row, ...] = (
     Row("total, created → COMPLETED, p50", "s", _seq("total", 50)),
     Row("total, created → COMPLETED, p95", "s", _seq("total", 95)),
     Row(
-        "sequential runs not COMPLETED", "of",
-        lambda r: float(len(r.sequential.timelines) - r.sequential.completed)
-        if r.sequential else None,
+        "sequential runs not COMPLETED",
+        "of",
+        lambda r: (
+            float(len(r.sequential.timelines) - r.sequential.completed) if r.sequential else None
+        ),
         total=lambda r: len(r.sequential.timelines) if r.sequential else 0,
     ),
-    Row("burst wall, first created → last final, median", "s",
-        _bursts(lambda b: _median([x.wall for x in b]))),
-    Row("burst wall, worst", "s", _bursts(lambda b: max(x.wall for x in b))),
-    Row("burst peak RSS of the serving process", "MiB",
-        _bursts(lambda b: max(x.peak_rss for x in b) / MIB)),
-    Row("burst CPU of the serving process per run", "s",
-        _bursts(lambda b: sum(x.cpu_seconds for x in b) / sum(x.runs for x in b))),
     Row(
-        "burst runs not COMPLETED", "of",
+        "burst wall, first created → last final, median",
+        "s",
+        _bursts(lambda b: _median([x.wall for x in b])),
+    ),
+    Row("burst wall, worst", "s", _bursts(lambda b: max(x.wall for x in b))),
+    Row(
+        "burst peak RSS of the serving process",
+        "MiB",
+        _bursts(lambda b: max(x.peak_rss for x in b) / MIB),
+    ),
+    Row(
+        "burst CPU of the serving process per run",
+        "s",
+        _bursts(lambda b: sum(x.cpu_seconds for x in b) / sum(x.runs for x in b)),
+    ),
+    Row(
+        "burst runs not COMPLETED",
+        "of",
         _bursts(lambda b: float(sum(x.runs - x.completed for x in b))),
         total=lambda r: sum(x.runs for x in r.bursts),
     ),
@@ -119,20 +131,29 @@ ROWS: tuple[Row, ...] = (
     Row("cancel, CANCELLING → CANCELLED, p50", "s", _cancel_latency(_median), 1.0),
     Row("cancel, CANCELLING → CANCELLED, worst", "s", _cancel_latency(max), 1.0),
     Row(
-        "cancelled runs not CANCELLED", "of",
-        lambda r: float(sum(1 for c in r.cancellations if c.final_type != "CANCELLED"))
-        if r.cancellations else None,
+        "cancelled runs not CANCELLED",
+        "of",
+        lambda r: (
+            float(sum(1 for c in r.cancellations if c.final_type != "CANCELLED"))
+            if r.cancellations
+            else None
+        ),
         total=lambda r: len(r.cancellations),
     ),
     Row(
-        "cancelled runs with CRASHED in their history", "of",
-        lambda r: float(sum(1 for c in r.cancellations if c.crashed_in_history))
-        if r.cancellations else None,
+        "cancelled runs with CRASHED in their history",
+        "of",
+        lambda r: (
+            float(sum(1 for c in r.cancellations if c.crashed_in_history))
+            if r.cancellations
+            else None
+        ),
         target=0.5,  # i.e. none: a Crashed fires "Crashed" automations
         total=lambda r: len(r.cancellations),
     ),
     Row(
-        "`sleep` grandchildren alive 5 s after CANCELLED", "of",
+        "`sleep` grandchildren alive 5 s after CANCELLED",
+        "of",
         lambda r: float(sum(c.orphans for c in r.cancellations)) if r.cancellations else None,
         target=0.5,  # i.e. none
         total=lambda r: len(r.cancellations),
@@ -203,9 +224,7 @@ def footprint_table(series: FootprintSeries | None) -> list[str]:
         return [*lines, "| n/a | n/a | n/a | n/a | n/a | n/a | n/a |"]
     base = series.points.get(0)
     for count, fp in sorted(series.points.items()):
-        per_run = (
-            f"{(fp.rss - base.rss) / count / 1024:.0f} KiB" if base and count else "—"
-        )
+        per_run = f"{(fp.rss - base.rss) / count / 1024:.0f} KiB" if base and count else "—"
         lines.append(
             f"| {count} | {fp.rss / MIB:.1f} MiB | {fp.uss / MIB:.1f} MiB | {fp.pss / MIB:.1f} MiB "
             f"| {fp.threads} | {fp.fds} | {per_run} |"
@@ -267,12 +286,14 @@ def _targets(report: Report) -> list[str]:
         total = row.total(report.agent) if row.total else 0
         lines.append(f"- {row.figure}: {fmt(a, row.unit, total)}, target {text}: {verdict}")
     beaten = [
-        row.figure for row in ROWS
+        row.figure
+        for row in ROWS
         if _better(row.get(report.agent), row.get(report.runner), row.unit) == "no"
     ]
     lines.append(
         "- runner-agent is better than or equal to the Runner on every row"
-        if not beaten else "- rows where the Runner is better: " + "; ".join(beaten)
+        if not beaten
+        else "- rows where the Runner is better: " + "; ".join(beaten)
     )
     return lines
 

@@ -63,33 +63,66 @@ class Plan:
         )
 
 
-FULL = Plan(idle=30, sequential=15, bursts=3, burst_size=24, cancellations=3,
-            footprint=(0, 4, 50), settle=10)
-SMOKE = Plan(idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1,
-             footprint=(0, 4), settle=3)
+FULL = Plan(
+    idle=30,
+    sequential=15,
+    bursts=3,
+    burst_size=24,
+    cancellations=3,
+    footprint=(0, 4, 50),
+    settle=10,
+)
+SMOKE = Plan(
+    idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1, footprint=(0, 4), settle=3
+)
 LIMIT = 4
 SCENARIOS = ("idle", "sequential", "bursts", "cancel", "footprint", "imports")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="1 run per scenario, a 3 s idle window (what the test suite runs)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the report (default: BENCHMARKS.md)")
-    parser.add_argument("--only", action="append", choices=SCENARIOS, default=[],
-                        metavar="SCENARIO",
-                        help=f"measure only this scenario, repeatable: {', '.join(SCENARIOS)}")
-    parser.add_argument("--prefect-venv", type=Path, default=os.environ.get(VENV_ENV) or None,
-                        help=f"venv with prefect 3.x (default: ${VENV_ENV})")
-    parser.add_argument("--agent-log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--agent-flow-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra flow_run.env for runner-agent's runs (for experiments)")
-    parser.add_argument("--tag", default=None,
-                        help=f"value of ${procs.MARKER} in every process started (default: random)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work directory (logs, configs) instead of removing it")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 run per scenario, a 3 s idle window (what the test suite runs)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the report (default: BENCHMARKS.md)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        default=[],
+        metavar="SCENARIO",
+        help=f"measure only this scenario, repeatable: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--prefect-venv",
+        type=Path,
+        default=os.environ.get(VENV_ENV) or None,
+        help=f"venv with prefect 3.x (default: ${VENV_ENV})",
+    )
+    parser.add_argument(
+        "--agent-log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--agent-flow-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra flow_run.env for runner-agent's runs (for experiments)",
+    )
+    parser.add_argument(
+        "--tag",
+        default=None,
+        help=f"value of ${procs.MARKER} in every process started (default: random)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (logs, configs) instead of removing it",
+    )
     args = parser.parse_args(argv)
     if args.prefect_venv is None:
         parser.error(f"no Prefect venv: pass --prefect-venv or set ${VENV_ENV}")
@@ -171,8 +204,10 @@ class Bench:
                     )
 
             for scenario, what, step in (
-                ("idle", "idle", idle), ("sequential", "sequential runs", sequential),
-                ("bursts", "bursts", bursts), ("cancel", "cancellations", cancellations),
+                ("idle", "idle", idle),
+                ("sequential", "sequential runs", sequential),
+                ("bursts", "bursts", bursts),
+                ("cancel", "cancellations", cancellations),
             ):
                 if scenario in self.args.scenarios:
                     self.log(f"{result.label}: {what}")
@@ -185,10 +220,14 @@ class Bench:
     def footprint(self, api: BenchApi, flows_dir: Path) -> scenarios.FootprintSeries | None:
         plan = self.plan
         contender = subjects.start_agent(
-            agent_bin=self.agent_bin, api_url=self.server.api_url,
-            workdir=self.workdir / "footprint", flows_dir=flows_dir,
-            flow_python=self.prefect_python, tag=self.tag,
-            limit=max(plan.footprint), log_level=self.args.agent_log_level,
+            agent_bin=self.agent_bin,
+            api_url=self.server.api_url,
+            workdir=self.workdir / "footprint",
+            flows_dir=flows_dir,
+            flow_python=self.prefect_python,
+            tag=self.tag,
+            limit=max(plan.footprint),
+            log_level=self.args.agent_log_level,
             fake_python=subjects.write_fake_python(self.workdir / "fake-python"),
         )
         try:
@@ -205,9 +244,7 @@ class Bench:
         status = procs.stop(contender.proc)
         self.log(f"{contender.label} stopped (exit status {status})")
         # Flow runs of a stopped contender keep running by design; the benchmark's must not.
-        leftover = [
-            p for p in procs.marked(self.tag) if _session(p.pid) not in self.spare_sessions
-        ]
+        leftover = [p for p in procs.marked(self.tag) if _session(p.pid) not in self.spare_sessions]
         procs.kill(leftover)
 
 
@@ -242,11 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         bench.spare_sessions = {s for p in procs.marked(tag) if (s := _session(p.pid))}
         api = BenchApi(server.api_url)
         flows_dir = subjects.write_flows(workdir / "flows")
-        bench.contender(api, lambda: subjects.start_agent(
-            agent_bin=bench.agent_bin, api_url=server.api_url, workdir=workdir / "agent",
-            flows_dir=flows_dir, flow_python=bench.prefect_python, tag=tag, limit=LIMIT,
-            log_level=args.agent_log_level, flow_env=bench.flow_env,
-        ), agent)
+        bench.contender(
+            api,
+            lambda: subjects.start_agent(
+                agent_bin=bench.agent_bin,
+                api_url=server.api_url,
+                workdir=workdir / "agent",
+                flows_dir=flows_dir,
+                flow_python=bench.prefect_python,
+                tag=tag,
+                limit=LIMIT,
+                log_level=args.agent_log_level,
+                flow_env=bench.flow_env,
+            ),
+            agent,
+        )
         bench.log("runner-agent: footprint with running runs")
         footprint: scenarios.FootprintSeries | None = None
 
@@ -256,10 +303,19 @@ def main(argv: list[str] | None = None) -> int:
 
         if "footprint" in args.scenarios:
             _attempt(errors, "runner-agent footprint", run_footprint)
-        bench.contender(api, lambda: subjects.start_runner(
-            python=bench.prefect_python, server_env=server.env(), workdir=workdir / "runner",
-            flows_dir=flows_dir, tag=tag, limit=LIMIT, poll_interval=round(bench.poll_interval),
-        ), runner)
+        bench.contender(
+            api,
+            lambda: subjects.start_runner(
+                python=bench.prefect_python,
+                server_env=server.env(),
+                workdir=workdir / "runner",
+                flows_dir=flows_dir,
+                tag=tag,
+                limit=LIMIT,
+                poll_interval=round(bench.poll_interval),
+            ),
+            runner,
+        )
         imports: list[ImportStep] = []
         if "imports" in args.scenarios:
             bench.log("import footprint")
@@ -269,16 +325,24 @@ def main(argv: list[str] | None = None) -> int:
             mode=("smoke" if args.smoke else "full")
             + (f", {' and '.join(sorted(args.scenarios))} only" if args.only else ""),
             date=date,
-            duration=time.monotonic() - started, command=_command(args),
+            duration=time.monotonic() - started,
+            command=_command(args),
             plan=bench.plan.describe()
             + (f" (measured: {', '.join(sorted(args.scenarios))})" if args.only else ""),
-            poll_interval=bench.poll_interval, machine=machine, agent=agent, runner=runner,
-            footprint=footprint, imports=imports, errors=errors,
+            poll_interval=bench.poll_interval,
+            machine=machine,
+            agent=agent,
+            runner=runner,
+            footprint=footprint,
+            imports=imports,
+            errors=errors,
         )
         args.out.write_text(render(report))
         failed = bool(errors or agent.errors or runner.errors)
-        bench.log(f"wrote {args.out} in {report.duration / 60:.1f} min"
-                  + ("; some scenarios FAILED (see its Errors section)" if failed else ""))
+        bench.log(
+            f"wrote {args.out} in {report.duration / 60:.1f} min"
+            + ("; some scenarios FAILED (see its Errors section)" if failed else "")
+        )
     except PrefectServerError as exc:
         print(f"bench: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -298,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> str:
-    parts = [f"{VENV_ENV}={shlex.quote(str(args.prefect_venv))}",
-             shlex.quote(sys.executable), "-m", "bench.run"]
+    parts = [
+        f"{VENV_ENV}={shlex.quote(str(args.prefect_venv))}",
+        shlex.quote(sys.executable),
+        "-m",
+        "bench.run",
+    ]
     if args.smoke:
         parts.append("--smoke")
     for scenario in args.only:

@@ -153,9 +153,7 @@ def cancel_path(messages: list[str]) -> str | None:
     return None
 
 
-def cancellation(
-    api: BenchApi, contender: Contender, deployment_id: str, tag: str
-) -> Cancellation:
+def cancellation(api: BenchApi, contender: Contender, deployment_id: str, tag: str) -> Cancellation:
     """Cancel a sleeper once it runs and its `sleep 600` grandchild exists."""
     _alive(contender)
     run_id = api.create_run(deployment_id)
@@ -175,31 +173,38 @@ def cancellation(
     try:
         # Not just any final state: the engine answers SIGTERM with CRASHED for a moment,
         # which its runner is expected to replace with CANCELLED.
-        api.wait_states([run_id], frozenset({"CANCELLED"}), CANCELLED_TIMEOUT,
-                        what=f"run {run_id} to be CANCELLED")
+        api.wait_states(
+            [run_id],
+            frozenset({"CANCELLED"}),
+            CANCELLED_TIMEOUT,
+            what=f"run {run_id} to be CANCELLED",
+        )
     except BenchError:
         api.wait_final([run_id], RUN_TIMEOUT)  # it ended otherwise; the timeline says how
     timeline = api.timeline(run_id)
     final_at = timeline.final_at or time.time()
     time.sleep(max(0.0, final_at + ORPHAN_GRACE - time.time()))
     orphans = procs.sleepers(tag).get(run_id, [])
-    others = [
-        p for p in procs.marked(tag)
-        if p not in orphans and _run_id_of(p) == run_id
-    ]
+    others = [p for p in procs.marked(tag) if p not in orphans and _run_id_of(p) == run_id]
     # Count first, then clean up: nothing of a cancelled run may outlive the benchmark.
     procs.kill(orphans + others)
     # The agent's notes reach the server in batches; ORPHAN_GRACE has passed since CANCELLED.
     path = cancel_path(api.log_messages(run_id))
     cancelling = (
-        final_at - timeline.cancel if timeline.cancel is not None
+        final_at - timeline.cancel
+        if timeline.cancel is not None
         else next((ts for ts, t in timeline.states if t == "CANCELLING"), None)
     )
     return Cancellation(
-        run_id, timeline.final_type, timeline.cancel, len(orphans), len(others),
+        run_id,
+        timeline.final_type,
+        timeline.cancel,
+        len(orphans),
+        len(others),
         engine_gone=gone_at - cancelling if gone_at and cancelling else None,
         states=tuple(
-            (ts - cancelling, t) for ts, t in timeline.states
+            (ts - cancelling, t)
+            for ts, t in timeline.states
             if cancelling is not None and ts >= cancelling
         ),
         history=tuple(t for _ts, t in timeline.states),
@@ -240,7 +245,11 @@ class FootprintSeries:
 
 
 def footprint_series(
-    api: BenchApi, contender: Contender, deployment_id: str, tag: str, counts: list[int],
+    api: BenchApi,
+    contender: Contender,
+    deployment_id: str,
+    tag: str,
+    counts: list[int],
     settle: float,
 ) -> FootprintSeries:
     """The agent's footprint with 0, 4, 50 ... runs of the fake engine running at once."""
@@ -256,8 +265,12 @@ def footprint_series(
                 by_run = procs.sleepers(tag)
                 return sum(1 for r in ids if by_run.get(r)) == expected
 
-            wait_until(launched, RUN_TIMEOUT + 2 * count, interval=0.5,
-                       what=f"{count} fake runs to be running")
+            wait_until(
+                launched,
+                RUN_TIMEOUT + 2 * count,
+                interval=0.5,
+                what=f"{count} fake runs to be running",
+            )
             time.sleep(settle)
             series.points[count] = procs.footprint(contender.pid)
         if run_ids:

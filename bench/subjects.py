@@ -99,8 +99,14 @@ def write_fake_python(directory: Path) -> Path:
 
 
 def agent_config(
-    *, api_url: str, name: str, limit: int, workdir: Path, python: str,
-    flow_env: Mapping[str, str], deployments: Mapping[str, tuple[str, str, str | None]],
+    *,
+    api_url: str,
+    name: str,
+    limit: int,
+    workdir: Path,
+    python: str,
+    flow_env: Mapping[str, str],
+    deployments: Mapping[str, tuple[str, str, str | None]],
     flows_dir: Path,
 ) -> str:
     """The agent's TOML: defaults everywhere except what the benchmark must pin.
@@ -111,15 +117,22 @@ def agent_config(
     sections: dict[str, dict[str, Any]] = {
         "api": {"url": api_url},
         "agent": {
-            "name": name, "limit": limit, "launcher": "process",
-            "state_dir": str(workdir / "state"), "runtime_dir": str(workdir / "run"),
+            "name": name,
+            "limit": limit,
+            "launcher": "process",
+            "state_dir": str(workdir / "state"),
+            "runtime_dir": str(workdir / "run"),
         },
         "flow_run": {"python": python, "env": dict(flow_env)},
     }
     listed = []
     for dep_name, (flow_name, entrypoint, python_override) in deployments.items():
-        entry = {"name": dep_name, "flow_name": flow_name, "entrypoint": entrypoint,
-                 "path": str(flows_dir)}
+        entry = {
+            "name": dep_name,
+            "flow_name": flow_name,
+            "entrypoint": entrypoint,
+            "path": str(flows_dir),
+        }
         if python_override is not None:
             entry["python"] = python_override
         listed.append(entry)
@@ -129,9 +142,10 @@ def agent_config(
 def base_env(tag: str) -> dict[str, str]:
     """Our own environment minus anything that would configure a contender behind our back."""
     env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "RUNNER_AGENT_")) and k not in {"NOTIFY_SOCKET",
-                                                                         "JOURNAL_STREAM"}
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "RUNNER_AGENT_"))
+        and k not in {"NOTIFY_SOCKET", "JOURNAL_STREAM"}
     }
     env[procs.MARKER] = tag
     return env
@@ -161,8 +175,16 @@ class Contender:
 
 
 def start_agent(
-    *, agent_bin: Path, api_url: str, workdir: Path, flows_dir: Path, flow_python: str,
-    tag: str, limit: int, log_level: str, fake_python: Path | None = None,
+    *,
+    agent_bin: Path,
+    api_url: str,
+    workdir: Path,
+    flows_dir: Path,
+    flow_python: str,
+    tag: str,
+    limit: int,
+    log_level: str,
+    fake_python: Path | None = None,
     flow_env: Mapping[str, str] | None = None,
 ) -> Contender:
     """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake)."""
@@ -181,38 +203,56 @@ def start_agent(
     config = workdir / "agent.toml"
     config.write_text(
         agent_config(
-            api_url=api_url, name=f"bench-{workdir.name}", limit=limit, workdir=workdir,
-            python=flow_python, flow_env=env, deployments=deployments, flows_dir=flows_dir,
+            api_url=api_url,
+            name=f"bench-{workdir.name}",
+            limit=limit,
+            workdir=workdir,
+            python=flow_python,
+            flow_env=env,
+            deployments=deployments,
+            flows_dir=flows_dir,
         )
     )
     config.chmod(0o600)
     log = workdir / "agent.log"
     proc = procs.start(
         [str(agent_bin), "--config", str(config), "--log-level", log_level, "run"],
-        env=base_env(tag), cwd=workdir, log=log,
+        env=base_env(tag),
+        cwd=workdir,
+        log=log,
     )
     return Contender("runner-agent", proc, log, roles)
 
 
 def start_runner(
-    *, python: str, server_env: Mapping[str, str], workdir: Path, flows_dir: Path, tag: str,
-    limit: int, poll_interval: int,
+    *,
+    python: str,
+    server_env: Mapping[str, str],
+    workdir: Path,
+    flows_dir: Path,
+    tag: str,
+    limit: int,
+    poll_interval: int,
 ) -> Contender:
     """Prefect's Runner via `prefect.serve(..., limit=...)`, polling every `poll_interval`."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(server_env)
-    env.update({
-        procs.MARKER: tag,
-        "PREFECT_HOME": str(workdir / "prefect-home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": str(poll_interval),
-        # The Runner keeps its scratch space under TMPDIR; keep it in our work dir.
-        "TMPDIR": str(workdir / "tmp"),
-    })
+    env.update(
+        {
+            procs.MARKER: tag,
+            "PREFECT_HOME": str(workdir / "prefect-home"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": str(poll_interval),
+            # The Runner keeps its scratch space under TMPDIR; keep it in our work dir.
+            "TMPDIR": str(workdir / "tmp"),
+        }
+    )
     (workdir / "tmp").mkdir(exist_ok=True)
     log = workdir / "runner.log"
     proc = procs.start(
         [python, "serve_runner.py", "runner", str(limit), str(poll_interval)],
-        env=env, cwd=flows_dir, log=log,
+        env=env,
+        cwd=flows_dir,
+        log=log,
     )
     roles = {"noop": (NOOP_FLOW, "runner-noop"), "sleeper": (SLEEPER_FLOW, "runner-sleeper")}
     return Contender("Prefect Runner", proc, log, roles)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.integration.prefect_server import PrefectServer  # noqa: E402
 
-FLOW = '''
+FLOW = """
 from prefect import flow, get_run_logger
 
 
@@ -33,7 +33,7 @@ def hello(name: str = "runner-agent"):
     get_run_logger().info("running under %s", __import__("os").environ.get("TMPDIR"))
     print(f"Hello from {name}!")
     return f"hello {name}"
-'''
+"""
 
 
 def say(message: str) -> None:
@@ -51,8 +51,8 @@ def write_config(workdir: Path, api_url: str, python: str, flow_dir: Path) -> Pa
             [agent]
             name = "demo"
             poll_interval = "2s"
-            state_dir = "{workdir / 'state'}"
-            runtime_dir = "{workdir / 'run'}"
+            state_dir = "{workdir / "state"}"
+            runtime_dir = "{workdir / "run"}"
 
             [flow_run]
             python = "{python}"
@@ -119,7 +119,9 @@ def main() -> int:
         with agent_log.open("wb") as log:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "agent", "--config", str(config), "run"],
-                stdout=log, stderr=log, cwd=REPO,
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
                 env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
             )
         with httpx.Client(base_url=server.api_url, timeout=30) as api:
@@ -129,9 +131,13 @@ def main() -> int:
             response.raise_for_status()
             flow_run_id = response.json()["id"]
             state = wait_for_final(api, flow_run_id)
-            logs = api.post("/logs/filter", json={
-                "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 50,
-            }).json()
+            logs = api.post(
+                "/logs/filter",
+                json={
+                    "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                    "limit": 50,
+                },
+            ).json()
             for entry in logs:
                 say(f"  run log: {entry['message']}")
         if state["type"] != "COMPLETED":

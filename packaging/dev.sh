@@ -9,6 +9,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${RUNNER_AGENT_TEST_CACHE:-/var/cache/runner-agent-tests}"
 PREFECT_PIN="prefect==3.8.8"
 FASTAPI_PIN="fastapi==0.150.0"
+# Prefect 3.8.8's scheduler service fails on SQLAlchemy 2.1 (no schedule ever makes a run).
+SQLALCHEMY_PIN="sqlalchemy<2.1"
 # The newest Prefect 3 release without the engine's control channel
 # (prefect/_internal/control_listener.py arrived in 3.6.27): the older-engine tests run flows with it.
 PREFECT_OLD_PIN="prefect==3.6.26"
@@ -54,9 +56,9 @@ build_venv() {  # build_venv DIR PIP_ARGS...
 
 prefect_venv() {
     local key
-    key="$(printf '%s %s %s' "$PREFECT_PIN" "$FASTAPI_PIN" "$("$BASE_PYTHON" -V)" | sha256sum | cut -c1-12)"
+    key="$(printf '%s %s %s %s' "$PREFECT_PIN" "$FASTAPI_PIN" "$SQLALCHEMY_PIN" "$("$BASE_PYTHON" -V)" | sha256sum | cut -c1-12)"
     PREFECT_VENV="$CACHE/prefect-$key"
-    build_venv "$PREFECT_VENV" "$PREFECT_PIN" "$FASTAPI_PIN"
+    build_venv "$PREFECT_VENV" "$PREFECT_PIN" "$FASTAPI_PIN" "$SQLALCHEMY_PIN"
     export RUNNER_AGENT_TEST_PREFECT_VENV="$PREFECT_VENV"
 }
 

@@ -74,7 +74,10 @@ def test_smoke_benchmark_writes_a_full_report(tmp_path: Path) -> None:
     tag = f"test-{uuid.uuid4().hex[:12]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out), "--tag", tag],
-        cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     try:
@@ -114,8 +117,9 @@ def test_smoke_benchmark_writes_a_full_report(tmp_path: Path) -> None:
         assert 0 < value("total, created → COMPLETED, p50", column) < 120
         assert value("sequential runs not COMPLETED", column) == 0
 
-    footprint = table(report, "| running runs | RSS | USS | PSS | threads | open fds "
-                              "| RSS per run over idle |")
+    footprint = table(
+        report, "| running runs | RSS | USS | PSS | threads | open fds | RSS per run over idle |"
+    )
     assert [row[0] for row in footprint] == ["0", "4"]
     for row in footprint:
         assert all(NUMBER.match(cell) for cell in row[1:6]), row

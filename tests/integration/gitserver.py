@@ -61,7 +61,8 @@ class GitHttpServer:
     def fetches(self, repo: str) -> int:
         """How many fetch negotiations (ref advertisements for upload-pack) the repo served."""
         return sum(
-            1 for line in self.requests()
+            1
+            for line in self.requests()
             if line.startswith(f"GET /{repo}/info/refs?service=git-upload-pack ")
             and not line.endswith(" 401")
         )
@@ -72,9 +73,19 @@ class GitHttpServer:
         if self.token is not None:
             env[TOKEN_ENV] = self.token
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "--root", str(self.root), "--log", str(self.log),
-             "--delay", str(self.delay)],
-            stdout=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                __file__,
+                "--root",
+                str(self.root),
+                "--log",
+                str(self.log),
+                "--delay",
+                str(self.delay),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
@@ -120,11 +131,20 @@ def push_commit(
     `submodules` maps a path to (url, sha): a gitlink plus its `.gitmodules` entry.
     """
     work = bare.parent / f".work-{bare.name}-{time.monotonic_ns()}"
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
     try:
-        subprocess.run(["git", "clone", "--quiet", str(bare), str(work)], check=True, env=env,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", str(bare), str(work)],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         subprocess.run(["git", "-C", str(work), "checkout", "--quiet", "-B", branch], check=True)
         for path, text in files.items():
             target = work / path
@@ -133,17 +153,47 @@ def push_commit(
         subprocess.run(["git", "-C", str(work), "add", "--all"], check=True)
         for path, (url, sha) in (submodules or {}).items():
             for key, value in (("path", path), ("url", url)):
-                subprocess.run(["git", "-C", str(work), "config", "-f", ".gitmodules",
-                                f"submodule.{path}.{key}", value], check=True)
-            subprocess.run(["git", "-C", str(work), "update-index", "--add", "--cacheinfo",
-                            f"160000,{sha},{path}"], check=True)
+                subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(work),
+                        "config",
+                        "-f",
+                        ".gitmodules",
+                        f"submodule.{path}.{key}",
+                        value,
+                    ],
+                    check=True,
+                )
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(work),
+                    "update-index",
+                    "--add",
+                    "--cacheinfo",
+                    f"160000,{sha},{path}",
+                ],
+                check=True,
+            )
             subprocess.run(["git", "-C", str(work), "add", ".gitmodules"], check=True)
-        subprocess.run(["git", "-C", str(work), "commit", "--quiet", "-m", message], check=True,
-                       env=env)
-        subprocess.run(["git", "-C", str(work), "push", "--quiet", "origin", branch], check=True,
-                       env=env, capture_output=True)
-        out = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], check=True,
-                             capture_output=True, text=True)
+        subprocess.run(
+            ["git", "-C", str(work), "commit", "--quiet", "-m", message], check=True, env=env
+        )
+        subprocess.run(
+            ["git", "-C", str(work), "push", "--quiet", "origin", branch],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        out = subprocess.run(
+            ["git", "-C", str(work), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return out.stdout.strip()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -221,8 +271,9 @@ class _Handler(BaseHTTPRequestHandler):
             "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
             "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
         }
-        result = subprocess.run([HTTP_BACKEND], input=body, env=env, capture_output=True,
-                                check=False)
+        result = subprocess.run(
+            [HTTP_BACKEND], input=body, env=env, capture_output=True, check=False
+        )
         head, _, payload = result.stdout.partition(b"\r\n\r\n")
         status, headers = 200, []
         for raw in head.decode("latin-1").split("\r\n"):

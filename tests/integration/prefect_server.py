@@ -86,7 +86,11 @@ class PrefectServer:
     """One real Prefect server: `start()`, `stop()`, and where to reach it."""
 
     def __init__(
-        self, venv: Path, home: Path, *, port: int | None = None,
+        self,
+        venv: Path,
+        home: Path,
+        *,
+        port: int | None = None,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.venv = venv
@@ -130,8 +134,13 @@ class PrefectServer:
             return
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [
-            str(self.venv / "bin" / "prefect"), "server", "start",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            str(self.venv / "bin" / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
         ]
         with self.log_path.open("ab") as log:
             log.write(f"\n--- starting {' '.join(argv)}\n".encode())
@@ -210,7 +219,11 @@ class StaticApiConfig:
     """The attributes `agent.api.PrefectClient` reads, for tests that build a client directly."""
 
     def __init__(
-        self, url: str, *, key: str | None = None, auth_string: str | None = None,
+        self,
+        url: str,
+        *,
+        key: str | None = None,
+        auth_string: str | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.url = url

@@ -157,9 +157,12 @@ async def test_claim_race_and_crash_report(
     assert second.status is SetStateStatus.ABORT, second
     assert "PENDING" in (second.details.reason or "")
 
-    assert await client.get_scheduled_flow_runs(
-        [deployment_id], scheduled_before=datetime.now(UTC) + timedelta(seconds=10), limit=5
-    ) == []
+    assert (
+        await client.get_scheduled_flow_runs(
+            [deployment_id], scheduled_before=datetime.now(UTC) + timedelta(seconds=10), limit=5
+        )
+        == []
+    )
 
     crashed = {"type": "CRASHED", "name": "Crashed", "message": "Process exited with status 3"}
     result = await client.set_flow_run_state(run.id, crashed, force=True)
@@ -219,10 +222,17 @@ async def test_logs_are_stored(client: PrefectClient, prefect_ahttp: httpx.Async
     deployment_id = await new_deployment(client)
     run = await client.create_flow_run(deployment_id)  # a duplicate made by a retry is harmless
     message = unique("agent says")
-    await client.create_logs([{
-        "name": "runner-agent", "level": 20, "message": message,
-        "timestamp": datetime.now(UTC).isoformat(), "flow_run_id": str(run.id),
-    }])
+    await client.create_logs(
+        [
+            {
+                "name": "runner-agent",
+                "level": 20,
+                "message": message,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "flow_run_id": str(run.id),
+            }
+        ]
+    )
     response = await prefect_ahttp.post(
         "/logs/filter", json={"logs": {"flow_run_id": {"any_": [str(run.id)]}}}
     )
@@ -234,14 +244,17 @@ async def test_a_real_flow_runs_to_completed(
     prefect_server: PrefectServer, client: PrefectClient, tmp_path: Path
 ) -> None:
     """The fixture's interpreter runs a flow end to end, launched by hand as FACTS.md says."""
-    flow_dir = make_flow_dir(tmp_path, """
+    flow_dir = make_flow_dir(
+        tmp_path,
+        """
         from prefect import flow
 
         @flow
         def hello(name: str = "world") -> str:
             print(f"hello {name}")
             return name
-    """)
+    """,
+    )
     deployment_id = await new_deployment(
         client, path=str(flow_dir), entrypoint="flow.py:hello", parameters={"name": "live"}
     )
@@ -251,8 +264,13 @@ async def test_a_real_flow_runs_to_completed(
 
     env = prefect_server.env() | {"PREFECT__FLOW_RUN_ID": str(run.id)}
     proc = await asyncio.create_subprocess_exec(
-        prefect_server.python, "-m", "prefect.engine", cwd=flow_dir, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        prefect_server.python,
+        "-m",
+        "prefect.engine",
+        cwd=flow_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
@@ -285,7 +303,8 @@ async def test_server_restart_keeps_data_and_client_reports_outage(
 async def test_basic_auth_against_a_server_with_an_auth_string(tmp_path: Path) -> None:
     """A second, self-hosted-with-auth server: the right auth_string works, others are refused."""
     server = PrefectServer(
-        prefect_venv(os.environ), tmp_path / "home",
+        prefect_venv(os.environ),
+        tmp_path / "home",
         extra_env={"PREFECT_SERVER_API_AUTH_STRING": "admin:s3cret"},
     )
     await asyncio.to_thread(server.start)
@@ -295,9 +314,11 @@ async def test_basic_auth_against_a_server_with_an_auth_string(tmp_path: Path) -
             await good.health()
             flow_id = await good.upsert_flow("guarded")
             assert await good.upsert_flow("guarded") == flow_id
-        for wrong in (StaticApiConfig(server.api_url, auth_string="admin:wrong"),
-                      StaticApiConfig(server.api_url, key="pnu_cloud_key"),
-                      StaticApiConfig(server.api_url)):
+        for wrong in (
+            StaticApiConfig(server.api_url, auth_string="admin:wrong"),
+            StaticApiConfig(server.api_url, key="pnu_cloud_key"),
+            StaticApiConfig(server.api_url),
+        ):
             async with PrefectClient(wrong, max_attempts=3) as bad:
                 with pytest.raises(CredentialsRefused) as caught:
                     await bad.upsert_flow("guarded")

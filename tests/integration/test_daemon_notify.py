@@ -74,9 +74,12 @@ def test_ready_watchdog_status_reload_and_stop(
     flows = tmp_path / "flows"
     flows.mkdir()
     agent = AgentProcess(
-        tmp_path / "agent", api_url=prefect_server.api_url, python=prefect_server.python,
-        deployments=[{"name": "idle", "flow_name": "notify-idle", "entrypoint": "f.py:f",
-                      "path": str(flows)}],
+        tmp_path / "agent",
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        deployments=[
+            {"name": "idle", "flow_name": "notify-idle", "entrypoint": "f.py:f", "path": str(flows)}
+        ],
         name="notify-test",
         env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"},
     )
@@ -91,7 +94,8 @@ def test_ready_watchdog_status_reload_and_stop(
             notify.wait_for("WATCHDOG=1", PATIENCE)
         notify.wait_until(
             lambda line: line.startswith("STATUS=") and "/4 runs;" in line and "API ok" in line,
-            PATIENCE, "STATUS with the runs and 'API ok'",
+            PATIENCE,
+            "STATUS with the runs and 'API ok'",
         )
 
         assert agent.proc is not None

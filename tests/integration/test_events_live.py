@@ -91,11 +91,19 @@ async def test_heartbeats_can_be_read_back(
     run_id, flow_id, deployment_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     agent_name = f"it-agent-{uuid.uuid4().hex[:8]}"
     heartbeat = events.flow_run_heartbeat(
-        flow_run_id=run_id, flow_run_name="brisk-otter", flow_id=flow_id, flow_name="etl",
-        deployment_id=deployment_id, tags=["nightly", "team-a"],
+        flow_run_id=run_id,
+        flow_run_name="brisk-otter",
+        flow_id=flow_id,
+        flow_name="etl",
+        deployment_id=deployment_id,
+        tags=["nightly", "team-a"],
     )
     agent = events.agent_heartbeat(
-        agent_name=agent_name, host="host-1", version="0.1.0", limit=4, running=1,
+        agent_name=agent_name,
+        host="host-1",
+        version="0.1.0",
+        limit=4,
+        running=1,
         launcher="process",
     )
     # The flush at exit may outlast the 3 s default while the poster rides out a 503.
@@ -108,12 +116,15 @@ async def test_heartbeats_can_be_read_back(
 
     stored = await read_back(prefect_ahttp, events.FLOW_RUN_HEARTBEAT, f"prefect.flow-run.{run_id}")
     assert_same_event(stored, heartbeat)
-    stored = await read_back(
-        prefect_ahttp, events.AGENT_HEARTBEAT, f"prefect.runner.{agent_name}"
-    )
+    stored = await read_back(prefect_ahttp, events.AGENT_HEARTBEAT, f"prefect.runner.{agent_name}")
     assert_same_event(stored, agent)
-    assert stored["payload"] == {"host": "host-1", "version": "0.1.0", "limit": 4,
-                                 "running": 1, "launcher": "process"}
+    assert stored["payload"] == {
+        "host": "host-1",
+        "version": "0.1.0",
+        "limit": 4,
+        "running": 1,
+        "launcher": "process",
+    }
 
 
 async def test_websocket_fallback_delivers_events(
@@ -124,13 +135,17 @@ async def test_websocket_fallback_delivers_events(
 
     run_id = uuid.uuid4()
     event = events.cancelled_flow_run(
-        agent_name="it-agent", flow_run_id=run_id, flow_run_name="calm-heron",
-        flow_id=uuid.uuid4(), flow_name="etl", deployment_id=uuid.uuid4(),
-        deployment_name="nightly", tags=["x"], deployment_tags=["y"],
+        agent_name="it-agent",
+        flow_run_id=run_id,
+        flow_run_name="calm-heron",
+        flow_id=uuid.uuid4(),
+        flow_name="etl",
+        deployment_id=uuid.uuid4(),
+        deployment_name="nightly",
+        tags=["x"],
+        deployment_tags=["y"],
     )
-    async with EventEmitter(
-        refused, api_url=prefect_server.api_url, flush_interval=0.1
-    ) as emitter:
+    async with EventEmitter(refused, api_url=prefect_server.api_url, flush_interval=0.1) as emitter:
         emitter.emit(event)
         async with asyncio.timeout(PATIENCE):
             while emitter.stats()["sent"] < 1:
@@ -199,8 +214,6 @@ async def test_subscription_sees_scheduled_runs_of_its_deployments_only(
     assert [e["resource"]["prefect.resource.id"] for e in seen] == [
         f"prefect.flow-run.{run_ids[mine]}"
     ]
-    assert f"prefect.deployment.{mine}" in {
-        r["prefect.resource.id"] for r in seen[0]["related"]
-    }
+    assert f"prefect.deployment.{mine}" in {r["prefect.resource.id"] for r in seen[0]["related"]}
     # The server itself narrowed the stream (any_resource), not just the client.
     assert sub.received == 1

@@ -103,8 +103,11 @@ def test_fleet_of_three_runs_each_run_once(prefect_server: Any, tmp_path: Path) 
             assert registrations(agent) == [("up to date", deployment_id)], agent.name
 
         due = datetime.now(UTC) + timedelta(seconds=10)
-        state = {"type": "SCHEDULED", "name": "Scheduled",
-                 "state_details": {"scheduled_time": due.isoformat()}}
+        state = {
+            "type": "SCHEDULED",
+            "name": "Scheduled",
+            "state_details": {"scheduled_time": due.isoformat()},
+        }
         run_ids = [api.create_run(deployment_id, state=state) for _ in range(RUNS)]
         wait_for(lambda: datetime.now(UTC) >= due, 30, interval=0.1, what="the due time")
         # Timed from the due time (creating the runs may have taken longer than the lead).

@@ -36,17 +36,27 @@ def test_git_deployment_runs_the_claimed_commit(
     bare = make_bare_repo(tmp_path / "repos", "flows.git", {"flows/greet.py": flow_source("v1")})
     markers = tmp_path / "markers"
     markers.mkdir()
-    deployments = [{
-        "name": "from-git",
-        "flow_name": "git-greet",
-        "entrypoint": "greet.py:greet",
-        "git": {"url": f"file://{bare}", "branch": "main", "subdirectory": "flows",
-                "pull_interval": "0s"},
-        "parameters": {"marker_dir": str(markers)},
-    }]
-    with running_agent(tmp_path / "agent", api_url=prefect_server.api_url,
-                       python=prefect_server.python, deployments=deployments,
-                       name="git-e2e") as agent:
+    deployments = [
+        {
+            "name": "from-git",
+            "flow_name": "git-greet",
+            "entrypoint": "greet.py:greet",
+            "git": {
+                "url": f"file://{bare}",
+                "branch": "main",
+                "subdirectory": "flows",
+                "pull_interval": "0s",
+            },
+            "parameters": {"marker_dir": str(markers)},
+        }
+    ]
+    with running_agent(
+        tmp_path / "agent",
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        deployments=deployments,
+        name="git-e2e",
+    ) as agent:
         deployment_id = api.wait_deployment("git-greet", "from-git")
         first = api.create_run(deployment_id)
         state = api.wait_final(first)
@@ -69,15 +79,21 @@ def test_git_deployment_runs_the_claimed_commit(
 def test_unreachable_git_source_crashes_the_run_with_the_reason(
     prefect_server: Any, api: Api, tmp_path: Path
 ) -> None:
-    deployments = [{
-        "name": "bad-git",
-        "flow_name": "git-missing",
-        "entrypoint": "greet.py:greet",
-        "git": {"url": f"file://{tmp_path}/no-such-repo.git", "branch": "main"},
-    }]
-    with running_agent(tmp_path / "agent", api_url=prefect_server.api_url,
-                       python=prefect_server.python, deployments=deployments,
-                       name="git-bad"):
+    deployments = [
+        {
+            "name": "bad-git",
+            "flow_name": "git-missing",
+            "entrypoint": "greet.py:greet",
+            "git": {"url": f"file://{tmp_path}/no-such-repo.git", "branch": "main"},
+        }
+    ]
+    with running_agent(
+        tmp_path / "agent",
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        deployments=deployments,
+        name="git-bad",
+    ):
         deployment_id = api.wait_deployment("git-missing", "bad-git")
         run_id = api.create_run(deployment_id)
         state = api.wait_final(run_id)

@@ -210,8 +210,10 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         }
         executing = set(runs.values())
         wait_for(
-            lambda: executing <= set(executions.read_text().split())
-            and all(api.state(r).get("type") == "RUNNING" for r in executing),
+            lambda: (
+                executing <= set(executions.read_text().split())
+                and all(api.state(r).get("type") == "RUNNING" for r in executing)
+            ),
             60,
             what="three runs executing",
         )
@@ -231,6 +233,7 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
 
         # During the outage: the agent sees both exits and says the API is unreachable.
         for label in ("crash", "giveup"):
+
             def exited(label: str = label) -> bool:
                 return any(
                     m.startswith("Process exited with status")
@@ -319,8 +322,10 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         pings = notify.pings(t0, back)
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(pings)]
         max_gap = max(gaps)
-        print(f"watchdog: {len(pings)} pings during the outage, max gap {max_gap:.3f}s "
-              f"(WATCHDOG_USEC={WATCHDOG_USEC / 1e6:.0f}s, ping every {PING_EVERY:.1f}s)")
+        print(
+            f"watchdog: {len(pings)} pings during the outage, max gap {max_gap:.3f}s "
+            f"(WATCHDOG_USEC={WATCHDOG_USEC / 1e6:.0f}s, ping every {PING_EVERY:.1f}s)"
+        )
         # Fed throughout: no gap (the stop and the restart included) reached the deadline.
         assert pings[0][0] - t0 < WATCHDOG_DEADLINE and back - pings[-1][0] < WATCHDOG_DEADLINE
         assert max_gap < WATCHDOG_DEADLINE, gaps
@@ -329,8 +334,10 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         events_queued = queued(outage_statuses, "events")
         assert events_queued, outage_statuses[-5:]
         peak = max(q for q, _ in events_queued)
-        print(f"event buffer during the outage: peak {peak} queued "
-              f"(cap {events_queued[0][1]}); last STATUS: {outage_statuses[-1]!r}")
+        print(
+            f"event buffer during the outage: peak {peak} queued "
+            f"(cap {events_queued[0][1]}); last STATUS: {outage_statuses[-1]!r}"
+        )
         assert all(q <= cap == EVENT_CAP for q, cap in events_queued), events_queued
         # Heartbeats kept coming: one queued per tick while the server was down (the STATUS of
         # a tick is sent before its heartbeat, and the last tick's STATUS may fall after t1).

@@ -62,8 +62,12 @@ def token_file(tmp_path: Path) -> Path:
 
 
 def head(bare: Path, branch: str = "main") -> str:
-    out = subprocess.run(["git", "--git-dir", str(bare), "rev-parse", branch],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "--git-dir", str(bare), "rev-parse", branch],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -155,8 +159,9 @@ async def test_push_gives_new_dir_while_lease_keeps_old(repos: Path, state: Path
     assert await storage.gc() == [first.root]
     assert not first.root.exists()
     assert second.root.is_dir()
-    assert [p.name for p in (state / "storage" / "etl").iterdir() if not p.name.startswith(".")] \
-        == [new_sha]
+    assert [
+        p.name for p in (state / "storage" / "etl").iterdir() if not p.name.startswith(".")
+    ] == [new_sha]
 
 
 async def test_gc_removes_crash_leftovers_and_unconfigured_deployments(
@@ -231,7 +236,6 @@ async def test_deployment_name_is_escaped(repos: Path, state: Path) -> None:
         assert checkout.root.parent.name == "%2E.%2Fteam%2Fetl%20flows"
 
 
-
 # -- over the network ------------------------------------------------------------------------
 
 
@@ -275,7 +279,11 @@ async def test_concurrent_prepares_share_one_fetch(repos: Path, state: Path) -> 
 
 
 async def test_token_never_leaks(
-    repos: Path, state: Path, tmp_path: Path, token_server: GitHttpServer, token_file: Path,
+    repos: Path,
+    state: Path,
+    tmp_path: Path,
+    token_server: GitHttpServer,
+    token_file: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -286,15 +294,15 @@ async def test_token_never_leaks(
     scanner = asyncio.create_task(scan_cmdlines(seen, stop))
     try:
         checkout = await storage.prepare(
-            "etl", GitSpec(token_server.url("flows.git"), token_file=token_file))
+            "etl", GitSpec(token_server.url("flows.git"), token_file=token_file)
+        )
     finally:
         stop.set()
         await scanner
     with checkout:
         assert (checkout.path / "flows" / "flow.py").read_text() == FLOW
     # The scan really watched git talk to the server (so it could have seen a leak) ...
-    assert any(b"remote-http" in line and str(token_server.port).encode() in line
-               for line in seen)
+    assert any(b"remote-http" in line and str(token_server.port).encode() in line for line in seen)
     # ... and the token was in no argv, no file under the state dir, no log record.
     assert not [line for line in seen if TOKEN.encode() in line]
     assert "fetch" in argv_log.read_text()
@@ -320,7 +328,10 @@ async def test_token_from_systemd_credential(
 
 
 async def test_password_in_url_is_kept_out_of_argv(
-    repos: Path, state: Path, tmp_path: Path, token_server: GitHttpServer,
+    repos: Path,
+    state: Path,
+    tmp_path: Path,
+    token_server: GitHttpServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     git, argv_log = recording_git(tmp_path)
@@ -346,15 +357,18 @@ async def test_wrong_token_is_authentication_failed(
     url = token_server.url("flows.git")
     with pytest.raises(StorageError) as refused:
         await Storage(state).prepare("etl", GitSpec(url, token_file=wrong))
-    assert str(refused.value) == \
-        f"Could not pull flow code from {url} (branch main): authentication failed"
+    assert (
+        str(refused.value)
+        == f"Could not pull flow code from {url} (branch main): authentication failed"
+    )
     # No token at all: git must not wait for a prompt.
     with pytest.raises(StorageError, match=r"\(branch main\): authentication failed$"):
         await asyncio.wait_for(Storage(state).prepare("etl2", GitSpec(url)), 30)
     # A password in the URL is stripped from the message.
     with pytest.raises(StorageError) as stripped:
         await Storage(state).prepare(
-            "etl3", GitSpec(url.replace("http://", "http://u:wrong-secret@")))
+            "etl3", GitSpec(url.replace("http://", "http://u:wrong-secret@"))
+        )
     assert "wrong-secret" not in str(stripped.value)
     assert str(stripped.value).startswith(f"Could not pull flow code from {url} ")
     assert "not-the-token" not in caplog.text and "wrong-secret" not in caplog.text
@@ -363,7 +377,8 @@ async def test_wrong_token_is_authentication_failed(
 async def test_unreadable_token_file(state: Path, tmp_path: Path, server: GitHttpServer) -> None:
     with pytest.raises(StorageError, match="cannot read the token file"):
         await Storage(state).prepare(
-            "etl", GitSpec(server.url("flows.git"), token_file=tmp_path / "missing"))
+            "etl", GitSpec(server.url("flows.git"), token_file=tmp_path / "missing")
+        )
 
 
 @pytest.mark.parametrize(
@@ -394,8 +409,9 @@ async def test_unknown_branch_and_commit(state: Path, server: GitHttpServer) -> 
     sha = "0123456789abcdef0123456789abcdef01234567"
     with pytest.raises(StorageError) as commit:
         await Storage(state).prepare("etl", GitSpec(url, branch=None, commit=sha))
-    assert str(commit.value) == \
-        f"Could not pull flow code from {url} (commit {sha}): unknown commit"
+    assert (
+        str(commit.value) == f"Could not pull flow code from {url} (commit {sha}): unknown commit"
+    )
     with pytest.raises(StorageError, match=r"unknown commit$"):
         await Storage(state).prepare("etl", GitSpec(url, branch=None, commit="abcdef12"))
 
@@ -411,7 +427,8 @@ async def test_hanging_server_times_out_and_kills_git(state: Path) -> None:
             await storage.prepare("etl", GitSpec(url))
         assert str(failed.value) == (
             f"Could not pull flow code from {url} (branch main): could not connect: "
-            "timed out after 1.5s")
+            "timed out after 1.5s"
+        )
         await asyncio.sleep(0.2)
         assert not [line for line in all_cmdlines() if f":{port}/".encode() in line]
 
@@ -430,22 +447,25 @@ async def test_fetch_failure_falls_back_to_last_good_commit(
     assert fallback.commit == good.commit and fallback.root == good.root
     assert fallback.warning is not None
     assert fallback.warning.startswith(
-        f"Could not pull flow code from {url} (branch main): could not connect")
+        f"Could not pull flow code from {url} (branch main): could not connect"
+    )
     assert good.commit in fallback.warning
-    assert any(r.levelno == logging.WARNING and good.commit in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and good.commit in r.getMessage() for r in caplog.records
+    )
     fallback.release()
     # Also after a restart: the last good commit is read back from the cache repository.
     with await Storage(state).prepare("etl", spec) as restarted:
         assert restarted.commit == good.commit and restarted.warning is not None
 
 
-async def test_submodules_over_http_with_token(
-    repos: Path, state: Path, token_file: Path
-) -> None:
+async def test_submodules_over_http_with_token(repos: Path, state: Path, token_file: Path) -> None:
     lib = make_bare_repo(repos, "lib.git", {"helpers.py": "VALUE = 42\n"})
-    push_commit(repos / "flows.git", {"uses_lib.py": "import lib\n"},
-                submodules={"lib": ("../lib.git", head(lib))})
+    push_commit(
+        repos / "flows.git",
+        {"uses_lib.py": "import lib\n"},
+        submodules={"lib": ("../lib.git", head(lib))},
+    )
     with GitHttpServer(repos, token=TOKEN) as server:
         storage = Storage(state)
         spec = GitSpec(server.url("flows.git"), token_file=token_file, submodules=True)
@@ -456,8 +476,9 @@ async def test_submodules_over_http_with_token(
         assert any(line.startswith("POST /lib.git/git-upload-pack") for line in server.requests())
         assert files_containing(state, TOKEN.encode()) == []
         # Without submodules the gitlink stays an empty directory.
-        with await storage.prepare("etl", GitSpec(server.url("flows.git"),
-                                                   token_file=token_file)) as plain:
+        with await storage.prepare(
+            "etl", GitSpec(server.url("flows.git"), token_file=token_file)
+        ) as plain:
             assert plain.root.name == plain.commit
             assert not (plain.path / "lib" / "helpers.py").exists()
 
@@ -466,10 +487,14 @@ async def test_with_the_real_settings_model(repos: Path, state: Path, token_file
     from agent.settings import GitSettings
 
     with GitHttpServer(repos, token=TOKEN) as server:
-        git = GitSettings.model_validate({
-            "url": server.url("flows.git"), "token_file": str(token_file),
-            "subdirectory": "flows", "pull_interval": "5m",
-        })
+        git = GitSettings.model_validate(
+            {
+                "url": server.url("flows.git"),
+                "token_file": str(token_file),
+                "subdirectory": "flows",
+                "pull_interval": "5m",
+            }
+        )
         with await Storage(state).prepare("etl", git) as checkout:
             assert checkout.source == f"{server.url('flows.git')} (branch main)"
             assert (checkout.path / "flow.py").read_text() == FLOW
@@ -508,5 +533,4 @@ async def test_cancelled_prepare_kills_git_and_frees_the_lock(repos: Path, state
         assert storage.leased() == {}
         with await asyncio.wait_for(storage.prepare("etl", spec), 30) as checkout:
             assert checkout.commit == head(repos / "flows.git")
-        assert not [p for p in (state / "storage" / "etl").iterdir()
-                    if p.name.startswith(".tmp-")]
+        assert not [p for p in (state / "storage" / "etl").iterdir() if p.name.startswith(".tmp-")]

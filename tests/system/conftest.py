@@ -37,8 +37,11 @@ def require_test_bed(*extra_tools: tuple[str, str]) -> None:
     `extra_tools` are more (command, Debian package) pairs that the caller needs.
     """
     tools = (("systemd-nspawn", "systemd-container"), ("nsenter", "util-linux"), *extra_tools)
-    problems = [f"{tool} is missing (apt-get install {package})"
-                for tool, package in tools if shutil.which(tool) is None]
+    problems = [
+        f"{tool} is missing (apt-get install {package})"
+        for tool, package in tools
+        if shutil.which(tool) is None
+    ]
     if os.geteuid() != 0:
         problems.append("the system tests need root (cgroups, systemd-nspawn)")
     if not problems:

@@ -73,16 +73,20 @@ FLOWS = textwrap.dedent(
 )
 
 # The sleeper's own limits, checked on its scope (and enforced in its cgroup).
-SLEEPER_LIMITS = {"memory_max": "768M", "cpu_quota": "150%", "tasks_max": 200,
-                  "runtime_max": "10m"}
+SLEEPER_LIMITS = {"memory_max": "768M", "cpu_quota": "150%", "tasks_max": 200, "runtime_max": "10m"}
 HOG_MEMORY = "250M"  # the engine itself needs ~120 MB; the flow then asks for 400 MB more
 SLOW_RUNTIME = "8s"
 
 
 def deployments(flows: Path) -> list[dict[str, Any]]:
     def deployment(name: str, func: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "flow_name": f"sys-{name}", "entrypoint": f"flows.py:{func}",
-                "path": str(flows), **extra}
+        return {
+            "name": name,
+            "flow_name": f"sys-{name}",
+            "entrypoint": f"flows.py:{func}",
+            "path": str(flows),
+            **extra,
+        }
 
     return [
         deployment("hello", "hello"),
@@ -91,8 +95,9 @@ def deployments(flows: Path) -> list[dict[str, Any]]:
         deployment("slow", "sleeper", runtime_max=SLOW_RUNTIME, parameters={"seconds": 120}),
         deployment("grandchild", "grandchild"),
         deployment("exit3", "exit_later"),
-        deployment("whoami", "whoami", user="nobody",
-                   env={"PREFECT_HOME": "/var/tmp/ra-prefect-nobody"}),
+        deployment(
+            "whoami", "whoami", user="nobody", env={"PREFECT_HOME": "/var/tmp/ra-prefect-nobody"}
+        ),
     ]
 
 
@@ -128,6 +133,7 @@ class Bed:
 
         The engine may report its own Crashed first; the agent's explanation may replace it.
         """
+
         def named() -> dict[str, Any]:
             state = self.api.state(run_id)
             message = (state.get("message") or "").lower()
@@ -137,8 +143,9 @@ class Bed:
         try:
             return self.c.wait_for(named, timeout, f"run {run_id} CRASHED naming {words}")
         except TestBedError:
-            raise AssertionError(f"run {run_id} is not CRASHED naming {words}: "
-                                 f"{self.api.state(run_id)}") from None
+            raise AssertionError(
+                f"run {run_id} is not CRASHED naming {words}: {self.api.state(run_id)}"
+            ) from None
 
     def wait_running(self, run_id: str, timeout: float = 60) -> str:
         """Until the engine reports RUNNING and the run's scope is active; the scope's name."""
@@ -151,8 +158,9 @@ class Bed:
         group = self.c.show(unit, "ControlGroup")["ControlGroup"]
         if not group:
             return []
-        out = self.c.exec(["cat", f"/sys/fs/cgroup/systemd{group}/cgroup.procs"],
-                          check=False).stdout
+        out = self.c.exec(
+            ["cat", f"/sys/fs/cgroup/systemd{group}/cgroup.procs"], check=False
+        ).stdout
         return [int(p) for p in out.split()]
 
     def process(self, pid: int) -> tuple[str, dict[str, str]]:
@@ -163,8 +171,10 @@ class Bed:
         return cmdline.replace("\0", " ").strip(), fields
 
     def run_scopes(self) -> list[str]:
-        out = self.c.exec(["systemctl", "list-units", "--all", "--plain", "--no-legend",
-                           "runner-agent-run-*"], check=False).stdout
+        out = self.c.exec(
+            ["systemctl", "list-units", "--all", "--plain", "--no-legend", "runner-agent-run-*"],
+            check=False,
+        ).stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def journal_since(self, cursor_time: str, unit: str, *args: str) -> str:
@@ -193,30 +203,53 @@ def bed(host_container: Container, prefect_server: PrefectServer) -> Iterator[Be
         config = render_config(
             {
                 "api": {"url": prefect_server.api_url, "timeout": "10s"},
-                "agent": {"name": "system-test", "limit": 6, "poll_interval": "1s",
-                          "prefetch": "5s", "heartbeat_interval": "5s", "cancel_grace": "3s",
-                          "launcher": "systemd"},
-                "flow_run": {"python": prefect_server.python, "memory_max": "1G",
-                             "cpu_quota": "200%", "tasks_max": 512, "runtime_max": "10m",
-                             "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"}},
+                "agent": {
+                    "name": "system-test",
+                    "limit": 6,
+                    "poll_interval": "1s",
+                    "prefetch": "5s",
+                    "heartbeat_interval": "5s",
+                    "cancel_grace": "3s",
+                    "launcher": "systemd",
+                },
+                "flow_run": {
+                    "python": prefect_server.python,
+                    "memory_max": "1G",
+                    "cpu_quota": "200%",
+                    "tasks_max": 512,
+                    "runtime_max": "10m",
+                    "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"},
+                },
             },
             deployments(flows),
         )
         c.write_file(CONFIG, config, 0o600)
         c.exec(["runner-agent", "check-config"])  # fail early, with the one-line reason
         c.systemctl("start", SERVICE)
-        ids = {d["name"]: api.wait_deployment(d["flow_name"], d["name"])
-               for d in deployments(flows)}
+        ids = {
+            d["name"]: api.wait_deployment(d["flow_name"], d["name"]) for d in deployments(flows)
+        }
         c.systemctl("stop", SERVICE)
         yield Bed(c, api, ids)
     finally:
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"],
-               check=False)
-        c.exec(["rm", "-rf", "/etc/runner-agent", "/etc/systemd/system/runner-agent.service",
-                f"/etc/systemd/system/{SLICE}", "/etc/systemd/system/runner-agent.service.d",
-                "/var/lib/runner-agent", "/run/runner-agent", "/usr/bin/runner-agent"],
-               check=False)
+        c.exec(
+            ["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"], check=False
+        )
+        c.exec(
+            [
+                "rm",
+                "-rf",
+                "/etc/runner-agent",
+                "/etc/systemd/system/runner-agent.service",
+                f"/etc/systemd/system/{SLICE}",
+                "/etc/systemd/system/runner-agent.service.d",
+                "/var/lib/runner-agent",
+                "/run/runner-agent",
+                "/usr/bin/runner-agent",
+            ],
+            check=False,
+        )
         c.systemctl("daemon-reload", check=False)
         api.close()
         shutil.rmtree(flows, ignore_errors=True)
@@ -235,8 +268,9 @@ def agent(bed: Bed) -> Iterator[Bed]:
         print(bed.journal_since(since, SERVICE, "-o", "short-precise", "-n", "150"))
         c.systemctl("stop", SERVICE, check=False)
         c.exec(["sh", "-c", "systemctl stop 'runner-agent-run-*'"], check=False)
-        c.wait_for(lambda: not [u for u in bed.run_scopes() if bed.active(u)], 30,
-                   "run scopes to go")
+        c.wait_for(
+            lambda: not [u for u in bed.run_scopes() if bed.active(u)], 30, "run scopes to go"
+        )
         c.exec(["systemctl", "reset-failed"], check=False)
 
 
@@ -278,8 +312,10 @@ def test_watchdog_restarts_a_hung_agent(agent: Bed) -> None:
 
         after: dict[str, str] = c.wait_for(restarted, 60, "the watchdog restart")
         took = time.monotonic() - stopped_at
-        print(f"SIGSTOP -> watchdog restart -> active again: {took:.1f}s "
-              f"(WatchdogSec=5, RestartSec=5)")
+        print(
+            f"SIGSTOP -> watchdog restart -> active again: {took:.1f}s "
+            f"(WatchdogSec=5, RestartSec=5)"
+        )
         assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
         journal = agent.journal_since(since, SERVICE, "-o", "cat")
         assert "Watchdog timeout" in journal, journal
@@ -301,8 +337,15 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
     agent.start_agent()
     run_id = agent.run("sleeper", seconds=15)
     unit = agent.wait_running(run_id)
-    props = c.show(unit, "Slice", "ControlGroup", "MemoryMax", "CPUQuotaPerSecUSec", "TasksMax",
-                   "RuntimeMaxUSec")
+    props = c.show(
+        unit,
+        "Slice",
+        "ControlGroup",
+        "MemoryMax",
+        "CPUQuotaPerSecUSec",
+        "TasksMax",
+        "RuntimeMaxUSec",
+    )
     print(f"{unit}: {props}")
     assert props["Slice"] == SLICE
     # A dash in a slice's name nests it: runner.slice/runner-agent.slice/runner-agent-flows.slice.
@@ -325,10 +368,20 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
     row = mine[0]
     print(f"runner-agent status: {row}")
     assert (row["deployment"], row["unit"], row["phase"], row["alive"]) == (
-        "sleeper", unit, "running", True)
+        "sleeper",
+        unit,
+        "running",
+        True,
+    )
     assert row["rss_bytes"] > 20 << 20 and row["cpu_seconds"] > 0.5, row
-    assert row["limits"] == {"memory_max": "768M", "cpu_quota": "150%", "tasks_max": 200,
-                             "runtime_max": "10m", "user": None, "configured": True}
+    assert row["limits"] == {
+        "memory_max": "768M",
+        "cpu_quota": "150%",
+        "tasks_max": 200,
+        "runtime_max": "10m",
+        "user": None,
+        "configured": True,
+    }
     table = c.exec(["runner-agent", "status"]).stdout
     assert run_id in table and "mem=768M cpu=150% tasks=200 runtime=10m" in table, table
     assert agent.api.wait_final(run_id)["type"] == "COMPLETED"
@@ -354,8 +407,10 @@ def test_run_past_its_runtime_max_is_crashed(agent: Bed) -> None:
     run_id = agent.run("slow")
     started = time.monotonic()
     state = agent.api.wait_final(run_id, timeout=60)
-    print(f"runtime limit {SLOW_RUNTIME}: {state['type']} after {time.monotonic() - started:.1f}s:"
-          f" {state['message']}")
+    print(
+        f"runtime limit {SLOW_RUNTIME}: {state['type']} after {time.monotonic() - started:.1f}s:"
+        f" {state['message']}"
+    )
     state = agent.wait_crashed_naming(run_id, "runtime", SLOW_RUNTIME, timeout=20)
     print(f"final: {state['message']}")
 
@@ -391,10 +446,19 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
     run_id = agent.run("hello", word="journal")
     assert agent.api.wait_final(run_id)["type"] == "COMPLETED"
     # The documented query: `journalctl -u runner-agent FLOW_RUN_ID=<id>`.
-    c.wait_for(lambda: "Process exited with status 0" in c.journal(
-        SERVICE, f"FLOW_RUN_ID={run_id}", "-o", "cat"), 20, "the agent's exit note")
-    records = [json.loads(line) for line in c.journal(SERVICE, "-o", "json").splitlines()
-               if line.startswith("{")]
+    c.wait_for(
+        lambda: (
+            "Process exited with status 0"
+            in c.journal(SERVICE, f"FLOW_RUN_ID={run_id}", "-o", "cat")
+        ),
+        20,
+        "the agent's exit note",
+    )
+    records = [
+        json.loads(line)
+        for line in c.journal(SERVICE, "-o", "json").splitlines()
+        if line.startswith("{")
+    ]
     agent_records = [r for r in records if r.get("SYSLOG_IDENTIFIER") == "runner-agent"]
     levels = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3", "CRITICAL": "2"}
     for record in agent_records:
@@ -403,8 +467,10 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
         assert record["_SYSTEMD_UNIT"] == SERVICE, record
     per_run = [r for r in agent_records if r.get("FLOW_RUN_ID") == run_id]
     messages = [json.loads(r["MESSAGE"])["message"] for r in per_run]
-    print(f"agent journal: {len(agent_records)} agent records, "
-          f"{sum(r['PRIORITY'] == '4' for r in agent_records)} warnings; run {run_id}: {messages}")
+    print(
+        f"agent journal: {len(agent_records)} agent records, "
+        f"{sum(r['PRIORITY'] == '4' for r in agent_records)} warnings; run {run_id}: {messages}"
+    )
     assert any(m.startswith("Claimed by runner-agent 'system-test'") for m in messages), messages
     launched = [r for r in per_run if "Launched in" in r["MESSAGE"]]
     assert len(launched) == 1 and launched[0]["PRIORITY"] == "6", messages
@@ -436,8 +502,11 @@ def test_runs_survive_agent_restarts_and_their_outcome_is_reported(agent: Bed) -
     for run_id, unit in units.items():
         assert agent.active(unit), unit
         assert agent.scope_pids(unit) == pids[run_id]  # not restarted, not touched
-    assert c.wait_for(lambda: "4/6 runs" in agent.service("StatusText")["StatusText"], 20,
-                      "the adopted runs to count against the limit")
+    assert c.wait_for(
+        lambda: "4/6 runs" in agent.service("StatusText")["StatusText"],
+        20,
+        "the adopted runs to count against the limit",
+    )
 
     # The fourth run exits (status 3) while no agent is there to see it.
     c.systemctl("stop", SERVICE)

@@ -94,11 +94,13 @@ class Secret:
         found = {raw: "as is", raw.hex().encode(): "hex"}
         for pad in (b"", b"x", b"xx"):  # the three alignments inside a longer base64 text
             data = pad + raw
-            for label, encode in (("base64", base64.b64encode),
-                                  ("base64url", base64.urlsafe_b64encode)):
+            for label, encode in (
+                ("base64", base64.b64encode),
+                ("base64url", base64.urlsafe_b64encode),
+            ):
                 text = encode(data)
                 # Skip the group shared with the padding and any group shared with what follows.
-                found.setdefault(text[4 if pad else 0:(len(data) // 3) * 4], label)
+                found.setdefault(text[4 if pad else 0 : (len(data) // 3) * 4], label)
         return found
 
 
@@ -110,17 +112,27 @@ def hits(data: bytes | str, where: str, secrets_: list[Secret]) -> list[str]:
         for needle, form in secret.forms().items():
             at = blob.find(needle)
             if at >= 0:
-                context = blob[max(0, at - 80):at + len(needle) + 40].decode(errors="replace")
+                context = blob[max(0, at - 80) : at + len(needle) + 40].decode(errors="replace")
                 found.append(f"{secret.name} ({form}) in {where}: ...{context!r}...")
     return found
 
 
 def exec_bytes(c: Container, args: list[str], timeout: float = 120) -> bytes:
     """Like Container.exec, but stdout as bytes (the journal's export format is binary)."""
-    argv = ["nsenter", "-t", str(c.leader), "-a", "--", "env", "-i",
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *args]
-    return subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
-                          stdin=subprocess.DEVNULL).stdout
+    argv = [
+        "nsenter",
+        "-t",
+        str(c.leader),
+        "-a",
+        "--",
+        "env",
+        "-i",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        *args,
+    ]
+    return subprocess.run(
+        argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+    ).stdout
 
 
 class ProcessSampler(threading.Thread):
@@ -168,8 +180,10 @@ class ProcessSampler(threading.Thread):
         except OSError:
             return
         for hit in hits(environ, f"environ of pid {pid}", self.secrets):
-            unit = next((line.split(":", 2)[2] for line in cgroup.splitlines()
-                         if ":name=systemd:" in line), "?")
+            unit = next(
+                (line.split(":", 2)[2] for line in cgroup.splitlines() if ":name=systemd:" in line),
+                "?",
+            )
             entry = (hit.split(":", 1)[0], unit, shown[:300])
             if entry not in self.environ_hits:
                 self.environ_hits.append(entry)
@@ -202,26 +216,47 @@ def deployments(flows: Path, git_url: str) -> list[dict[str, Any]]:
     git = {"url": git_url, "branch": "main", "token_file": TOKEN_FILE, "pull_interval": "0s"}
     user_env = {"PREFECT_HOME": f"/var/tmp/ra-prefect-{FLOW_USER}"}
     return [
-        {"name": "local", "flow_name": "sec-local", "entrypoint": "flows.py:probe",
-         "path": str(flows)},
-        {"name": "local-user", "flow_name": "sec-local-user", "entrypoint": "flows.py:probe",
-         "path": str(flows), "user": FLOW_USER, "env": user_env},
+        {
+            "name": "local",
+            "flow_name": "sec-local",
+            "entrypoint": "flows.py:probe",
+            "path": str(flows),
+        },
+        {
+            "name": "local-user",
+            "flow_name": "sec-local-user",
+            "entrypoint": "flows.py:probe",
+            "path": str(flows),
+            "user": FLOW_USER,
+            "env": user_env,
+        },
         {"name": "git", "flow_name": "sec-git", "entrypoint": "flows.py:probe", "git": git},
-        {"name": "git-user", "flow_name": "sec-git-user", "entrypoint": "flows.py:probe",
-         "git": git, "user": FLOW_USER, "env": user_env},
+        {
+            "name": "git-user",
+            "flow_name": "sec-git-user",
+            "entrypoint": "flows.py:probe",
+            "git": git,
+            "user": FLOW_USER,
+            "env": user_env,
+        },
     ]
 
 
 def add_flow_user(c: Container) -> None:
     """A user with its own primary group and one supplementary group."""
-    c.sh(f"echo '{FLOW_USER}:x:{FLOW_UID}:{FLOW_UID}::/nonexistent:/usr/sbin/nologin'"
-         f" >> /etc/passwd && echo '{FLOW_USER}:x:{FLOW_UID}:' >> /etc/group"
-         f" && echo '{EXTRA_GROUP}:x:{EXTRA_GID}:{FLOW_USER}' >> /etc/group")
+    c.sh(
+        f"echo '{FLOW_USER}:x:{FLOW_UID}:{FLOW_UID}::/nonexistent:/usr/sbin/nologin'"
+        f" >> /etc/passwd && echo '{FLOW_USER}:x:{FLOW_UID}:' >> /etc/group"
+        f" && echo '{EXTRA_GROUP}:x:{EXTRA_GID}:{FLOW_USER}' >> /etc/group"
+    )
 
 
 @pytest.fixture(scope="module")
-def sec(host_container: Container, prefect_server: PrefectServer,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecurityBed]:
+def sec(
+    host_container: Container,
+    prefect_server: PrefectServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SecurityBed]:
     c = host_container
     key = Secret("API key", f"ra-apikey-{secrets.token_hex(20)}")
     token = Secret("git token", f"ra-gittoken-{secrets.token_hex(20)}")
@@ -243,27 +278,51 @@ def sec(host_container: Container, prefect_server: PrefectServer,
             config = render_config(
                 {
                     "api": {"url": prefect_server.api_url, "timeout": "10s"},
-                    "agent": {"name": "security-test", "limit": 6, "poll_interval": "1s",
-                              "prefetch": "5s", "heartbeat_interval": "5s",
-                              "cancel_grace": "3s", "launcher": "systemd"},
-                    "flow_run": {"python": prefect_server.python, "memory_max": "1G",
-                                 "runtime_max": "10m",
-                                 "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"}},
+                    "agent": {
+                        "name": "security-test",
+                        "limit": 6,
+                        "poll_interval": "1s",
+                        "prefetch": "5s",
+                        "heartbeat_interval": "5s",
+                        "cancel_grace": "3s",
+                        "launcher": "systemd",
+                    },
+                    "flow_run": {
+                        "python": prefect_server.python,
+                        "memory_max": "1G",
+                        "runtime_max": "10m",
+                        "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"},
+                    },
                 },
                 deployments(flows, git.url("flows.git")),
             )
             c.write_file(CONFIG, config, 0o600)
             c.systemctl("start", SERVICE)
-            ids = {d["name"]: api.wait_deployment(d["flow_name"], d["name"])
-                   for d in deployments(flows, git.url("flows.git"))}
+            ids = {
+                d["name"]: api.wait_deployment(d["flow_name"], d["name"])
+                for d in deployments(flows, git.url("flows.git"))
+            }
             yield SecurityBed(Bed(c, api, ids), key, token, git)
     finally:
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"],
-               check=False)
-        c.exec(["rm", "-rf", "/etc/runner-agent", "/etc/credstore", RELEASE,
-                "/etc/systemd/system/runner-agent.service", f"/etc/systemd/system/{SLICE}",
-                STATE, RUNTIME, "/usr/bin/runner-agent"], check=False)
+        c.exec(
+            ["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"], check=False
+        )
+        c.exec(
+            [
+                "rm",
+                "-rf",
+                "/etc/runner-agent",
+                "/etc/credstore",
+                RELEASE,
+                "/etc/systemd/system/runner-agent.service",
+                f"/etc/systemd/system/{SLICE}",
+                STATE,
+                RUNTIME,
+                "/usr/bin/runner-agent",
+            ],
+            check=False,
+        )
         c.systemctl("daemon-reload", check=False)
         api.close()
         shutil.rmtree(flows, ignore_errors=True)
@@ -301,8 +360,10 @@ def wait_all_running(bed: Bed, runs: dict[str, str], since: str) -> dict[str, st
         states = {name: bed.api.state(run_id) for name, run_id in runs.items()}
         if all(s.get("type") == "RUNNING" for s in states.values()):
             return {name: bed.wait_running(run_id, 10) for name, run_id in runs.items()}
-        if any(s.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-               for s in states.values()):
+        if any(
+            s.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+            for s in states.values()
+        ):
             break
         time.sleep(0.3)
     journal = bed.c.journal(None, "--since", since, "-o", "short-precise", "-n", "300")
@@ -322,28 +383,53 @@ def observed(sec: SecurityBed) -> Observed:
         seen.runs = {name: bed.run(name, release=RELEASE) for name in bed.ids}
         units = wait_all_running(bed, seen.runs, since)
         basic = base64.b64encode(f"x-access-token:{canary.value}".encode()).decode()
-        c.exec(["systemd-run", "--quiet", "--collect", "--unit=ra-canary.service", "--",
-                "sh", "-c", "sleep 2", basic])
+        c.exec(
+            [
+                "systemd-run",
+                "--quiet",
+                "--collect",
+                "--unit=ra-canary.service",
+                "--",
+                "sh",
+                "-c",
+                "sleep 2",
+                basic,
+            ]
+        )
         # While every run executes: modes, the engines' identities, files, units, status.
         listing = c.exec(["find", STATE, RUNTIME, "-printf", r"%m %u %g %y %p\n"]).stdout
         seen.modes = [tuple(line.split(" ", 4)) for line in listing.splitlines()]  # type: ignore[misc]
         seen.processes = {name: scope_processes(bed, unit) for name, unit in units.items()}
         # Not what flows write into their own TMPDIR (their bytecode cache is most of it).
         seen.texts["files under the state and runtime directories"] = exec_bytes(
-            c, ["tar", "-cf", "-", f"--exclude={STATE}/runs/*/tmp/*", STATE, RUNTIME])
+            c, ["tar", "-cf", "-", f"--exclude={STATE}/runs/*/tmp/*", STATE, RUNTIME]
+        )
         for unit in [SERVICE, SLICE, "runner-agent.slice", "runner.slice", *units.values()]:
             seen.texts[f"systemctl show {unit}"] = show_all(c, unit)
         seen.texts["systemctl show (the manager)"] = exec_bytes(c, ["systemctl", "show", "--all"])
         seen.texts["systemctl show-environment"] = exec_bytes(c, ["systemctl", "show-environment"])
         seen.texts["systemctl status"] = exec_bytes(
-            c, ["systemctl", "status", "--full", "--no-pager", "-n", "200", SERVICE, SLICE,
-                *units.values()])
+            c,
+            [
+                "systemctl",
+                "status",
+                "--full",
+                "--no-pager",
+                "-n",
+                "200",
+                SERVICE,
+                SLICE,
+                *units.values(),
+            ],
+        )
         seen.texts["runner-agent status"] = exec_bytes(c, ["runner-agent", "status"])
-        seen.texts["runner-agent status --json"] = exec_bytes(c, ["runner-agent", "status",
-                                                                  "--json"])
+        seen.texts["runner-agent status --json"] = exec_bytes(
+            c, ["runner-agent", "status", "--json"]
+        )
         c.exec(["touch", RELEASE])
-        seen.final = {name: bed.api.wait_final(run_id, timeout=90)
-                      for name, run_id in seen.runs.items()}
+        seen.final = {
+            name: bed.api.wait_final(run_id, timeout=90) for name, run_id in seen.runs.items()
+        }
     finally:
         sampler.stop()
         c.exec(["touch", RELEASE], check=False)
@@ -351,24 +437,26 @@ def observed(sec: SecurityBed) -> Observed:
     # output and what the agent told Prefect.
     c.exec(["journalctl", "--sync"], check=False)
     seen.texts["the journal (journalctl -o export)"] = exec_bytes(
-        c, ["journalctl", "--no-pager", "-o", "export"])
+        c, ["journalctl", "--no-pager", "-o", "export"]
+    )
     seen.texts["the agent's journal (-u runner-agent -o json)"] = exec_bytes(
-        c, ["journalctl", "--no-pager", "-o", "json", "-u", SERVICE])
+        c, ["journalctl", "--no-pager", "-o", "json", "-u", SERVICE]
+    )
     for name, run_id in seen.runs.items():
         output = exec_bytes(c, ["runner-agent", "logs", run_id])
         seen.output[name] = output.decode(errors="replace")
         seen.texts[f"runner-agent logs {run_id}"] = output
         seen.texts[f"Prefect logs of run {run_id}"] = json.dumps(bed.api.logs(run_id)).encode()
-        seen.texts[f"Prefect states of run {run_id}"] = json.dumps(
-            bed.api.history(run_id)).encode()
+        seen.texts[f"Prefect states of run {run_id}"] = json.dumps(bed.api.history(run_id)).encode()
     return seen
 
 
 # -- 1. no secret anywhere ----------------------------------------------------------------------
 
 
-def test_runs_completed_with_code_from_git_behind_the_token(sec: SecurityBed,
-                                                             observed: Observed) -> None:
+def test_runs_completed_with_code_from_git_behind_the_token(
+    sec: SecurityBed, observed: Observed
+) -> None:
     for name, state in observed.final.items():
         assert state["type"] == "COMPLETED", (name, state, observed.output.get(name))
     # The git server refused anonymous requests and served the agent's authenticated ones.
@@ -377,25 +465,31 @@ def test_runs_completed_with_code_from_git_behind_the_token(sec: SecurityBed,
     assert sec.git.fetches("flows.git") >= 2, log
 
 
-def test_no_secret_in_any_command_line_during_the_runs(sec: SecurityBed,
-                                                       observed: Observed) -> None:
+def test_no_secret_in_any_command_line_during_the_runs(
+    sec: SecurityBed, observed: Observed
+) -> None:
     sampler = observed.sampler
     assert sampler is not None
-    print(f"sampler: {sampler.passes} passes over /proc, {len(sampler.seen)} distinct command "
-          f"lines in the container")
+    print(
+        f"sampler: {sampler.passes} passes over /proc, {len(sampler.seen)} distinct command "
+        f"lines in the container"
+    )
     # The scan saw what it had to see: git talking to the server, and the engines.
     assert any("git" in line and "fetch" in line for line in sampler.seen), sorted(sampler.seen)
     assert any("remote-http" in line for line in sampler.seen), sorted(sampler.seen)
     assert any("prefect.engine" in line for line in sampler.seen), sorted(sampler.seen)
     canaries = [hit for hit in sampler.cmdline_hits if hit.startswith("canary ")]
-    assert any(hit.startswith("canary (base64) in cmdline of pid") and "sh -c sleep 2" in hit
-               for hit in canaries), canaries
+    assert any(
+        hit.startswith("canary (base64) in cmdline of pid") and "sh -c sleep 2" in hit
+        for hit in canaries
+    ), canaries
     leaks = [hit for hit in sampler.cmdline_hits if not hit.startswith("canary ")]
     assert not leaks, "\n".join(leaks)
 
 
 def test_only_the_runs_own_processes_hold_the_api_key_in_their_environment(
-        sec: SecurityBed, observed: Observed) -> None:
+    sec: SecurityBed, observed: Observed
+) -> None:
     sampler = observed.sampler
     assert sampler is not None
     run_scope = re.compile(r"/runner-agent-run-[0-9a-f-]{36}\.scope$")
@@ -408,15 +502,24 @@ def test_only_the_runs_own_processes_hold_the_api_key_in_their_environment(
     # A sample can catch the launching process inside execve, its argv not readable yet (empty
     # cmdline); it is allowed when the same pid is seen as systemd-run or inside the run's scope.
     run_pids = {
-        match.group(1) for what, unit, cmdline in sampler.environ_hits
+        match.group(1)
+        for what, unit, cmdline in sampler.environ_hits
         if becomes_a_run(unit, cmdline) and (match := pid_of.search(what))
     }
     unexpected = [
-        (what, unit, cmdline) for what, unit, cmdline in sampler.environ_hits
-        if not (what.startswith(f"{sec.key.name} (as is)")
-                and (becomes_a_run(unit, cmdline) or (
-                    cmdline == "" and (match := pid_of.search(what)) is not None
-                    and match.group(1) in run_pids)))
+        (what, unit, cmdline)
+        for what, unit, cmdline in sampler.environ_hits
+        if not (
+            what.startswith(f"{sec.key.name} (as is)")
+            and (
+                becomes_a_run(unit, cmdline)
+                or (
+                    cmdline == ""
+                    and (match := pid_of.search(what)) is not None
+                    and match.group(1) in run_pids
+                )
+            )
+        )
     ]
     print("environments holding a secret:\n" + "\n".join(map(str, sampler.environ_hits)))
     assert not unexpected, "\n".join(map(str, unexpected))
@@ -424,8 +527,9 @@ def test_only_the_runs_own_processes_hold_the_api_key_in_their_environment(
     assert any("prefect.engine" in cmdline for _w, _u, cmdline in sampler.environ_hits)
 
 
-def test_no_secret_in_units_journal_logs_status_or_files(sec: SecurityBed,
-                                                         observed: Observed) -> None:
+def test_no_secret_in_units_journal_logs_status_or_files(
+    sec: SecurityBed, observed: Observed
+) -> None:
     found = []
     for where, data in observed.texts.items():
         if where.startswith("files under"):
@@ -451,7 +555,6 @@ def file_hits(tar: bytes, secrets_: list[Secret]) -> list[str]:
     return found
 
 
-
 # -- 2. check-config ----------------------------------------------------------------------------
 
 
@@ -460,8 +563,16 @@ def test_check_config_never_shows_a_secret(sec: SecurityBed) -> None:
     c = sec.c
     dropin = "/etc/runner-agent/agent.d/90-key.toml"
     bad = "/etc/runner-agent-bad/agent.toml"
-    credential = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
-                  "-p", "LoadCredential=api-key:runner-agent.api-key", "--"]
+    credential = [
+        "systemd-run",
+        "--quiet",
+        "--wait",
+        "--pipe",
+        "--collect",
+        "-p",
+        "LoadCredential=api-key:runner-agent.api-key",
+        "--",
+    ]
     outputs: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def run(label: str, *argv: str) -> None:
@@ -469,14 +580,29 @@ def test_check_config_never_shows_a_secret(sec: SecurityBed) -> None:
 
     run("plain", "runner-agent", "check-config")
     run("the unit's credential", *credential, "/usr/bin/runner-agent", "check-config", "--json")
-    run("the unit's credential, --online", *credential, "/usr/bin/runner-agent", "check-config",
-        "--online")
-    run("PREFECT_API_KEY", "sh", "-c",
-        f'PREFECT_API_KEY=$(cat {KEY_CREDENTIAL}) exec runner-agent check-config')
-    run("api.key_file", "sh", "-c",
-        f"RUNNER_AGENT_API__KEY_FILE={KEY_CREDENTIAL} exec runner-agent check-config --json")
-    c.sh(f"mkdir -p {Path(dropin).parent} && printf '[api]\\nkey = \"%s\"\\n' "
-         f"\"$(cat {KEY_CREDENTIAL})\" > {dropin} && chmod 0600 {dropin}")
+    run(
+        "the unit's credential, --online",
+        *credential,
+        "/usr/bin/runner-agent",
+        "check-config",
+        "--online",
+    )
+    run(
+        "PREFECT_API_KEY",
+        "sh",
+        "-c",
+        f"PREFECT_API_KEY=$(cat {KEY_CREDENTIAL}) exec runner-agent check-config",
+    )
+    run(
+        "api.key_file",
+        "sh",
+        "-c",
+        f"RUNNER_AGENT_API__KEY_FILE={KEY_CREDENTIAL} exec runner-agent check-config --json",
+    )
+    c.sh(
+        f"mkdir -p {Path(dropin).parent} && printf '[api]\\nkey = \"%s\"\\n' "
+        f'"$(cat {KEY_CREDENTIAL})" > {dropin} && chmod 0600 {dropin}'
+    )
     try:
         run("api.key in a drop-in", "runner-agent", "check-config")
     finally:
@@ -484,11 +610,11 @@ def test_check_config_never_shows_a_secret(sec: SecurityBed) -> None:
     # Invalid values: the one error line must not echo them.
     invalid = {
         "api.key of the wrong type": f'[api]\nkey = ["{sec.key.value}"]\n',
-        "api.url with credentials and a bad port":
-            f'[api]\nurl = "http://u:{sec.key.value}@127.0.0.1:99999/api"\n',
-        "a git URL with a token and a bad scheme":
+        "api.url with credentials and a bad port": f'[api]\nurl = "http://u:{sec.key.value}@127.0.0.1:99999/api"\n',
+        "a git URL with a token and a bad scheme": (
             '[[deployment]]\nname = "x"\nentrypoint = "a.py:f"\n'
-            f'git = {{ url = "htps://u:{sec.token.value}@127.0.0.1/x.git" }}\n',
+            f'git = {{ url = "htps://u:{sec.token.value}@127.0.0.1/x.git" }}\n'
+        ),
     }
     for label, text in invalid.items():
         c.write_file(bad, text, 0o600)
@@ -497,18 +623,27 @@ def test_check_config_never_shows_a_secret(sec: SecurityBed) -> None:
 
     found = []
     for label, result in outputs.items():
-        print(f"--- check-config, {label}: exit {result.returncode}\n{result.stdout}"
-              f"{result.stderr}")
+        print(
+            f"--- check-config, {label}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+        )
         found += hits(result.stdout + result.stderr, f"check-config ({label})", sec.secrets)
     assert not found, "\n".join(found)
-    for label in ("plain", "the unit's credential", "the unit's credential, --online",
-                  "PREFECT_API_KEY", "api.key_file", "api.key in a drop-in"):
+    for label in (
+        "plain",
+        "the unit's credential",
+        "the unit's credential, --online",
+        "PREFECT_API_KEY",
+        "api.key_file",
+        "api.key in a drop-in",
+    ):
         assert outputs[label].returncode == 0, (label, outputs[label].stderr)
     # The key was found (and redacted) each time it was given.
     for label in ("PREFECT_API_KEY", "api.key in a drop-in"):
         assert 'key = "**********"' in outputs[label].stdout, outputs[label].stdout
-    for label, source in (("the unit's credential", "systemd credential 'api-key'"),
-                          ("api.key_file", f"{KEY_CREDENTIAL} (api.key_file)")):
+    for label, source in (
+        ("the unit's credential", "systemd credential 'api-key'"),
+        ("api.key_file", f"{KEY_CREDENTIAL} (api.key_file)"),
+    ):
         document = json.loads(outputs[label].stdout)
         assert document["secret_sources"]["api.key"] == source, document
         assert document["config"]["api"]["key"] == "**********", document
@@ -532,22 +667,37 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
     write) on the directories that lead to such a run's TMPDIR and git checkout, and the
     checkout itself (0755, the flow's code). Checked as modes, and as what another local user
     can actually read."""
-    entries = {path: (int(mode, 8), user, group, kind)
-               for mode, user, group, kind, path in observed.modes}
-    print("\n".join(f"{m:04o} {u}:{g} {k} {p}" for p, (m, u, g, k) in sorted(entries.items())
-                    if not ((tmp := RUN_TMP.match(p)) and tmp["below"]) and "/.repo/" not in p))
+    entries = {
+        path: (int(mode, 8), user, group, kind) for mode, user, group, kind, path in observed.modes
+    }
+    print(
+        "\n".join(
+            f"{m:04o} {u}:{g} {k} {p}"
+            for p, (m, u, g, k) in sorted(entries.items())
+            if not ((tmp := RUN_TMP.match(p)) and tmp["below"]) and "/.repo/" not in p
+        )
+    )
     assert entries[STATE][0] in (0o700, 0o711) and entries[RUNTIME][0] == 0o700, entries
-    user_tmps = [p for p, (_m, u, _g, k) in entries.items()
-                 if k == "d" and (tmp := RUN_TMP.match(p)) and not tmp["below"]
-                 and u == FLOW_USER]
-    user_code = [p for p in entries if (m := COMMIT.match(p)) and m["dep"] == "git-user"
-                 and p.count("/") == 6]
+    user_tmps = [
+        p
+        for p, (_m, u, _g, k) in entries.items()
+        if k == "d" and (tmp := RUN_TMP.match(p)) and not tmp["below"] and u == FLOW_USER
+    ]
+    user_code = [
+        p
+        for p in entries
+        if (m := COMMIT.match(p)) and m["dep"] == "git-user" and p.count("/") == 6
+    ]
     runs = [p for p in entries if re.fullmatch(rf"{RUNTIME}/runs/[0-9a-f-]{{36}}", p)]
     records = [p for p in entries if p.endswith("/record.json")]
     assert len(runs) == 4 and len(records) == 4, (runs, records)  # every run was seen
     assert len(user_tmps) == 2 and len(user_code) == 1, (user_tmps, user_code)
-    granted = {str(parent) for path in [*user_tmps, *user_code]
-               for parent in Path(path).parents if str(parent).startswith(STATE)}
+    granted = {
+        str(parent)
+        for path in [*user_tmps, *user_code]
+        for parent in Path(path).parents
+        if str(parent).startswith(STATE)
+    }
 
     problems = []
     for path, (mode, user, group, kind) in sorted(entries.items()):
@@ -572,8 +722,9 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
         if kind == "d":
             allowed = (0o700, 0o711) if path in granted else (0o700,)
             if mode not in allowed:
-                problems.append(f"directory must be {' or '.join(f'{a:04o}' for a in allowed)}:"
-                                f" {where}")
+                problems.append(
+                    f"directory must be {' or '.join(f'{a:04o}' for a in allowed)}: {where}"
+                )
         elif name in ("pid", "exit-status"):
             # Written by the wrapper under the flows' umask, in a 0700 directory of root's.
             parent = entries[str(Path(path).parent)]
@@ -585,12 +736,10 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
 
     # What a local user (neither root nor the flows' user) can read: only the flows' code.
     def reachable(path: str) -> bool:
-        return all(entries[str(p)][0] & 0o001 for p in Path(path).parents
-                   if str(p) in entries)
+        return all(entries[str(p)][0] & 0o001 for p in Path(path).parents if str(p) in entries)
 
     readable = [p for p, (m, _u, _g, _k) in entries.items() if m & 0o004 and reachable(p)]
-    outside = [p for p in readable
-               if not ((code := COMMIT.match(p)) and code["dep"] == "git-user")]
+    outside = [p for p in readable if not ((code := COMMIT.match(p)) and code["dep"] == "git-user")]
     assert not outside, outside
     assert user_code[0] in readable
 
@@ -603,12 +752,20 @@ def test_flows_run_as_the_configured_user_with_exactly_its_groups(observed: Obse
     groups exactly its own, no capability is left; only the wrapper stays the agent's."""
     for name in ("local-user", "git-user", "local", "git"):
         processes = observed.processes[name]
-        print(f"{name}: " + "; ".join(
-            f"{cmd[:60]!r} Uid={st['Uid']} Gid={st['Gid']} Groups={st['Groups']!r} "
-            f"CapEff={st['CapEff']}" for cmd, st in processes))
+        print(
+            f"{name}: "
+            + "; ".join(
+                f"{cmd[:60]!r} Uid={st['Uid']} Gid={st['Gid']} Groups={st['Groups']!r} "
+                f"CapEff={st['CapEff']}"
+                for cmd, st in processes
+            )
+        )
         wrappers = [st for cmd, st in processes if cmd.startswith("/bin/sh -c ")]
-        engines = [st for cmd, st in processes if " -m prefect.engine" in cmd
-                   and not cmd.startswith("/bin/sh")]
+        engines = [
+            st
+            for cmd, st in processes
+            if " -m prefect.engine" in cmd and not cmd.startswith("/bin/sh")
+        ]
         assert len(engines) == 1 and len(wrappers) == 1 and len(processes) == 2, processes
         engine, wrapper = engines[0], wrappers[0]
         if name.endswith("-user"):
@@ -620,8 +777,10 @@ def test_flows_run_as_the_configured_user_with_exactly_its_groups(observed: Obse
             assert engine["NoNewPrivs"] == "1", engine
             # The wrapper, which records the exit status in the agent's run directory.
             assert wrapper["Uid"].split() == ["0"] * 4, wrapper
-            expected = f"ids=({FLOW_UID}, {FLOW_UID}, {FLOW_UID}) ({FLOW_UID}, {FLOW_UID}," \
-                       f" {FLOW_UID}) groups=[{FLOW_UID}, {EXTRA_GID}]"
+            expected = (
+                f"ids=({FLOW_UID}, {FLOW_UID}, {FLOW_UID}) ({FLOW_UID}, {FLOW_UID},"
+                f" {FLOW_UID}) groups=[{FLOW_UID}, {EXTRA_GID}]"
+            )
         else:
             assert engine["Uid"].split() == ["0"] * 4, engine
             expected = "ids=(0, 0, 0) (0, 0, 0) groups="

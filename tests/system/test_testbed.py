@@ -28,8 +28,10 @@ ALLOCATE = "x = 'x' * ({mb} << 20); print(len(x) >> 20)"
 
 def own_cgroup_file(controller: str, name: str) -> str:
     """Shell that prints a file of the calling process's own v1 cgroup."""
-    return (f'p=$(sed -n "s/^[0-9]*:[a-z,]*\\b{controller}\\b[a-z,]*://p" /proc/self/cgroup);'
-            f' cat /sys/fs/cgroup/{controller}$p/{name}')
+    return (
+        f'p=$(sed -n "s/^[0-9]*:[a-z,]*\\b{controller}\\b[a-z,]*://p" /proc/self/cgroup);'
+        f" cat /sys/fs/cgroup/{controller}$p/{name}"
+    )
 
 
 def leftovers(name: str) -> list[str]:
@@ -55,9 +57,20 @@ def test_memory_max_kills_a_big_allocation_and_spares_a_small_one(
 ) -> None:
     def run(mb: int) -> subprocess.CompletedProcess[str]:
         return host_container.exec(
-            ["systemd-run", "--quiet", "--scope", f"--unit={PREFIX}-mem-{mb}",
-             "-p", "MemoryMax=50M", "--", "python3", "-c", ALLOCATE.format(mb=mb)],
-            check=False)
+            [
+                "systemd-run",
+                "--quiet",
+                "--scope",
+                f"--unit={PREFIX}-mem-{mb}",
+                "-p",
+                "MemoryMax=50M",
+                "--",
+                "python3",
+                "-c",
+                ALLOCATE.format(mb=mb),
+            ],
+            check=False,
+        )
 
     big, small = run(200), run(20)
     assert big.returncode == 137, big
@@ -66,19 +79,40 @@ def test_memory_max_kills_a_big_allocation_and_spares_a_small_one(
 
 def test_tasks_max_sets_and_enforces_pids_max(host_container: Container) -> None:
     result = host_container.exec(
-        ["systemd-run", "--quiet", "--scope", f"--unit={PREFIX}-tasks", "-p", "TasksMax=5",
-         "--", "sh", "-c",
-         own_cgroup_file("pids", "pids.max")
-         + "; for i in 1 2 3 4 5 6 7 8; do sleep 3 & done 2>&1; wait"],
-        check=False)
+        [
+            "systemd-run",
+            "--quiet",
+            "--scope",
+            f"--unit={PREFIX}-tasks",
+            "-p",
+            "TasksMax=5",
+            "--",
+            "sh",
+            "-c",
+            own_cgroup_file("pids", "pids.max")
+            + "; for i in 1 2 3 4 5 6 7 8; do sleep 3 & done 2>&1; wait",
+        ],
+        check=False,
+    )
     assert result.stdout.splitlines()[0] == "5", result
     assert "fork" in (result.stdout + result.stderr).lower(), result  # "Cannot fork"
 
 
 def test_cpu_quota_sets_cfs_quota(host_container: Container) -> None:
     result = host_container.exec(
-        ["systemd-run", "--quiet", "--scope", f"--unit={PREFIX}-cpu", "-p", "CPUQuota=20%",
-         "--", "sh", "-c", own_cgroup_file("cpu", "cpu.cfs_quota_us")])
+        [
+            "systemd-run",
+            "--quiet",
+            "--scope",
+            f"--unit={PREFIX}-cpu",
+            "-p",
+            "CPUQuota=20%",
+            "--",
+            "sh",
+            "-c",
+            own_cgroup_file("cpu", "cpu.cfs_quota_us"),
+        ]
+    )
     assert result.stdout.strip() == "20000"
 
 
@@ -102,8 +136,11 @@ def test_journal_attributes_a_long_lived_scope_output(host_container: Container)
     marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
     host_container.start_scope(unit, f"systemd-cat -t ratbtest sh -c 'echo {marker}; sleep 60'")
     try:
-        host_container.wait_for(lambda: marker in host_container.journal(unit, "-o", "cat"),
-                                timeout=20, what=f"{marker} in journalctl -u {unit}")
+        host_container.wait_for(
+            lambda: marker in host_container.journal(unit, "-o", "cat"),
+            timeout=20,
+            what=f"{marker} in journalctl -u {unit}",
+        )
     finally:
         host_container.systemctl("stop", unit, check=False)
 
@@ -111,10 +148,21 @@ def test_journal_attributes_a_long_lived_scope_output(host_container: Container)
 def test_binds_and_setenv_reach_the_units(tmp_path: Path) -> None:
     require_test_bed()
     (tmp_path / "seen").write_text("from the host")
-    with Container.host(setenv={"RATB_FOO": "bar baz"}, binds_ro=[f"{tmp_path}:/mnt/ratb"],
-                        enforce_limits=False) as container:
-        result = container.exec(["systemd-run", "--quiet", "--wait", "--pipe", "--",
-                                 "sh", "-c", 'echo "$RATB_FOO"; cat /mnt/ratb/seen'])
+    with Container.host(
+        setenv={"RATB_FOO": "bar baz"}, binds_ro=[f"{tmp_path}:/mnt/ratb"], enforce_limits=False
+    ) as container:
+        result = container.exec(
+            [
+                "systemd-run",
+                "--quiet",
+                "--wait",
+                "--pipe",
+                "--",
+                "sh",
+                "-c",
+                'echo "$RATB_FOO"; cat /mnt/ratb/seen',
+            ]
+        )
         assert result.stdout.splitlines() == ["bar baz", "from the host"]
         denied = container.exec(["touch", "/mnt/ratb/x"], check=False)
         assert denied.returncode != 0  # read-only bind
@@ -144,8 +192,9 @@ def test_a_signal_to_the_test_process_cleans_up(signum: signal.Signals) -> None:
         print(c.name, flush=True)
         time.sleep(120)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None
         name = child.stdout.readline().strip()
@@ -188,7 +237,7 @@ def test_debootstrapped_bookworm_boots_and_runs_python(debian_root: Path) -> Non
     assert (debian_root / "usr/bin/python3").exists()
     with Container.debian(debian_root) as container:
         release = container.read_file("/etc/os-release")
-        assert 'VERSION_CODENAME=bookworm' in release
+        assert "VERSION_CODENAME=bookworm" in release
         result = container.exec(["python3", "-c", "import sys; print(sys.version_info[:2])"])
         assert result.stdout.strip() == "(3, 11)"
         # The cached root stays pristine: writes go to the overlay.
@@ -206,8 +255,9 @@ def test_a_crashed_session_container_is_cleaned_at_the_next_start() -> None:
         print(c.name, flush=True)
         time.sleep(120)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout is not None
     name = child.stdout.readline().strip()
     child.kill()  # no clean-up can run: the container and its cgroups stay behind

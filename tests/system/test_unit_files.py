@@ -25,7 +25,7 @@ USER_SCOPE = "runner-agent-run-standin-user.scope"
 
 # Does what the agent does with systemd: READY=1 with a status, watchdog pings, SIGHUP reload,
 # a flow-run scope in the slice (one as root, one as another user) that outlives the agent.
-STANDIN = r'''#!/usr/bin/python3
+STANDIN = r"""#!/usr/bin/python3
 import json, os, signal, socket, subprocess, sys, time
 
 def notify(message):
@@ -68,7 +68,7 @@ notify("READY=1\nSTATUS=stand-in ready")
 while True:
     notify("WATCHDOG=1")
     time.sleep(5)
-'''.replace("FLOW_SCOPE", FLOW_SCOPE).replace("USER_SCOPE", USER_SCOPE)
+""".replace("FLOW_SCOPE", FLOW_SCOPE).replace("USER_SCOPE", USER_SCOPE)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,20 @@ def installed(host_container: Container) -> Iterator[Container]:
         yield c
     finally:
         c.systemctl("stop", "runner-agent.service", FLOW_SCOPE, check=False)
-        c.exec(["rm", "-rf", "/etc/systemd/system/runner-agent.service",
+        c.exec(
+            [
+                "rm",
+                "-rf",
+                "/etc/systemd/system/runner-agent.service",
                 "/etc/systemd/system/runner-agent-flows.slice",
-                "/etc/systemd/system/runner-agent-flows.slice.d", "/etc/credstore",
-                "/usr/bin/runner-agent", "/usr/share/man/man8/runner-agent.8",
-                "/etc/manpath.config", "/run/runner-agent"])
+                "/etc/systemd/system/runner-agent-flows.slice.d",
+                "/etc/credstore",
+                "/usr/bin/runner-agent",
+                "/usr/share/man/man8/runner-agent.8",
+                "/etc/manpath.config",
+                "/run/runner-agent",
+            ]
+        )
         c.systemctl("daemon-reload", check=False)
 
 
@@ -100,8 +109,8 @@ def report(c: Container) -> dict[str, object]:
 
 def test_systemd_analyze_verify_is_clean(installed: Container) -> None:
     result = installed.exec(
-        ["systemd-analyze", "verify", *(f"/etc/systemd/system/{u}" for u in UNITS)],
-        check=False)
+        ["systemd-analyze", "verify", *(f"/etc/systemd/system/{u}" for u in UNITS)], check=False
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result.stderr
 
 
@@ -109,8 +118,14 @@ def test_service_with_its_hardening_creates_scopes_in_the_slice(installed: Conta
     c = installed
     c.exec(["rm", "-f", "/run/runner-agent/standin.json"])
     c.systemctl("restart", "runner-agent.service")  # returns only after READY=1
-    service = c.show("runner-agent.service", "ActiveState", "StatusText", "ProtectSystem",
-                     "NoNewPrivileges", "SystemCallFilter")
+    service = c.show(
+        "runner-agent.service",
+        "ActiveState",
+        "StatusText",
+        "ProtectSystem",
+        "NoNewPrivileges",
+        "SystemCallFilter",
+    )
     assert service["ActiveState"] == "active"
     assert service["StatusText"] == "stand-in ready"
     assert (service["ProtectSystem"], service["NoNewPrivileges"]) == ("full", "yes")
@@ -129,8 +144,11 @@ def test_service_with_its_hardening_creates_scopes_in_the_slice(installed: Conta
     assert int(limit.read_text()) == 64 << 20
     # Why the hardening is chosen with care: a scope's process is forked by the agent and keeps
     # its sandbox (docs/systemd.md). The flow runs with NoNewPrivs and the seccomp filter too.
-    c.wait_for(lambda: c.exec(["test", "-s", "/run/runner-agent/flow.pid"], check=False)
-               .returncode == 0, 10, "flow.pid")
+    c.wait_for(
+        lambda: c.exec(["test", "-s", "/run/runner-agent/flow.pid"], check=False).returncode == 0,
+        10,
+        "flow.pid",
+    )
     flow_pid = c.read_file("/run/runner-agent/flow.pid").strip()
     status = c.read_file(f"/proc/{flow_pid}/status")
     assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, status
@@ -140,8 +158,11 @@ def test_reload_sends_sighup_and_stays_active(installed: Container) -> None:
     c = installed
     c.systemctl("restart", "runner-agent.service")
     c.systemctl("reload", "runner-agent.service")
-    c.wait_for(lambda: c.show("runner-agent.service", "StatusText")["StatusText"]
-               == "stand-in reloaded 1", 10, "the reload status")
+    c.wait_for(
+        lambda: c.show("runner-agent.service", "StatusText")["StatusText"] == "stand-in reloaded 1",
+        10,
+        "the reload status",
+    )
     assert c.show("runner-agent.service", "ActiveState")["ActiveState"] == "active"
 
 
@@ -150,8 +171,11 @@ def test_stop_and_restart_leave_the_flow_scope_and_its_records_alone(
 ) -> None:
     c = installed
     c.systemctl("start", "runner-agent.service")
-    c.wait_for(lambda: c.show(FLOW_SCOPE, "ActiveState")["ActiveState"] == "active", 10,
-               f"{FLOW_SCOPE} active")
+    c.wait_for(
+        lambda: c.show(FLOW_SCOPE, "ActiveState")["ActiveState"] == "active",
+        10,
+        f"{FLOW_SCOPE} active",
+    )
     flow_pid = c.read_file("/run/runner-agent/flow.pid").strip()
     started = time.monotonic()
     c.systemctl("stop", "runner-agent.service")
@@ -180,8 +204,10 @@ def test_api_key_credential_is_optional_and_loaded_from_the_credstore(
     assert report(c)["api_key"] == "pnu_from_credstore"
     # The operator's other choice: a drop-in naming a path (then the file is required).
     c.write_file("/etc/runner-agent/api-key", "pnu_from_path\n", 0o600)
-    c.write_file("/etc/systemd/system/runner-agent.service.d/key.conf",
-                 "[Service]\nLoadCredential=api-key:/etc/runner-agent/api-key\n")
+    c.write_file(
+        "/etc/systemd/system/runner-agent.service.d/key.conf",
+        "[Service]\nLoadCredential=api-key:/etc/runner-agent/api-key\n",
+    )
     try:
         c.systemctl("daemon-reload")
         c.systemctl("restart", "runner-agent.service")
@@ -195,17 +221,26 @@ def test_slice_carries_aggregate_limits_tunable_by_drop_in(installed: Container)
     c = installed
     c.systemctl("start", "runner-agent-flows.slice")
     mem_total = int(c.read_file("/proc/meminfo").split("MemTotal:")[1].split()[0]) * 1024
-    props = c.show("runner-agent-flows.slice", "MemoryMax", "TasksMax", "CPUWeight",
-                   "CPUQuotaPerSecUSec", "ControlGroup")
+    props = c.show(
+        "runner-agent-flows.slice",
+        "MemoryMax",
+        "TasksMax",
+        "CPUWeight",
+        "CPUQuotaPerSecUSec",
+        "ControlGroup",
+    )
     assert 0.79 * mem_total <= int(props["MemoryMax"]) <= 0.81 * mem_total, props
     assert (props["TasksMax"], props["CPUWeight"]) == ("8192", "50")
     assert props["CPUQuotaPerSecUSec"] == "infinity"
     group = props["ControlGroup"]
     assert int((c.cgroup_dir("memory", group) / "memory.limit_in_bytes").read_text()) == int(
-        props["MemoryMax"])
+        props["MemoryMax"]
+    )
     assert (c.cgroup_dir("pids", group) / "pids.max").read_text().strip() == "8192"
-    c.write_file("/etc/systemd/system/runner-agent-flows.slice.d/limits.conf",
-                 "[Slice]\nCPUQuota=150%\nTasksMax=512\n")
+    c.write_file(
+        "/etc/systemd/system/runner-agent-flows.slice.d/limits.conf",
+        "[Slice]\nCPUQuota=150%\nTasksMax=512\n",
+    )
     try:
         c.systemctl("daemon-reload")
         tuned = c.show("runner-agent-flows.slice", "CPUQuotaPerSecUSec", "TasksMax")

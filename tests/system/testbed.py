@@ -47,9 +47,24 @@ CACHE = Path(os.environ.get("RUNNER_AGENT_TEST_CACHE", "/var/cache/runner-agent-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # cpu needs cpuacct writable too, or systemd skips CPUQuota (FACTS.md).
 LIMIT_CONTROLLERS = frozenset({"memory", "cpu", "cpuacct", "pids"})
-V1_CONTROLLERS = frozenset({"cpu", "cpuacct", "memory", "pids", "blkio", "devices", "freezer",
-                            "cpuset", "net_cls", "net_prio", "perf_event", "hugetlb", "rdma",
-                            "misc"})
+V1_CONTROLLERS = frozenset(
+    {
+        "cpu",
+        "cpuacct",
+        "memory",
+        "pids",
+        "blkio",
+        "devices",
+        "freezer",
+        "cpuset",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "hugetlb",
+        "rdma",
+        "misc",
+    }
+)
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEBOOTSTRAP_INCLUDE = "systemd,systemd-sysv,dbus,python3,ca-certificates"
 
@@ -104,8 +119,7 @@ def hierarchies_for(pid: int | str = "self") -> list[Hierarchy]:
     found: list[Hierarchy] = []
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _id, key, path = line.split(":", 2)
-        wanted = (not key or key == "name=systemd"
-                  or bool(set(key.split(",")) & LIMIT_CONTROLLERS))
+        wanted = not key or key == "name=systemd" or bool(set(key.split(",")) & LIMIT_CONTROLLERS)
         mountpoint = mounts.get(",".join(sorted(key.split(","))) if key else "")
         if wanted and mountpoint is not None:
             found.append(Hierarchy(key, mountpoint, path))
@@ -217,7 +231,8 @@ def clean_stale() -> list[str]:
                 directory.rmdir()
     for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*.*"):  # console logs
         if _NAME.match(directory.name.split(".")[0]) and not _creator_alive(
-                directory.name.split(".")[0]):
+            directory.name.split(".")[0]
+        ):
             shutil.rmtree(directory, ignore_errors=True)
             cleaned.append(f"console log {directory}")
     return cleaned
@@ -329,22 +344,35 @@ class Container:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def nspawn_argv(self) -> list[str]:
-        argv = ["systemd-nspawn", "--quiet", "--keep-unit", "--register=no",
-                f"--machine={self.name}", f"--directory={self.root}",
-                f"--volatile={self.volatile}"]
+        argv = [
+            "systemd-nspawn",
+            "--quiet",
+            "--keep-unit",
+            "--register=no",
+            f"--machine={self.name}",
+            f"--directory={self.root}",
+            f"--volatile={self.volatile}",
+        ]
         argv += [f"--bind={b}" for b in self.binds]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         argv += [f"--setenv={k}={v}" for k, v in self.setenv.items()]
         # tmp.mount would hide binds under /tmp (a checkout in /tmp, as CI may use); the volatile
         # root is a tmpfs already, so /tmp stays in memory without it.
-        argv += [*self.extra_args, "--boot", "--", "systemd.firstboot=off",
-                 "systemd.mask=tmp.mount"]
+        argv += [
+            *self.extra_args,
+            "--boot",
+            "--",
+            "systemd.firstboot=off",
+            "systemd.mask=tmp.mount",
+        ]
         return argv
 
     def start(self) -> None:
@@ -365,16 +393,23 @@ class Container:
             path.mkdir()
             self.hierarchies.append((hierarchy, path))
         # Only the wrapper (and so nspawn and the container) joins the child cgroups, never us.
-        script = ('while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" || exit 97; shift; done;'
-                  ' shift; exec "$@"')
+        script = (
+            'while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" || exit 97; shift; done;'
+            ' shift; exec "$@"'
+        )
         cgroups = [str(path) for _hierarchy, path in self.hierarchies]
         argv = ["sh", "-c", script, "sh", *cgroups, "--", *self.nspawn_argv()]
         log.info("booting %s: %s", self.name, shlex.join(self.nspawn_argv()))
         self._logdir = Path(tempfile.mkdtemp(prefix=f"{self.name}."))
         with self.console_log.open("wb") as console:
             # A session of its own: a Ctrl-C in the terminal reaches pytest, which powers off.
-            self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+            self.nspawn = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.leader = _wait(self._find_leader, 30, f"{self.name}'s PID 1")
         self.wait_running()
         if self.setenv:
@@ -387,13 +422,17 @@ class Container:
     def _find_leader(self) -> int:
         assert self.nspawn is not None
         if self.nspawn.poll() is not None:
-            raise TestBedError(f"systemd-nspawn exited with {self.nspawn.returncode}:\n"
-                               f"{self.console_tail()}")
+            raise TestBedError(
+                f"systemd-nspawn exited with {self.nspawn.returncode}:\n{self.console_tail()}"
+            )
         try:
             children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
             for child in children.read_text().split():
-                nspid = [ln for ln in Path(f"/proc/{child}/status").read_text().splitlines()
-                         if ln.startswith("NSpid:")]
+                nspid = [
+                    ln
+                    for ln in Path(f"/proc/{child}/status").read_text().splitlines()
+                    if ln.startswith("NSpid:")
+                ]
                 if nspid and nspid[0].split()[-1] == "1":
                     return int(child)
         except OSError:
@@ -416,8 +455,9 @@ class Container:
             state = _wait(settled, timeout or self.boot_timeout, f"{self.name} to boot", 0.3)
         except TestBedError as exc:
             jobs = self.exec(["systemctl", "list-jobs", "--no-legend"], check=False).stdout
-            raise TestBedError(f"{exc}; pending jobs:\n{jobs}\nconsole:\n{self.console_tail()}"
-                               ) from None
+            raise TestBedError(
+                f"{exc}; pending jobs:\n{jobs}\nconsole:\n{self.console_tail()}"
+            ) from None
         if state == "degraded":
             failed = self.exec(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
             log.warning("%s is degraded; failed units:\n%s", self.name, failed.stdout)
@@ -435,13 +475,29 @@ class Container:
             controllers = [o for o in options.split(",") if o in LIMIT_CONTROLLERS]
             if fstype == "cgroup" and controllers:
                 mountpoint = shlex.quote(pre.split(" ")[4])
-                remounts.append(f"umount {mountpoint} && mount -t cgroup -o nosuid,nodev,noexec,"
-                                f"{','.join(controllers)} cgroup {mountpoint}")
+                remounts.append(
+                    f"umount {mountpoint} && mount -t cgroup -o nosuid,nodev,noexec,"
+                    f"{','.join(controllers)} cgroup {mountpoint}"
+                )
         if not remounts:
             raise TestBedError(f"no v1 controller mounts found in {self.name}")
         # Mount and cgroup namespaces only: the new mounts are rooted at the container's cgroup.
-        subprocess.run(["nsenter", "-t", str(self.leader), "-m", "-C", "--", "sh", "-ec",
-                        " && ".join(remounts)], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.leader),
+                "-m",
+                "-C",
+                "--",
+                "sh",
+                "-ec",
+                " && ".join(remounts),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         self.exec(["systemctl", "daemon-reexec"], timeout=60)
         self.wait_running()
 
@@ -528,16 +584,34 @@ class Container:
             raise TestBedError(f"container {self.name} is not running")
         clean = {"PATH": CONTAINER_PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "TERM": "dumb"}
         clean.update(env or {})
-        argv = ["nsenter", "-t", str(self.leader), "-a", "--", "env", "-i",
-                *(f"{k}={v}" for k, v in clean.items()), *args]
+        argv = [
+            "nsenter",
+            "-t",
+            str(self.leader),
+            "-a",
+            "--",
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in clean.items()),
+            *args,
+        ]
         stdin = None if input is not None else subprocess.DEVNULL
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                input=input, stdin=stdin, check=False)
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=stdin,
+            check=False,
+        )
         if result.returncode < 0:  # nsenter re-raises its child's signal on itself
             result.returncode = 128 - result.returncode
         if check and result.returncode != 0:
-            raise TestBedError(f"{shlex.join(args)} exited {result.returncode} in {self.name}:\n"
-                               f"{result.stdout}{result.stderr}")
+            raise TestBedError(
+                f"{shlex.join(args)} exited {result.returncode} in {self.name}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
         return result
 
     def sh(self, script: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -559,13 +633,23 @@ class Container:
         argv = ["journalctl", "--no-pager", "-q", *(["-u", unit] if unit else []), *args]
         return self.exec(argv, check=False).stdout
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 30,
-                 what: str = "condition") -> T:
+    def wait_for(
+        self, predicate: Callable[[], T], timeout: float = 30, what: str = "condition"
+    ) -> T:
         return _wait(predicate, timeout, what)
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
-        self.exec(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
-                   "sh", path, f"{mode:o}"], input=text)
+        self.exec(
+            [
+                "sh",
+                "-c",
+                'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
+                "sh",
+                path,
+                f"{mode:o}",
+            ],
+            input=text,
+        )
 
     def read_file(self, path: str) -> str:
         return self.exec(["cat", path]).stdout
@@ -573,15 +657,33 @@ class Container:
     def copy_in(self, src: Path, dst: str) -> None:
         """Copy a host file or directory tree into the container (tar through the pipe)."""
         src = Path(src)
-        tar = subprocess.run(["tar", "-C", str(src.parent), "-cf", "-", src.name],
-                             capture_output=True, check=True)
-        argv = ["nsenter", "-t", str(self.leader), "-a", "--", "sh", "-c",
-                'set -e; t=$(mktemp -d); tar -C "$t" -xf -; mkdir -p "$(dirname "$1")";'
-                ' rm -rf "$1"; mv "$t/$2" "$1"; rmdir "$t"', "sh", dst, src.name]
+        tar = subprocess.run(
+            ["tar", "-C", str(src.parent), "-cf", "-", src.name], capture_output=True, check=True
+        )
+        argv = [
+            "nsenter",
+            "-t",
+            str(self.leader),
+            "-a",
+            "--",
+            "sh",
+            "-c",
+            'set -e; t=$(mktemp -d); tar -C "$t" -xf -; mkdir -p "$(dirname "$1")";'
+            ' rm -rf "$1"; mv "$t/$2" "$1"; rmdir "$t"',
+            "sh",
+            dst,
+            src.name,
+        ]
         subprocess.run(argv, input=tar.stdout, check=True, capture_output=True, timeout=120)
 
-    def start_scope(self, unit: str, command: str, *properties: str,
-                    slice_: str | None = None, timeout: float = 30) -> None:
+    def start_scope(
+        self,
+        unit: str,
+        command: str,
+        *properties: str,
+        slice_: str | None = None,
+        timeout: float = 30,
+    ) -> None:
         """Start a long-lived `systemd-run --scope` in the background; returns once active.
 
         `unit` is the full name (`x.scope`); stop it with `systemctl stop`.
@@ -592,8 +694,11 @@ class Container:
             argv += ["-p", prop]
         argv += ["--", "sh", "-c", command]
         self.exec(["sh", "-c", '"$@" </dev/null >/dev/null 2>&1 &', "sh", *argv])
-        self.wait_for(lambda: self.show(unit, "ActiveState")["ActiveState"] == "active",
-                      timeout, f"{unit} to be active")
+        self.wait_for(
+            lambda: self.show(unit, "ActiveState")["ActiveState"] == "active",
+            timeout,
+            f"{unit} to be active",
+        )
 
     def cgroup_dir(self, controller: str, unit_path: str = "/") -> Path:
         """Host path of a cgroup of the container, e.g. ("memory", "/system.slice/x.scope")."""
@@ -605,12 +710,27 @@ class Container:
     def verify_limits_enforced(self) -> None:
         """Fail loudly when the bed records limits but does not enforce them."""
         probe = f"{PREFIX}-probe-{secrets.token_hex(3)}"
-        result = self.exec(["systemd-run", "--quiet", "--scope", f"--unit={probe}",
-                            "-p", "MemoryMax=50M", "--", "python3", "-c",
-                            "x = 'x' * (200 << 20); print(len(x))"], check=False, timeout=60)
+        result = self.exec(
+            [
+                "systemd-run",
+                "--quiet",
+                "--scope",
+                f"--unit={probe}",
+                "-p",
+                "MemoryMax=50M",
+                "--",
+                "python3",
+                "-c",
+                "x = 'x' * (200 << 20); print(len(x))",
+            ],
+            check=False,
+            timeout=60,
+        )
         if result.returncode != 137:
-            raise TestBedError(f"MemoryMax=50M is not enforced in {self.name}: a 200 MB "
-                               f"allocation exited {result.returncode}: {result.stderr}")
+            raise TestBedError(
+                f"MemoryMax=50M is not enforced in {self.name}: a 200 MB "
+                f"allocation exited {result.returncode}: {result.stderr}"
+            )
 
 
 def install_units(container: Container, repo: Path) -> None:
@@ -627,22 +747,31 @@ def install_agent(container: Container, venv: Path) -> None:
     Needs a writable /usr (`Container.host(writable_usr=True)`) and the venv and the checkout
     bound in at their own paths (the venv's install is editable).
     """
-    container.write_file("/usr/bin/runner-agent",
-                         f'#!/bin/sh\nexec {venv}/bin/python3 -I -m agent "$@"\n', 0o755)
+    container.write_file(
+        "/usr/bin/runner-agent", f'#!/bin/sh\nexec {venv}/bin/python3 -I -m agent "$@"\n', 0o755
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # A clean debootstrapped bookworm, cached
 
 
-def debootstrap_argv(target: Path, suite: str = "bookworm",
-                     mirror: str = "http://deb.debian.org/debian") -> list[str]:
-    return ["debootstrap", "--variant=minbase", f"--include={DEBOOTSTRAP_INCLUDE}",
-            suite, str(target), mirror]
+def debootstrap_argv(
+    target: Path, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian"
+) -> list[str]:
+    return [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={DEBOOTSTRAP_INCLUDE}",
+        suite,
+        str(target),
+        mirror,
+    ]
 
 
-def debian_root_path(cache: Path = CACHE, suite: str = "bookworm",
-                     mirror: str = "http://deb.debian.org/debian") -> Path:
+def debian_root_path(
+    cache: Path = CACHE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian"
+) -> Path:
     key = hashlib.sha256(" ".join(debootstrap_argv(Path("-"), suite, mirror)).encode())
     return cache / f"debian-{suite}-{key.hexdigest()[:12]}"
 
@@ -654,9 +783,12 @@ def _unmount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", mountpoint], check=False)
 
 
-def build_debian_root(cache: Path = CACHE, suite: str = "bookworm",
-                      mirror: str = "http://deb.debian.org/debian",
-                      timeout: float = 900) -> Path:
+def build_debian_root(
+    cache: Path = CACHE,
+    suite: str = "bookworm",
+    mirror: str = "http://deb.debian.org/debian",
+    timeout: float = 900,
+) -> Path:
     """The cached root (built on first use, ~70 s). Built aside and renamed when complete.
 
     A lock serialises parallel sessions; a temp dir of a dead builder is removed first.
@@ -676,11 +808,18 @@ def build_debian_root(cache: Path = CACHE, suite: str = "bookworm",
         tmp = cache / f".{final.name}.tmp-{os.getpid()}"
         log.info("debootstrapping %s (about 70 s)", final)
         try:
-            result = subprocess.run(debootstrap_argv(tmp, suite, mirror), capture_output=True,
-                                    text=True, timeout=timeout, check=False)
+            result = subprocess.run(
+                debootstrap_argv(tmp, suite, mirror),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
             if result.returncode != 0:
-                raise TestBedError(f"debootstrap failed ({result.returncode}):\n"
-                                   f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+                raise TestBedError(
+                    f"debootstrap failed ({result.returncode}):\n"
+                    f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+                )
             tmp.rename(final)
         finally:
             if tmp.exists():

@@ -126,14 +126,19 @@ async def test_upsert_flow() -> None:
 
 
 async def test_upsert_and_update_deployment() -> None:
-    body = {"name": "d", "flow_id": str(uuid4()), "schedules": [
-        {"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "active": True}]}
+    body = {
+        "name": "d",
+        "flow_id": str(uuid4()),
+        "schedules": [{"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "active": True}],
+    }
     server = Server(ok(DEPLOYMENT, 201), httpx.Response(204))
     async with server.client() as client:
         assert await client.upsert_deployment(body) == DEP_ID
         await client.update_deployment(DEP_ID, {"paused": True})
     assert (server.requests[0].method, str(server.requests[0].url)) == (
-        "POST", f"{BASE}/deployments/")
+        "POST",
+        f"{BASE}/deployments/",
+    )
     assert server.body(0) == body
     assert (server.last.method, str(server.last.url)) == ("PATCH", f"{BASE}/deployments/{DEP_ID}")
     assert server.body() == {"paused": True}
@@ -147,7 +152,9 @@ async def test_read_deployment_and_filter() -> None:
     assert deployment.id == DEP_ID and deployment.name == "d"
     assert [d.id for d in found] == [DEP_ID]
     assert (server.requests[0].method, str(server.requests[0].url)) == (
-        "GET", f"{BASE}/deployments/{DEP_ID}")
+        "GET",
+        f"{BASE}/deployments/{DEP_ID}",
+    )
     assert (server.last.method, str(server.last.url)) == ("POST", f"{BASE}/deployments/filter")
     assert server.body() == {"deployments": {"id": {"any_": [str(DEP_ID)]}}}
 
@@ -190,10 +197,16 @@ async def test_create_read_and_filter_flow_runs() -> None:
         )
     assert created == read and created.id == RUN_ID and len(listed) == 2
     assert str(server.requests[0].url) == f"{BASE}/deployments/{DEP_ID}/create_flow_run"
-    assert server.body(0) == {"state": {"type": "SCHEDULED"}, "parameters": {"n": 1},
-                              "tags": ["x"], "name": "r"}
+    assert server.body(0) == {
+        "state": {"type": "SCHEDULED"},
+        "parameters": {"n": 1},
+        "tags": ["x"],
+        "name": "r",
+    }
     assert (server.requests[1].method, str(server.requests[1].url)) == (
-        "GET", f"{BASE}/flow_runs/{RUN_ID}")
+        "GET",
+        f"{BASE}/flow_runs/{RUN_ID}",
+    )
     assert (server.last.method, str(server.last.url)) == ("POST", f"{BASE}/flow_runs/filter")
     assert server.body() == {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
 
@@ -214,7 +227,8 @@ async def test_set_flow_run_state_body_and_transition_ids() -> None:
     ids = [UUID(b["state"]["state_details"]["transition_id"]) for b in bodies[:2]]
     assert ids[0] != ids[1] and all(i.version == 4 for i in ids)
     assert bodies[0] == {
-        "state": {**state, "state_details": {"transition_id": str(ids[0])}}, "force": False
+        "state": {**state, "state_details": {"transition_id": str(ids[0])}},
+        "force": False,
     }
     assert bodies[2] == {"state": given, "force": True}
     assert "state_details" not in state  # the caller's dict is left alone
@@ -230,8 +244,14 @@ async def test_transition_id_is_kept_across_retries() -> None:
 
 async def test_read_flow_run_states() -> None:
     states: list[dict[str, Any]] = [
-        {"id": str(uuid4()), "type": t, "name": t.title(),
-         "timestamp": f"2026-01-01T00:00:0{i}Z", "message": None, "state_details": {}}
+        {
+            "id": str(uuid4()),
+            "type": t,
+            "name": t.title(),
+            "timestamp": f"2026-01-01T00:00:0{i}Z",
+            "message": None,
+            "state_details": {},
+        }
         for i, t in enumerate(["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])
     ]
     server = Server(ok(states))
@@ -245,18 +265,34 @@ async def test_read_flow_run_states() -> None:
 
 async def test_create_logs_and_emit_events() -> None:
     server = Server(httpx.Response(201), httpx.Response(204))
-    logs = [{"name": "runner-agent", "level": 20, "message": "m",
-             "timestamp": "2026-01-01T00:00:00+00:00", "flow_run_id": str(RUN_ID)}]
-    events = [{"id": str(uuid4()), "occurred": "2026-01-01T00:00:00+00:00", "event": "e",
-               "resource": {"prefect.resource.id": "prefect.runner.a"}, "related": [],
-               "payload": {}}]
+    logs = [
+        {
+            "name": "runner-agent",
+            "level": 20,
+            "message": "m",
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "flow_run_id": str(RUN_ID),
+        }
+    ]
+    events = [
+        {
+            "id": str(uuid4()),
+            "occurred": "2026-01-01T00:00:00+00:00",
+            "event": "e",
+            "resource": {"prefect.resource.id": "prefect.runner.a"},
+            "related": [],
+            "payload": {},
+        }
+    ]
     async with server.client() as client:
         await client.create_logs(logs)
         await client.emit_events(events)
         await client.create_logs([])
         await client.emit_events([])
     assert [(r.method, str(r.url)) for r in server.requests] == [
-        ("POST", f"{BASE}/logs/"), ("POST", f"{BASE}/events")]
+        ("POST", f"{BASE}/logs/"),
+        ("POST", f"{BASE}/events"),
+    ]
     assert (server.body(0), server.body(1)) == (logs, events)
 
 
@@ -280,8 +316,13 @@ async def test_retryable_statuses_are_retried(status: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "error", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
-              httpx.RemoteProtocolError("peer closed connection")])
+    "error",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("peer closed connection"),
+    ],
+)
 async def test_transport_errors_are_retried_then_unavailable(error: Exception) -> None:
     server = Server(error)
     async with server.client(max_attempts=4) as client:
@@ -343,8 +384,9 @@ async def test_retry_after_seconds_is_honoured_and_capped(header: str, expected:
 
 async def test_retry_after_http_date() -> None:
     when = datetime.now(UTC) + timedelta(seconds=30)
-    server = Server(raw(503, "maintenance", **{"Retry-After": format_datetime(when, usegmt=True)}),
-                    ok(True))
+    server = Server(
+        raw(503, "maintenance", **{"Retry-After": format_datetime(when, usegmt=True)}), ok(True)
+    )
     async with server.client() as client:
         await client.health()
     assert 27 <= server.sleeps[0] <= 30
@@ -370,8 +412,9 @@ async def test_unreadable_retry_after_falls_back_to_backoff() -> None:
 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_refused_credentials_fail_fast_without_leaking(status: int) -> None:
-    config = StaticApiConfig("http://user:hunter2@prefect.test/api", key="pnu_topsecret",
-                             auth_string="admin:s3cret")
+    config = StaticApiConfig(
+        "http://user:hunter2@prefect.test/api", key="pnu_topsecret", auth_string="admin:s3cret"
+    )
     server = Server(ok({"detail": "Unauthorized"}, status))
     async with server.client(config) as client:
         with pytest.raises(CredentialsRefused) as caught:
@@ -390,8 +433,11 @@ async def test_refused_credentials_fail_fast_without_leaking(status: int) -> Non
     ("response", "status", "detail"),
     [
         (ok({"detail": "Flow run not found"}, 404), 404, "Flow run not found"),
-        (ok({"detail": [{"loc": ["body", "limit"], "msg": "bad"}]}, 422), 422,
-         '[{"loc": ["body", "limit"], "msg": "bad"}]'),
+        (
+            ok({"detail": [{"loc": ["body", "limit"], "msg": "bad"}]}, 422),
+            422,
+            '[{"loc": ["body", "limit"], "msg": "bad"}]',
+        ),
         (raw(409, "conflict!"), 409, "conflict!"),
         (raw(400, ""), 400, "Bad Request"),
     ],
@@ -535,17 +581,23 @@ CALLS: dict[str, Any] = {
     "read_flow_run": (lambda c: c.read_flow_run(RUN_ID), FlowRun),
     "filter_flow_runs": (lambda c: c.filter_flow_runs({}), list),
     "get_scheduled_flow_runs": (
-        lambda c: c.get_scheduled_flow_runs([DEP_ID], datetime.now(UTC), 2), list),
+        lambda c: c.get_scheduled_flow_runs([DEP_ID], datetime.now(UTC), 2),
+        list,
+    ),
     "set_flow_run_state": (
         lambda c: c.set_flow_run_state(RUN_ID, {"type": "PENDING"}, force=False),
-        OrchestrationResult),
+        OrchestrationResult,
+    ),
     "read_flow_run_states": (lambda c: c.read_flow_run_states(RUN_ID), list),
     "upsert_flow": (lambda c: c.upsert_flow("f"), UUID),
     "read_deployment_by_name": (lambda c: c.read_deployment_by_name("f", "d"), dict | None),
     "health": (lambda c: c.health(), type(None)),
 }
-ITEM_TYPES = {"filter_flow_runs": FlowRun, "get_scheduled_flow_runs": FlowRun,
-              "read_flow_run_states": State}
+ITEM_TYPES = {
+    "filter_flow_runs": FlowRun,
+    "get_scheduled_flow_runs": FlowRun,
+    "read_flow_run_states": State,
+}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

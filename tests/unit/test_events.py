@@ -58,8 +58,13 @@ def ev(n: int) -> dict[str, Any]:
 
 def test_flow_run_heartbeat_matches_prefects_engine() -> None:
     event = events.flow_run_heartbeat(
-        flow_run_id=RUN, flow_run_name="witty-fox", flow_id=FLOW, flow_name="etl",
-        deployment_id=DEPLOYMENT, tags=["b", "a", "b"], occurred=WHEN,
+        flow_run_id=RUN,
+        flow_run_name="witty-fox",
+        flow_id=FLOW,
+        flow_name="etl",
+        deployment_id=DEPLOYMENT,
+        tags=["b", "a", "b"],
+        occurred=WHEN,
     )
     assert fixed(event) == {
         "id": str(EVENT_ID),
@@ -70,10 +75,15 @@ def test_flow_run_heartbeat_matches_prefects_engine() -> None:
             "prefect.resource.name": "witty-fox",
         },
         "related": [
-            {"prefect.resource.id": f"prefect.flow.{FLOW}", "prefect.resource.role": "flow",
-             "prefect.resource.name": "etl"},
-            {"prefect.resource.id": f"prefect.deployment.{DEPLOYMENT}",
-             "prefect.resource.role": "deployment"},
+            {
+                "prefect.resource.id": f"prefect.flow.{FLOW}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": "etl",
+            },
+            {
+                "prefect.resource.id": f"prefect.deployment.{DEPLOYMENT}",
+                "prefect.resource.role": "deployment",
+            },
             {"prefect.resource.id": "prefect.tag.a", "prefect.resource.role": "tag"},
             {"prefect.resource.id": "prefect.tag.b", "prefect.resource.role": "tag"},
         ],
@@ -83,23 +93,35 @@ def test_flow_run_heartbeat_matches_prefects_engine() -> None:
 
 def test_flow_run_heartbeat_without_deployment() -> None:
     event = events.flow_run_heartbeat(
-        flow_run_id=str(RUN), flow_run_name=None, flow_id=None, flow_name=None,
+        flow_run_id=str(RUN),
+        flow_run_name=None,
+        flow_id=None,
+        flow_name=None,
         deployment_id=None,
     )
     assert event["resource"] == {
-        "prefect.resource.id": f"prefect.flow-run.{RUN}", "prefect.resource.name": ""
+        "prefect.resource.id": f"prefect.flow-run.{RUN}",
+        "prefect.resource.name": "",
     }
     assert event["related"] == []
     assert datetime.fromisoformat(event["occurred"]).tzinfo is not None
-    assert event["id"] != events.flow_run_heartbeat(
-        flow_run_id=RUN, flow_run_name=None, flow_id=None, flow_name=None, deployment_id=None
-    )["id"]
+    assert (
+        event["id"]
+        != events.flow_run_heartbeat(
+            flow_run_id=RUN, flow_run_name=None, flow_id=None, flow_name=None, deployment_id=None
+        )["id"]
+    )
 
 
 def test_agent_heartbeat() -> None:
     event = events.agent_heartbeat(
-        agent_name="Build Box #1", host="build-1", version="0.1.0", limit=4, running=2,
-        launcher="systemd", occurred=WHEN,
+        agent_name="Build Box #1",
+        host="build-1",
+        version="0.1.0",
+        limit=4,
+        running=2,
+        launcher="systemd",
+        occurred=WHEN,
     )
     assert fixed(event) == {
         "id": str(EVENT_ID),
@@ -110,30 +132,53 @@ def test_agent_heartbeat() -> None:
             "prefect.resource.name": "Build Box #1",
         },
         "related": [],
-        "payload": {"host": "build-1", "version": "0.1.0", "limit": 4, "running": 2,
-                    "launcher": "systemd"},
+        "payload": {
+            "host": "build-1",
+            "version": "0.1.0",
+            "limit": 4,
+            "running": 2,
+            "launcher": "systemd",
+        },
     }
 
 
 def test_cancelled_flow_run_matches_prefects_runner() -> None:
     event = events.cancelled_flow_run(
-        agent_name="agent-a", flow_run_id=RUN, flow_run_name="witty-fox", flow_id=FLOW,
-        flow_name="etl", deployment_id=DEPLOYMENT, deployment_name="nightly",
-        tags=["run-tag", "shared"], deployment_tags=["shared", "dep-tag"], occurred=WHEN,
+        agent_name="agent-a",
+        flow_run_id=RUN,
+        flow_run_name="witty-fox",
+        flow_id=FLOW,
+        flow_name="etl",
+        deployment_id=DEPLOYMENT,
+        deployment_name="nightly",
+        tags=["run-tag", "shared"],
+        deployment_tags=["shared", "dep-tag"],
+        occurred=WHEN,
     )
     assert fixed(event) == {
         "id": str(EVENT_ID),
         "occurred": "2026-11-23T21:00:00.123456+00:00",
         "event": "prefect.runner.cancelled-flow-run",
-        "resource": {"prefect.resource.id": "prefect.runner.agent-a",
-                     "prefect.resource.name": "agent-a"},
+        "resource": {
+            "prefect.resource.id": "prefect.runner.agent-a",
+            "prefect.resource.name": "agent-a",
+        },
         "related": [
-            {"prefect.resource.id": f"prefect.deployment.{DEPLOYMENT}",
-             "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"},
-            {"prefect.resource.id": f"prefect.flow.{FLOW}", "prefect.resource.role": "flow",
-             "prefect.resource.name": "etl"},
-            {"prefect.resource.id": f"prefect.flow-run.{RUN}",
-             "prefect.resource.role": "flow-run", "prefect.resource.name": "witty-fox"},
+            {
+                "prefect.resource.id": f"prefect.deployment.{DEPLOYMENT}",
+                "prefect.resource.role": "deployment",
+                "prefect.resource.name": "nightly",
+            },
+            {
+                "prefect.resource.id": f"prefect.flow.{FLOW}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": "etl",
+            },
+            {
+                "prefect.resource.id": f"prefect.flow-run.{RUN}",
+                "prefect.resource.role": "flow-run",
+                "prefect.resource.name": "witty-fox",
+            },
             {"prefect.resource.id": "prefect.tag.dep-tag", "prefect.resource.role": "tag"},
             {"prefect.resource.id": "prefect.tag.run-tag", "prefect.resource.role": "tag"},
             {"prefect.resource.id": "prefect.tag.shared", "prefect.resource.role": "tag"},

@@ -124,9 +124,19 @@ class FakePrefect:
         flow_id = self.flows.setdefault(flow_name, str(uuid4()))
         deployment_id = str(uuid4())
         self.deployments[deployment_id] = {
-            "id": deployment_id, "created": iso(), "name": name, "flow_id": flow_id,
-            "paused": False, "schedules": [], "parameters": {}, "tags": [], "description": None,
-            "path": None, "entrypoint": None, "status": "READY", **fields,
+            "id": deployment_id,
+            "created": iso(),
+            "name": name,
+            "flow_id": flow_id,
+            "paused": False,
+            "schedules": [],
+            "parameters": {},
+            "tags": [],
+            "description": None,
+            "path": None,
+            "entrypoint": None,
+            "status": "READY",
+            **fields,
         }
         return deployment_id
 
@@ -134,10 +144,16 @@ class FakePrefect:
         run_id = str(uuid4())
         due = iso(datetime.now(UTC) - timedelta(seconds=1))
         self.runs[run_id] = {
-            "id": run_id, "name": f"run-{run_id[:8]}", "deployment_id": deployment_id,
-            "flow_id": self.deployments[deployment_id]["flow_id"], "tags": ["fuzz"],
-            "parameters": {}, "expected_start_time": due, "next_scheduled_start_time": due,
-            "run_count": 0, "state": self._state(run_id, state, None, None),
+            "id": run_id,
+            "name": f"run-{run_id[:8]}",
+            "deployment_id": deployment_id,
+            "flow_id": self.deployments[deployment_id]["flow_id"],
+            "tags": ["fuzz"],
+            "parameters": {},
+            "expected_start_time": due,
+            "next_scheduled_start_time": due,
+            "run_count": 0,
+            "state": self._state(run_id, state, None, None),
         }
         self.history[run_id] = [self.runs[run_id]["state"]]
         return run_id
@@ -156,7 +172,7 @@ class FakePrefect:
 
     def hits_after_faults(self, endpoint: str) -> int:
         last = max((index for index, _, _ in self.injected), default=-1)
-        return self.hits[last + 1:].count(endpoint)
+        return self.hits[last + 1 :].count(endpoint)
 
     def pending_faults(self) -> int:
         return sum(len(queue) for queue in self.faults.values())
@@ -193,8 +209,14 @@ class FakePrefect:
                     return httpx.Response(200, json=deployment)
             return httpx.Response(404, json={"detail": "Deployment not found"})
         if endpoint == "deployment_create":
-            match = next((d for d in self.deployments.values()
-                          if d["flow_id"] == body["flow_id"] and d["name"] == body["name"]), None)
+            match = next(
+                (
+                    d
+                    for d in self.deployments.values()
+                    if d["flow_id"] == body["flow_id"] and d["name"] == body["name"]
+                ),
+                None,
+            )
             deployment_id = match["id"] if match else str(uuid4())
             self.deployments[deployment_id] = {**body, "id": deployment_id, "created": iso()}
             return httpx.Response(201, json=self.deployments[deployment_id])
@@ -207,10 +229,13 @@ class FakePrefect:
             return httpx.Response(200, json=list(self.deployments.values())[: body.get("limit")])
         if endpoint == "scheduled":
             before = datetime.fromisoformat(body["scheduled_before"])
-            due = [r for r in self.runs.values()
-                   if r["deployment_id"] in body["deployment_ids"]
-                   and r["state"]["type"] == "SCHEDULED"
-                   and _utc(r["next_scheduled_start_time"]) <= before]
+            due = [
+                r
+                for r in self.runs.values()
+                if r["deployment_id"] in body["deployment_ids"]
+                and r["state"]["type"] == "SCHEDULED"
+                and _utc(r["next_scheduled_start_time"]) <= before
+            ]
             return httpx.Response(200, json=due[: body["limit"]])
         if endpoint == "flow_run_read":
             run = self.runs.get(tail[-1])
@@ -238,8 +263,10 @@ class FakePrefect:
         run = self.runs[run_id]
         current = run["state"]
         transition_id = (proposed.get("state_details") or {}).get("transition_id")
-        if proposed["type"] == "PENDING" and current["type"] != "SCHEDULED" and (
-            current["state_details"].get("transition_id") != transition_id
+        if (
+            proposed["type"] == "PENDING"
+            and current["type"] != "SCHEDULED"
+            and (current["state_details"].get("transition_id") != transition_id)
         ):
             self.double_claims.append(run_id)  # a fresh claim for a run that is not SCHEDULED
         if not force and transition_id == current["state_details"].get("transition_id"):
@@ -263,8 +290,12 @@ class FakePrefect:
         run_id: str, state_type: str, message: str | None, transition_id: str | None
     ) -> dict[str, Any]:
         return {
-            "id": str(uuid4()), "type": state_type, "name": state_type.title(),
-            "timestamp": iso(), "message": message, "data": None,
+            "id": str(uuid4()),
+            "type": state_type,
+            "name": state_type.title(),
+            "timestamp": iso(),
+            "message": message,
+            "data": None,
             "state_details": {"flow_run_id": run_id, "transition_id": transition_id},
         }
 
@@ -368,8 +399,9 @@ JSON_LEAVES = (
 )
 JSON = st.recursive(
     JSON_LEAVES,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 HUGE = st.integers(1, 3).map(lambda n: "\u00e9x" * (n * 400_000))  # 1.6 to 4.8 MB of UTF-8
@@ -377,7 +409,9 @@ DEEP = st.integers(50, 300).map(
     lambda depth: functools.reduce(lambda v, _: [v], range(depth), cast(Any, 0))
 )
 HOSTILE = st.one_of(
-    JSON, HUGE, DEEP,
+    JSON,
+    HUGE,
+    DEEP,
     st.sampled_from([None, "", 0, -1, 1e308, True, [], {}, "not-a-uuid", "2020-13-45T99:99"]),
 )
 HTML = (
@@ -433,10 +467,24 @@ def mutated(edits: list[Callable[[Any], Any]], real: bytes) -> bytes:
 
 @st.composite
 def bodies(draw: st.DrawFn) -> tuple[str, Callable[[bytes], bytes]]:
-    kind = draw(st.sampled_from([
-        "mutated", "mutated", "mutated", "json", "huge", "deep", "invalid", "truncated", "html",
-        "empty", "bad utf-8", "nan",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "mutated",
+                "mutated",
+                "mutated",
+                "json",
+                "huge",
+                "deep",
+                "invalid",
+                "truncated",
+                "html",
+                "empty",
+                "bad utf-8",
+                "nan",
+            ]
+        )
+    )
     if kind == "mutated":
         edits = draw(st.lists(json_edit(), min_size=1, max_size=3))
         return kind, functools.partial(mutated, edits)
@@ -464,11 +512,16 @@ def bodies(draw: st.DrawFn) -> tuple[str, Callable[[bytes], bytes]]:
     return kind, lambda real: b'{"status": NaN, "id": Infinity, "details": {"delay_seconds": NaN}}'
 
 
-CONTENT_TYPES = st.sampled_from([
-    {}, {"Content-Type": "application/json"}, {"Content-Type": "text/html; charset=utf-8"},
-    {"Content-Type": "text/plain"}, {"Content-Type": "application/json; charset=bogus-8"},
-    {"Content-Type": "application/json", "Content-Encoding": "gzip"},
-])
+CONTENT_TYPES = st.sampled_from(
+    [
+        {},
+        {"Content-Type": "application/json"},
+        {"Content-Type": "text/html; charset=utf-8"},
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/json; charset=bogus-8"},
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ]
+)
 
 
 @st.composite
@@ -483,8 +536,15 @@ def faults(draw: st.DrawFn, statuses: list[int], appliable: bool = True) -> Faul
     applied = appliable and (status < 300 or status >= 500) and draw(st.booleans())
     if kind == "partial":
         error = draw(st.sampled_from(SENT_ERRORS))
-        return Fault("partial", f"{label}, then {error}", status, body=body, error=error,
-                     cut=draw(st.floats(0, 0.95)), applied=applied)
+        return Fault(
+            "partial",
+            f"{label}, then {error}",
+            status,
+            body=body,
+            error=error,
+            cut=draw(st.floats(0, 0.95)),
+            applied=applied,
+        )
     return Fault("body", label, status, draw(CONTENT_TYPES), body, applied=applied)
 
 
@@ -530,9 +590,20 @@ def captured() -> Iterator[Capture]:
         logger.setLevel(level)
 
 
-SPIED = ("upsert_flow", "read_deployment_by_name", "upsert_deployment", "update_deployment",
-         "get_scheduled_flow_runs", "read_flow_run", "filter_flow_runs", "set_flow_run_state",
-         "create_logs", "emit_events", "health", "filter_deployments")
+SPIED = (
+    "upsert_flow",
+    "read_deployment_by_name",
+    "upsert_deployment",
+    "update_deployment",
+    "get_scheduled_flow_runs",
+    "read_flow_run",
+    "filter_flow_runs",
+    "set_flow_run_state",
+    "create_logs",
+    "emit_events",
+    "health",
+    "filter_deployments",
+)
 
 
 def spy_on(client: PrefectClient, errors: list[PrefectApiError]) -> None:
@@ -637,8 +708,9 @@ class FakeLauncher:
         self.server.engine_sets(run_id, "RUNNING")
         if self.engine_completes:
             self.server.engine_sets(run_id, "COMPLETED")
-        return FakeHandle(request.flow_run_id, f"unit-{run_id}", None, 0 if self.engine_completes
-                          else 1)
+        return FakeHandle(
+            request.flow_run_id, f"unit-{run_id}", None, 0 if self.engine_completes else 1
+        )
 
     async def terminate(self, handle: Any) -> None: ...
 
@@ -661,8 +733,9 @@ async def agent_env(
     cfg = load_settings(config, {})
     cfg.agent.state_dir.mkdir(mode=0o700)
     errors: list[PrefectApiError] = []
-    client = PrefectClient(cfg.api, transport=httpx.MockTransport(server.handler),
-                           max_attempts=2, sleep=no_sleep)
+    client = PrefectClient(
+        cfg.api, transport=httpx.MockTransport(server.handler), max_attempts=2, sleep=no_sleep
+    )
     spy_on(client, errors)
     async with client:
         yield cfg, client, FakeLauncher(server, engine_completes=engine_completes), errors
@@ -672,11 +745,16 @@ def make_runner(
     cfg: Settings, client: PrefectClient, launcher: FakeLauncher, logs: FlowRunLogs
 ) -> Runner:
     return Runner(
-        cfg, client=client, launcher=launcher,  # type: ignore[arg-type]
-        flow_logs=logs, liveness=Liveness(),
+        cfg,
+        client=client,
+        launcher=launcher,  # type: ignore[arg-type]
+        flow_logs=logs,
+        liveness=Liveness(),
         registry=DeploymentRegistry(client, cfg.agent.state_dir),
-        storage=Storage(cfg.agent.state_dir), reporter=Reporter(client, sleep=no_sleep),
-        engines=FakeEngines(), hooks=FakeHooks(),  # type: ignore[arg-type]
+        storage=Storage(cfg.agent.state_dir),
+        reporter=Reporter(client, sleep=no_sleep),
+        engines=FakeEngines(),
+        hooks=FakeHooks(),  # type: ignore[arg-type]
     )
 
 
@@ -712,8 +790,13 @@ def check_runs(server: FakePrefect, launcher: FakeLauncher, claimant: str) -> No
 
 # -- 1. the poll loop and deployment sync ----------------------------------------------------------
 
-SYNC_ENDPOINTS = ["flows", "deployment_by_name", "deployment_create", "deployment_update",
-                  "scheduled"]
+SYNC_ENDPOINTS = [
+    "flows",
+    "deployment_by_name",
+    "deployment_create",
+    "deployment_update",
+    "scheduled",
+]
 
 
 @LOOP_FUZZ
@@ -736,8 +819,12 @@ def test_poll_loop_and_sync_survive_hostile_answers(
                 (cfg.agent.state_dir / REGISTRY_FILE).write_text(json.dumps({"gone": gone}))
                 async with FlowRunLogs(client.create_logs, flush_interval=0.01) as logs:
                     runner = make_runner(cfg, client, launcher, logs)
-                    await run_agent_until(runner, server, lambda: bool(launcher.launched),
-                                          "a due run to be launched after the faults")
+                    await run_agent_until(
+                        runner,
+                        server,
+                        lambda: bool(launcher.launched),
+                        "a due run to be launched after the faults",
+                    )
                     assert runner.api_ok is True and runner.supervisors == {}
                 state["ran"] = launcher.launched[0]
                 check_runs(server, launcher, claim_message(AGENT))
@@ -793,10 +880,14 @@ def test_claim_launch_and_report_survive_hostile_answers(
 
         async def example() -> None:
             async with agent_env(root, server, engine_completes=engine_completes) as (
-                cfg, client, launcher, errors
+                cfg,
+                client,
+                launcher,
+                errors,
             ):
-                async with FlowRunLogs(client.create_logs, flush_interval=0.01,
-                                       max_backoff=0.02) as logs:
+                async with FlowRunLogs(
+                    client.create_logs, flush_interval=0.01, max_backoff=0.02
+                ) as logs:
                     emit = logs.emit
 
                     def spied_emit(flow_run_id: UUID, message: str, level: int = 20) -> None:
@@ -806,7 +897,8 @@ def test_claim_launch_and_report_survive_hostile_answers(
                     logs.emit = spied_emit  # type: ignore[method-assign]
                     runner = make_runner(cfg, client, launcher, logs)
                     await run_agent_until(
-                        runner, server,
+                        runner,
+                        server,
                         lambda: server.state_of(run_id) in FINAL and not runner.supervisors,
                         "the run to end",
                     )
@@ -849,8 +941,12 @@ class FakeSupervisor:
 
 def ignore_the_filter(server: FakePrefect) -> Fault:
     """A server (or a proxy's cache) that answers the filter with every run, whatever its state."""
-    return Fault("body", "filter ignored", 200,
-                 body=lambda real: json.dumps(list(server.runs.values())).encode())
+    return Fault(
+        "body",
+        "filter ignored",
+        200,
+        body=lambda real: json.dumps(list(server.runs.values())).encode(),
+    )
 
 
 @LOOP_FUZZ
@@ -861,31 +957,38 @@ def ignore_the_filter(server: FakePrefect) -> Fault:
 def test_cancellation_watcher_survives_hostile_answers(bad: list[Fault], unfiltered: int) -> None:
     server = FakePrefect()
     deployment_id = server.add_deployment("hello", "hello-flow")
-    doomed, healthy = server.add_run(deployment_id, "RUNNING"), server.add_run(deployment_id,
-                                                                             "RUNNING")
+    doomed, healthy = (
+        server.add_run(deployment_id, "RUNNING"),
+        server.add_run(deployment_id, "RUNNING"),
+    )
     supervisors = {UUID(doomed): FakeSupervisor(), UUID(healthy): FakeSupervisor()}
     server.faults["flow_runs_filter"] = [ignore_the_filter(server)] * unfiltered + bad
 
     async def example() -> None:
         errors: list[PrefectApiError] = []
-        client = PrefectClient(_api(), transport=httpx.MockTransport(server.handler),
-                               max_attempts=2, sleep=no_sleep)
+        client = PrefectClient(
+            _api(), transport=httpx.MockTransport(server.handler), max_attempts=2, sleep=no_sleep
+        )
         spy_on(client, errors)
         async with client:
             watcher = CancellationWatcher(
                 client=client,
                 supervisors=lambda: cast(Mapping[UUID, Supervisor], supervisors),
-                poll_interval=lambda: 0.005, websocket_connected=lambda: False,
+                poll_interval=lambda: 0.005,
+                websocket_connected=lambda: False,
                 liveness=Liveness(),
             )
             with captured() as capture:
                 task = asyncio.create_task(watcher.run())
                 await eventually(lambda: task.done() or server.pending_faults() == 0, "faults")
                 server.engine_sets(doomed, "CANCELLING")
-                await eventually(lambda: task.done() or supervisors[UUID(doomed)].cancels > 0,
-                                 "the cancellation to be noticed")
-                await eventually(lambda: server.hits_after_faults("flow_runs_filter") >= 3,
-                                 "more polls")
+                await eventually(
+                    lambda: task.done() or supervisors[UUID(doomed)].cancels > 0,
+                    "the cancellation to be noticed",
+                )
+                await eventually(
+                    lambda: server.hits_after_faults("flow_runs_filter") >= 3, "more polls"
+                )
                 assert not task.done(), "the cancellation watcher died"
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -907,8 +1010,7 @@ def _api() -> Any:
 
 
 @FUZZ
-@given(faults_by_endpoint=plan(["flow_run_read", "set_state"], TRANSIENT),
-       replace=st.booleans())
+@given(faults_by_endpoint=plan(["flow_run_read", "set_state"], TRANSIENT), replace=st.booleans())
 def test_reporter_delivers_the_final_state_exactly_once(
     faults_by_endpoint: dict[str, list[Fault]], replace: bool
 ) -> None:
@@ -918,8 +1020,9 @@ def test_reporter_delivers_the_final_state_exactly_once(
 
     async def example() -> None:
         errors: list[PrefectApiError] = []
-        client = PrefectClient(_api(), transport=httpx.MockTransport(server.handler),
-                               max_attempts=2, sleep=no_sleep)
+        client = PrefectClient(
+            _api(), transport=httpx.MockTransport(server.handler), max_attempts=2, sleep=no_sleep
+        )
         spy_on(client, errors)
         async with client:
             with captured() as capture:
@@ -942,7 +1045,7 @@ def test_reporter_delivers_the_final_state_exactly_once(
 @LOOP_FUZZ
 @given(faults_by_endpoint=plan(["logs", "events"], [*TRANSIENT, 404, 405]))
 def test_logs_and_events_arrive_through_hostile_answers(
-    faults_by_endpoint: dict[str, list[Fault]]
+    faults_by_endpoint: dict[str, list[Fault]],
 ) -> None:
     server = FakePrefect()
     server.faults = copy.deepcopy(faults_by_endpoint)
@@ -950,20 +1053,24 @@ def test_logs_and_events_arrive_through_hostile_answers(
 
     async def example() -> None:
         errors: list[PrefectApiError] = []
-        client = PrefectClient(_api(), transport=httpx.MockTransport(server.handler),
-                               max_attempts=2, sleep=no_sleep)
+        client = PrefectClient(
+            _api(), transport=httpx.MockTransport(server.handler), max_attempts=2, sleep=no_sleep
+        )
         spy_on(client, errors)
         with captured() as capture:
-            async with client, FlowRunLogs(client.create_logs, flush_interval=0.005,
-                                           max_backoff=0.01) as logs, EventEmitter(
-                client.emit_events, flush_interval=0.005, max_backoff=0.01
-            ) as emitter:
+            async with (
+                client,
+                FlowRunLogs(client.create_logs, flush_interval=0.005, max_backoff=0.01) as logs,
+                EventEmitter(client.emit_events, flush_interval=0.005, max_backoff=0.01) as emitter,
+            ):
                 for n in range(5):
                     logs.emit(run_id, f"message {n}")
                     emitter.emit({"id": f"event-{n}", "event": "fuzz"})
                 await eventually(
-                    lambda: len({e["message"] for e in server.logs}) == 5
-                    and len({e["id"] for e in server.events}) == 5,
+                    lambda: (
+                        len({e["message"] for e in server.logs}) == 5
+                        and len({e["id"] for e in server.events}) == 5
+                    ),
                     "delivery",
                 )
                 while_running = list(errors)  # not the bounded last flush at shutdown
@@ -981,12 +1088,18 @@ CANCELLING = "prefect.flow-run.Cancelling"
 
 
 def event_message(n: int, **changes: Any) -> dict[str, Any]:
-    return {"type": "event", "event": {
-        "id": f"00000000-0000-0000-0000-{n:012d}", "occurred": iso(), "event": CANCELLING,
-        "resource": {"prefect.resource.id": f"prefect.flow-run.{uuid4()}"},
-        "related": [{"prefect.resource.id": "prefect.deployment.mine"}], "payload": {},
-        **changes,
-    }}
+    return {
+        "type": "event",
+        "event": {
+            "id": f"00000000-0000-0000-0000-{n:012d}",
+            "occurred": iso(),
+            "event": CANCELLING,
+            "resource": {"prefect.resource.id": f"prefect.flow-run.{uuid4()}"},
+            "related": [{"prefect.resource.id": "prefect.deployment.mine"}],
+            "payload": {},
+            **changes,
+        },
+    }
 
 
 @st.composite
@@ -995,9 +1108,14 @@ def ws_messages(draw: st.DrawFn) -> str | bytes:
     if kind == "edited":
         message: Any = event_message(draw(st.integers(0, 5)))
         for edit in draw(st.lists(json_edit(), min_size=1, max_size=3)):
-            message = edit(message) if draw(st.booleans()) else {
-                **message, "event": edit(message.get("event") if isinstance(message, dict)
-                                         else message)}
+            message = (
+                edit(message)
+                if draw(st.booleans())
+                else {
+                    **message,
+                    "event": edit(message.get("event") if isinstance(message, dict) else message),
+                }
+            )
         return json.dumps(message)
     if kind == "json":
         return json.dumps(draw(HOSTILE))
@@ -1050,8 +1168,14 @@ async def test_websocket_stays_up_through_hostile_frames() -> None:
 
     async def script(ws: Any, n: int) -> None:
         if n == 0:
-            for frame in ["[" * 100_000 + "]" * 100_000, b"\xff\xfe", "{", HTML,
-                          json.dumps(event_message(1, related=5)), json.dumps(event_message(2))]:
+            for frame in [
+                "[" * 100_000 + "]" * 100_000,
+                b"\xff\xfe",
+                "{",
+                HTML,
+                json.dumps(event_message(1, related=5)),
+                json.dumps(event_message(2)),
+            ]:
                 await ws.send(frame)
             await ws.send("x" * (2**20 + 10))  # over websockets' 1 MiB default: closes
         await ws.send(json.dumps(event_message(3)))
@@ -1076,7 +1200,7 @@ async def test_websocket_stays_up_through_hostile_frames() -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(faults_by_endpoint=plan(["health", "deployments_filter"], ANY_STATUS))
 def test_online_check_reports_one_line_for_any_answer(
-    faults_by_endpoint: dict[str, list[Fault]]
+    faults_by_endpoint: dict[str, list[Fault]],
 ) -> None:
     from agent.cli import check_online
 
@@ -1084,8 +1208,9 @@ def test_online_check_reports_one_line_for_any_answer(
     server.add_deployment("hello", "hello-flow")
     server.faults = copy.deepcopy(faults_by_endpoint)
     config = Settings.model_validate({"api": {"url": "http://prefect.test/api", "key": SECRET}})
-    client = functools.partial(PrefectClient, transport=httpx.MockTransport(server.handler),
-                               sleep=no_sleep)
+    client = functools.partial(
+        PrefectClient, transport=httpx.MockTransport(server.handler), sleep=no_sleep
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api_module, "PrefectClient", client)
         problem = asyncio.run(check_online(config))
@@ -1112,8 +1237,9 @@ def test_unused_endpoints_parse_or_raise_prefect_api_error(fault: Fault, which: 
     server.faults[which] = [fault, fault]
 
     async def example() -> Any:
-        async with PrefectClient(_api(), transport=httpx.MockTransport(server.handler),
-                                 max_attempts=2, sleep=no_sleep) as client:
+        async with PrefectClient(
+            _api(), transport=httpx.MockTransport(server.handler), max_attempts=2, sleep=no_sleep
+        ) as client:
             if which == "deployment_read":
                 return await client.read_deployment(UUID(deployment_id))
             return await client.read_flow_run_states(UUID(run_id))
@@ -1128,12 +1254,14 @@ def test_unused_endpoints_parse_or_raise_prefect_api_error(fault: Fault, which: 
 # -- regression tests for what the fuzzing found ---------------------------------------------------
 
 
-async def _run_once(server: FakePrefect, root: Path, *, until: Callable[[FakeLauncher], bool],
-                    what: str) -> tuple[FakeLauncher, Capture, list[PrefectApiError]]:
+async def _run_once(
+    server: FakePrefect, root: Path, *, until: Callable[[FakeLauncher], bool], what: str
+) -> tuple[FakeLauncher, Capture, list[PrefectApiError]]:
     with captured() as capture:
-        async with agent_env(root, server) as (cfg, client, launcher, errors), FlowRunLogs(
-            client.create_logs, flush_interval=0.01
-        ) as logs:
+        async with (
+            agent_env(root, server) as (cfg, client, launcher, errors),
+            FlowRunLogs(client.create_logs, flush_interval=0.01) as logs,
+        ):
             runner = make_runner(cfg, client, launcher, logs)
             await run_agent_until(runner, server, lambda: until(launcher), what)
     return launcher, capture, errors
@@ -1142,9 +1270,15 @@ async def _run_once(server: FakePrefect, root: Path, *, until: Callable[[FakeLau
 def _registered(server: FakePrefect, root: Path, name: str = "hello") -> str:
     """'hello' as this config registers it (so the server's copy is up to date)."""
     return server.add_deployment(
-        name, "hello-flow", schedules=[{"schedule": {"interval": 3600.0}, "active": True}],
-        parameters={}, tags=[], path=str(root), entrypoint="flow.py:hello",
-        enforce_parameter_schema=True, parameter_openapi_schema=EMPTY_SCHEMA,
+        name,
+        "hello-flow",
+        schedules=[{"schedule": {"interval": 3600.0}, "active": True}],
+        parameters={},
+        tags=[],
+        path=str(root),
+        entrypoint="flow.py:hello",
+        enforce_parameter_schema=True,
+        parameter_openapi_schema=EMPTY_SCHEMA,
     )
 
 
@@ -1154,8 +1288,9 @@ async def test_claim_whose_answer_was_lost_is_not_left_pending(tmp_path: Path) -
     server = FakePrefect()
     run_id = server.add_run(_registered(server, tmp_path))
     server.faults["set_state"] = [Fault("raise", "read timeout", applied=True)]
-    launcher, capture, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                           what="the launch")
+    launcher, capture, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [run_id] and server.accepted(run_id, "PENDING") == 1
     assert server.state_of(run_id) == "COMPLETED"
     assert any("already accepted" in r.getMessage() for r in capture.records)
@@ -1165,30 +1300,46 @@ async def test_up_to_date_deployment_is_left_alone(tmp_path: Path) -> None:
     """The control for the next tests: the registered copy matches the config exactly."""
     server = FakePrefect()
     run_id = server.add_run(_registered(server, tmp_path))
-    launcher, _, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                     what="the launch")
+    launcher, _, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [run_id] and "deployment_create" not in server.hits
 
 
-@pytest.mark.parametrize("junk", [
-    {"schedules": "hourly"}, {"schedules": ["x"]}, {"schedules": [{"schedule": [1, 2]}]},
-    {"schedules": [{"schedule": {"interval": "1h"}}]}, {"schedules": [{"schedule": "ab"}]},
-    {"schedules": [{"schedule": {"interval": {"h": 1}}}]}, {"tags": [1, "a", None]},
-    {"tags": 7}, {"tags": True}, {"schedules": [{"schedule": {"interval": 10**400}}]},
-    {"schedules": [{"schedule": {"interval": 1e308 * 10}}]},
-])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        {"schedules": "hourly"},
+        {"schedules": ["x"]},
+        {"schedules": [{"schedule": [1, 2]}]},
+        {"schedules": [{"schedule": {"interval": "1h"}}]},
+        {"schedules": [{"schedule": "ab"}]},
+        {"schedules": [{"schedule": {"interval": {"h": 1}}}]},
+        {"tags": [1, "a", None]},
+        {"tags": 7},
+        {"tags": True},
+        {"schedules": [{"schedule": {"interval": 10**400}}]},
+        {"schedules": [{"schedule": {"interval": 1e308 * 10}}]},
+    ],
+)
 async def test_odd_server_copy_of_a_deployment_is_overwritten_not_fatal(
     tmp_path: Path, junk: dict[str, Any]
 ) -> None:
     server = FakePrefect()
     deployment_id = _registered(server, tmp_path)  # up to date but for the junk in the answer
     run_id = server.add_run(deployment_id)
-    server.faults["deployment_by_name"] = [Fault(
-        "body", "odd copy", 200, applied=True,
-        body=lambda real: json.dumps({**json.loads(real), **junk}, default=str).encode(),
-    )]
-    launcher, capture, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                           what="the launch")
+    server.faults["deployment_by_name"] = [
+        Fault(
+            "body",
+            "odd copy",
+            200,
+            applied=True,
+            body=lambda real: json.dumps({**json.loads(real), **junk}, default=str).encode(),
+        )
+    ]
+    launcher, capture, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [run_id]
     assert server.hits.count("deployment_create") == 1  # re-registered from the config
     assert "poll failed unexpectedly" not in [r.msg for r in capture.records]
@@ -1201,23 +1352,30 @@ async def test_another_deployment_in_the_by_name_answer_is_not_adopted(tmp_path:
     ours = server.add_run(_registered(server, tmp_path))
     foreign = _registered(server, tmp_path, name="someone-else")
     theirs = server.add_run(foreign)
-    server.faults["deployment_by_name"] = [Fault(
-        "body", "another deployment", 200,
-        body=lambda real: json.dumps(server.deployments[foreign]).encode(),
-    )]
-    launcher, _, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                     what="the launch")
+    server.faults["deployment_by_name"] = [
+        Fault(
+            "body",
+            "another deployment",
+            200,
+            body=lambda real: json.dumps(server.deployments[foreign]).encode(),
+        )
+    ]
+    launcher, _, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [ours] and server.state_of(theirs) == "SCHEDULED"
 
 
 async def test_run_listed_twice_is_claimed_and_launched_once(tmp_path: Path) -> None:
     server = FakePrefect()
     run_id = server.add_run(_registered(server, tmp_path))
-    server.faults["scheduled"] = [Fault("body", "run listed twice", 200,
-                                        body=lambda real: real, applied=True)]
+    server.faults["scheduled"] = [
+        Fault("body", "run listed twice", 200, body=lambda real: real, applied=True)
+    ]
     server.faults["scheduled"][0].body = lambda real: json.dumps(json.loads(real) * 2).encode()
-    launcher, _, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                     what="the launch")
+    launcher, _, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [run_id] and not server.double_claims
 
 
@@ -1226,8 +1384,9 @@ async def test_start_time_without_a_zone_reads_as_utc(tmp_path: Path) -> None:
     run_id = server.add_run(_registered(server, tmp_path))
     naive = (datetime.now(UTC) - timedelta(seconds=5)).replace(tzinfo=None).isoformat()
     server.runs[run_id].update(expected_start_time=naive, next_scheduled_start_time=naive)
-    launcher, capture, _ = await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                                           what="the launch")
+    launcher, capture, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
     assert launcher.launched == [run_id]
     assert not [r for r in capture.records if r.exc_info]
 
@@ -1242,8 +1401,9 @@ def test_wait_without_a_finite_delay_does_not_crash_a_claim_under_uvloop(tmp_pat
     server.faults["set_state"] = [Fault("body", "WAIT NaN", 201, body=lambda real: wait)]
 
     async def example() -> tuple[FakeLauncher, Capture, list[PrefectApiError]]:
-        return await _run_once(server, tmp_path, until=lambda lc: bool(lc.launched),
-                               what="the launch")
+        return await _run_once(
+            server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+        )
 
     launcher, capture, errors = uvloop.run(example())
     assert launcher.launched == [run_id]
@@ -1253,8 +1413,15 @@ def test_wait_without_a_finite_delay_does_not_crash_a_claim_under_uvloop(tmp_pat
 
 @pytest.mark.parametrize(
     ("literal", "parsed"),
-    [("5", 5.0), ("-3", 0.0), ("1e308", MAX_WAIT_SECONDS), ("null", None), ("NaN", "refused"),
-     ("Infinity", "refused"), ("-Infinity", "refused")],
+    [
+        ("5", 5.0),
+        ("-3", 0.0),
+        ("1e308", MAX_WAIT_SECONDS),
+        ("null", None),
+        ("NaN", "refused"),
+        ("Infinity", "refused"),
+        ("-Infinity", "refused"),
+    ],
 )
 def test_wait_delay_is_a_finite_bounded_number(literal: str, parsed: Any) -> None:
     """A WAIT parks a claim for its delay: never for ever, never negative."""
@@ -1276,7 +1443,9 @@ async def test_cancellation_poll_does_not_trust_a_filter_it_did_not_get() -> Non
         watcher = CancellationWatcher(
             client=client,
             supervisors=lambda: cast(Mapping[UUID, Supervisor], {UUID(running): supervisor}),
-            poll_interval=lambda: 1.0, websocket_connected=lambda: False, liveness=Liveness(),
+            poll_interval=lambda: 1.0,
+            websocket_connected=lambda: False,
+            liveness=Liveness(),
         )
         with captured() as capture:
             await watcher.poll_once()
@@ -1284,8 +1453,13 @@ async def test_cancellation_poll_does_not_trust_a_filter_it_did_not_get() -> Non
     assert any("not CANCELLING" in line for line in capture.problems())
 
 
-async def _answer(response: httpx.Response, call: Callable[[PrefectClient], Awaitable[Any]],
-                  *, key: str | None = SECRET, auth: str | None = None) -> Any:
+async def _answer(
+    response: httpx.Response,
+    call: Callable[[PrefectClient], Awaitable[Any]],
+    *,
+    key: str | None = SECRET,
+    auth: str | None = None,
+) -> Any:
     from tests.integration.prefect_server import StaticApiConfig
 
     config = StaticApiConfig("http://prefect.test/api", key=key, auth_string=auth)
@@ -1328,8 +1502,10 @@ async def test_credentials_echoed_by_a_proxy_never_reach_an_error(status: int) -
 
     auth = "admin:s3cret-pass"
     token = base64.b64encode(auth.encode()).decode()
-    for key, auth_string, echoed in ((SECRET, None, f"Bearer {SECRET}"),
-                                     (None, auth, f"Basic {token} user {auth}")):
+    for key, auth_string, echoed in (
+        (SECRET, None, f"Bearer {SECRET}"),
+        (None, auth, f"Basic {token} user {auth}"),
+    ):
         body = f"<html>upstream said no; your headers: Authorization: {echoed}</html>"
         response = httpx.Response(status, text=body)
         with pytest.raises(PrefectApiError) as caught:
@@ -1357,15 +1533,20 @@ async def test_a_hung_answer_times_the_poll_out_and_the_loop_goes_on(tmp_path: P
         return await real_handler(request)
 
     server.handler = handler  # type: ignore[method-assign]
-    config = (tmp_path / "agent.toml")
+    config = tmp_path / "agent.toml"
     with captured() as capture:
         async with agent_env(tmp_path, server) as (cfg, _, launcher, _):
             cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"timeout": 0.05})})
-            client = PrefectClient(cfg.api, transport=httpx.MockTransport(handler),
-                                   max_attempts=1, sleep=no_sleep)
+            client = PrefectClient(
+                cfg.api, transport=httpx.MockTransport(handler), max_attempts=1, sleep=no_sleep
+            )
             async with client, FlowRunLogs(client.create_logs, flush_interval=0.01) as logs:
                 runner = make_runner(cfg, client, launcher, logs)
-                await run_agent_until(runner, server, lambda: bool(launcher.launched),
-                                      "the launch after the stalled poll")
+                await run_agent_until(
+                    runner,
+                    server,
+                    lambda: bool(launcher.launched),
+                    "the launch after the stalled poll",
+                )
     assert launcher.launched == [run_id] and config.exists()
     assert "poll timed out" in capture.problems()

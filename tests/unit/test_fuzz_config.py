@@ -104,10 +104,25 @@ NAMES = st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=20)
 TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=20)
 HUGE_NAME = st.integers(1, 3).map(lambda n: "\u00e9" * (n * 100_000))
 DURATIONS = st.sampled_from(["30s", "1h30m", "5m", "1d", "250ms", "90", 45, 0.5, "2w"])
-BAD_DURATIONS = st.sampled_from([
-    -1, "-5s", "abc", "", "5 minutes", "1e3s", True, [], {}, math.nan, math.inf, "9" * 400 + "s",
-    "9" * 400, "30 s s", "s",
-])
+BAD_DURATIONS = st.sampled_from(
+    [
+        -1,
+        "-5s",
+        "abc",
+        "",
+        "5 minutes",
+        "1e3s",
+        True,
+        [],
+        {},
+        math.nan,
+        math.inf,
+        "9" * 400 + "s",
+        "9" * 400,
+        "30 s s",
+        "s",
+    ]
+)
 SIZES = st.sampled_from(["512M", "2G", "1.5G", 1_048_576, "infinity", "64K", "1T"])
 BAD_SIZES = st.sampled_from(["0", 0, -5, "2X", "1.5", True, "", "lots", [], 1.5, "-1G"])
 PATHS = st.sampled_from(["/srv/flows", "/", "/var/lib/x y", "/\u00e9t\u00e9/\u2603"])
@@ -136,71 +151,160 @@ class Key:
 def keys() -> list[Key]:
     deployment_limits = [
         Key("deployment.memory_max", SIZES, BAD_SIZES),
-        Key("deployment.cpu_quota", st.sampled_from(["50%", "infinity", "400%"]),
-            st.sampled_from(["0%", 50, "50", "x%", "-5%"])),
-        Key("deployment.runtime_max", st.sampled_from(["6h", "infinity", 3600]),
-            st.sampled_from(["0s", "-1h", "forever", 0])),
+        Key(
+            "deployment.cpu_quota",
+            st.sampled_from(["50%", "infinity", "400%"]),
+            st.sampled_from(["0%", 50, "50", "x%", "-5%"]),
+        ),
+        Key(
+            "deployment.runtime_max",
+            st.sampled_from(["6h", "infinity", 3600]),
+            st.sampled_from(["0s", "-1h", "forever", 0]),
+        ),
     ]
     return [
-        Key("api.url", st.sampled_from(["http://127.0.0.1:4200/api", "https://p.example/api/"]),
-            st.sampled_from(["ftp://x/api", "prefect.local", "", 5,
-                             f"http://user:{LEAKY}@h/api", f"ftp://u:{LEAKY}@h:99999/api",
-                             "http://h:99999/api"])),
+        Key(
+            "api.url",
+            st.sampled_from(["http://127.0.0.1:4200/api", "https://p.example/api/"]),
+            st.sampled_from(
+                [
+                    "ftp://x/api",
+                    "prefect.local",
+                    "",
+                    5,
+                    f"http://user:{LEAKY}@h/api",
+                    f"ftp://u:{LEAKY}@h:99999/api",
+                    "http://h:99999/api",
+                ]
+            ),
+        ),
         Key("api.timeout", DURATIONS, BAD_DURATIONS | st.sampled_from([0, "0s"])),
-        Key("api.key", st.sampled_from([SECRET]),
-            st.sampled_from(["", "   ", 5, [LEAKY], {"k": LEAKY}, LEAKY + "\x00"])),
-        Key("agent.name", NAMES | HUGE_NAME,
-            st.sampled_from(["", " ", "a/b", "x\ty", ".", "..", 5, "<b>", "a\x00b", "a\x85b"])),
-        Key("agent.limit", st.integers(1, 10**6) | st.sampled_from(["5", " 7 "]),
-            st.sampled_from([0, -1, "0", "x", 1.5, True, [], "5.0", "9" * 5000])),
+        Key(
+            "api.key",
+            st.sampled_from([SECRET]),
+            st.sampled_from(["", "   ", 5, [LEAKY], {"k": LEAKY}, LEAKY + "\x00"]),
+        ),
+        Key(
+            "agent.name",
+            NAMES | HUGE_NAME,
+            st.sampled_from(["", " ", "a/b", "x\ty", ".", "..", 5, "<b>", "a\x00b", "a\x85b"]),
+        ),
+        Key(
+            "agent.limit",
+            st.integers(1, 10**6) | st.sampled_from(["5", " 7 "]),
+            st.sampled_from([0, -1, "0", "x", 1.5, True, [], "5.0", "9" * 5000]),
+        ),
         Key("agent.poll_interval", DURATIONS, BAD_DURATIONS | st.sampled_from([0, "0s"])),
         Key("agent.prefetch", DURATIONS | st.sampled_from([0, "0s"]), BAD_DURATIONS),
         Key("agent.cancel_grace", DURATIONS, BAD_DURATIONS),
-        Key("agent.launcher", st.sampled_from(["auto", "systemd", "process"]),
-            st.sampled_from(["docker", "", 1, "AUTO"])),
-        Key("agent.slice",
+        Key(
+            "agent.launcher",
+            st.sampled_from(["auto", "systemd", "process"]),
+            st.sampled_from(["docker", "", 1, "AUTO"]),
+        ),
+        Key(
+            "agent.slice",
             st.sampled_from(["x.slice", "runner-agent-flows.slice", "a\\x2db.slice"]),
-            st.sampled_from(["x", "a b.slice", "", ".slice", 5])),
+            st.sampled_from(["x", "a b.slice", "", ".slice", 5]),
+        ),
         Key("agent.state_dir", PATHS, BAD_PATHS),
-        Key("agent.events_websocket", st.sampled_from([True, False]),
-            st.sampled_from([2, "maybe", [], 1.5])),
-        Key("flow_run.python", st.sampled_from(["/usr/bin/python3", "python3"]),
-            st.sampled_from(["", 5, "/usr/bin/py\x00thon"])),
+        Key(
+            "agent.events_websocket",
+            st.sampled_from([True, False]),
+            st.sampled_from([2, "maybe", [], 1.5]),
+        ),
+        Key(
+            "flow_run.python",
+            st.sampled_from(["/usr/bin/python3", "python3"]),
+            st.sampled_from(["", 5, "/usr/bin/py\x00thon"]),
+        ),
         Key("flow_run.memory_max", SIZES, BAD_SIZES),
-        Key("flow_run.cpu_quota", st.sampled_from(["50%", "200%", "infinity"]),
-            st.sampled_from(["0%", 50, "50", "x%", "-5%", ""])),
-        Key("flow_run.tasks_max", st.sampled_from([1, 512, "infinity", "64"]),
-            st.sampled_from([0, "many", -1, 1.5, True])),
-        Key("flow_run.runtime_max", st.sampled_from(["6h", "infinity", 3600, "1d12h"]),
-            st.sampled_from(["0s", "-1h", "forever", 0, math.inf])),
-        Key("flow_run.user", st.sampled_from(["", "nobody", "svc-1", "a$"]),
-            st.sampled_from(["a b", "root:x", "-x", 5])),
-        Key("flow_run.env", st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True),
-                                            TEXT, max_size=3),
-            st.sampled_from([{"1A": "x"}, {"A": 1}, "A=x", {"A-B": "x"}, {"A": "x\x00"}])),
+        Key(
+            "flow_run.cpu_quota",
+            st.sampled_from(["50%", "200%", "infinity"]),
+            st.sampled_from(["0%", 50, "50", "x%", "-5%", ""]),
+        ),
+        Key(
+            "flow_run.tasks_max",
+            st.sampled_from([1, 512, "infinity", "64"]),
+            st.sampled_from([0, "many", -1, 1.5, True]),
+        ),
+        Key(
+            "flow_run.runtime_max",
+            st.sampled_from(["6h", "infinity", 3600, "1d12h"]),
+            st.sampled_from(["0s", "-1h", "forever", 0, math.inf]),
+        ),
+        Key(
+            "flow_run.user",
+            st.sampled_from(["", "nobody", "svc-1", "a$"]),
+            st.sampled_from(["a b", "root:x", "-x", 5]),
+        ),
+        Key(
+            "flow_run.env",
+            st.dictionaries(
+                st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True), TEXT, max_size=3
+            ),
+            st.sampled_from([{"1A": "x"}, {"A": 1}, "A=x", {"A-B": "x"}, {"A": "x\x00"}]),
+        ),
         Key("deployment.name", NAMES, st.sampled_from(["a/b", "", "..", 5, "x%y"]), env=False),
-        Key("deployment.entrypoint", st.sampled_from(["flow.py:hello", "a/b.py:f_1"]),
-            st.sampled_from(["flow.py", "flow:main", 5, "x.py:1f", ""]), env=False),
+        Key(
+            "deployment.entrypoint",
+            st.sampled_from(["flow.py:hello", "a/b.py:f_1"]),
+            st.sampled_from(["flow.py", "flow:main", 5, "x.py:1f", ""]),
+            env=False,
+        ),
         Key("deployment.path", PATHS, BAD_PATHS, env=False),
-        Key("deployment.description", TEXT | HUGE_NAME, st.sampled_from([5, [], "a\x00"]),
-            env=False),
-        Key("deployment.tags", st.lists(NAMES, max_size=3), st.sampled_from(["a", [1], [["x"]]]),
-            env=False),
-        Key("deployment.parameters",
-            st.dictionaries(NAMES, INT64 | TEXT | st.booleans()
-                            | st.just(date(1979, 5, 27)) | st.lists(INT64, max_size=2),
-                            max_size=3),
-            st.sampled_from(["x", 5, {"x": math.nan}, {"y": [math.inf]}, {"z": 2**64},
-                             {"n\x00": 1}]),
-            env=False),
-        Key("deployment.schedule",
-            st.sampled_from([{"cron": "*/5 * * * *", "timezone": "Europe/Berlin"},
-                             {"interval": "10m"}, {"cron": "0 1 * * *"}, {"interval": 30}]),
-            st.sampled_from([{"cron": "61 * * * *"}, {"cron": "* * *"}, {"interval": "0s"}, {},
-                             {"cron": "* * * * *", "timezone": "Mars/Olympus"},
-                             {"cron": "* * * * *", "interval": "1m"}, "hourly",
-                             {"interval": "x"}, {"cron": "* * * * *", "extra": 1},
-                             {"interval": "9" * 400 + "s"}]), env=False),
+        Key(
+            "deployment.description", TEXT | HUGE_NAME, st.sampled_from([5, [], "a\x00"]), env=False
+        ),
+        Key(
+            "deployment.tags",
+            st.lists(NAMES, max_size=3),
+            st.sampled_from(["a", [1], [["x"]]]),
+            env=False,
+        ),
+        Key(
+            "deployment.parameters",
+            st.dictionaries(
+                NAMES,
+                INT64
+                | TEXT
+                | st.booleans()
+                | st.just(date(1979, 5, 27))
+                | st.lists(INT64, max_size=2),
+                max_size=3,
+            ),
+            st.sampled_from(
+                ["x", 5, {"x": math.nan}, {"y": [math.inf]}, {"z": 2**64}, {"n\x00": 1}]
+            ),
+            env=False,
+        ),
+        Key(
+            "deployment.schedule",
+            st.sampled_from(
+                [
+                    {"cron": "*/5 * * * *", "timezone": "Europe/Berlin"},
+                    {"interval": "10m"},
+                    {"cron": "0 1 * * *"},
+                    {"interval": 30},
+                ]
+            ),
+            st.sampled_from(
+                [
+                    {"cron": "61 * * * *"},
+                    {"cron": "* * *"},
+                    {"interval": "0s"},
+                    {},
+                    {"cron": "* * * * *", "timezone": "Mars/Olympus"},
+                    {"cron": "* * * * *", "interval": "1m"},
+                    "hourly",
+                    {"interval": "x"},
+                    {"cron": "* * * * *", "extra": 1},
+                    {"interval": "9" * 400 + "s"},
+                ]
+            ),
+            env=False,
+        ),
         *[dataclass_replace(k, env=False) for k in deployment_limits],
     ]
 
@@ -253,8 +357,9 @@ class Case:
             if section == "deployment":
                 deployments = document.setdefault("deployment", [])
                 if not deployments:
-                    deployments.append({"name": "hello", "entrypoint": "flow.py:hello",
-                                        "path": "/srv/flows"})
+                    deployments.append(
+                        {"name": "hello", "entrypoint": "flow.py:hello", "path": "/srv/flows"}
+                    )
                 deployments[0][name] = value
             else:
                 document.setdefault(section, {})[name] = value
@@ -264,9 +369,13 @@ class Case:
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    case = Case(dirname=draw(st.sampled_from(
-        ["conf", "c\u00f6nf", "a b", "line\rbreak", "nel\x85x", "sep\u2028x", "tab\tx"]
-    )))
+    case = Case(
+        dirname=draw(
+            st.sampled_from(
+                ["conf", "c\u00f6nf", "a b", "line\rbreak", "nel\x85x", "sep\u2028x", "tab\tx"]
+            )
+        )
+    )
     if draw(st.booleans()):
         case.dropin = {}
     chosen = draw(st.lists(st.sampled_from(KEYS), unique_by=lambda k: k.name, max_size=5))
@@ -275,8 +384,9 @@ def cases(draw: st.DrawFn) -> Case:
         bad = index == invalid_at
         value = draw(key.invalid if bad else key.valid)
         # A [[deployment]] of the same name in a drop-in replaces the main file's whole.
-        wheres = ["main"] + (["dropin"] if case.dropin is not None and key.section != "deployment"
-                             else [])
+        wheres = ["main"] + (
+            ["dropin"] if case.dropin is not None and key.section != "deployment" else []
+        )
         text = env_text(value)
         # The environment only says text: a wrong type there is just other text.
         if key.env and text is not None and (isinstance(value, str) or not bad):
@@ -292,16 +402,25 @@ def cases(draw: st.DrawFn) -> Case:
         fault = draw(st.sampled_from(faults))
         if fault == "unknown key":
             section, name = draw(st.sampled_from(UNKNOWN))
-            where = draw(st.sampled_from(
-                ["main"] + (["dropin"] if case.dropin is not None and section != "deployment"
-                            else [])
-            ))
+            where = draw(
+                st.sampled_from(
+                    ["main"]
+                    + (["dropin"] if case.dropin is not None and section != "deployment" else [])
+                )
+            )
             case.set(where, (section, name), 1)
             case.problem = (where, f"{section}.{name}")
         elif fault == "unknown variable":
-            name = draw(st.sampled_from(["RUNNER_AGENT_NOPE__X", "RUNNER_AGENT_AGENT__NOPE",
-                                         "RUNNER_AGENT_AGENT__LIMIT__X",
-                                         "RUNNER_AGENT_FLOW_RUN__ENV__1A"]))
+            name = draw(
+                st.sampled_from(
+                    [
+                        "RUNNER_AGENT_NOPE__X",
+                        "RUNNER_AGENT_AGENT__NOPE",
+                        "RUNNER_AGENT_AGENT__LIMIT__X",
+                        "RUNNER_AGENT_FLOW_RUN__ENV__1A",
+                    ]
+                )
+            )
             case.environ[name] = "1"
             case.problem = (name, "")
         elif fault == "breakage":
@@ -333,8 +452,8 @@ def _break_loop(path: Path) -> None:
 
 BREAKAGES: dict[str, Callable[[Path], None] | bytes] = {
     "invalid TOML": b"[agent\nlimit = 1\n",
-    "not UTF-8": b"[agent]\nname = \"\xff\xfe\"\n",
-    "a NUL byte": b"[agent]\nname = \"a\x00\"\n",
+    "not UTF-8": b'[agent]\nname = "\xff\xfe"\n',
+    "a NUL byte": b'[agent]\nname = "a\x00"\n',
     "nested too deeply": b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n",
     "inline tables nested too deeply": b"x = " + b"{a = " * 3000 + b"1" + b"}" * 3000 + b"\n",
     "dotted key too long": b"a." * 5000 + b"b = 1\n",
@@ -356,12 +475,18 @@ SECRET_FILES: dict[str, Callable[[Path], None] | bytes] = {
     "key file is a symlink loop": _break_loop,
 }
 BREAKAGE_WORDS = {
-    "invalid TOML": "invalid TOML", "not UTF-8": "not UTF-8", "a NUL byte": "invalid TOML",
-    "nested too deeply": "nested", "inline tables nested too deeply": "nested",
-    "dotted key too long": "nested", "a 5000-digit number": "TOML",
-    "a 5000-digit hex number": "agent.limit", "a 65-bit number": "agent.limit",
+    "invalid TOML": "invalid TOML",
+    "not UTF-8": "not UTF-8",
+    "a NUL byte": "invalid TOML",
+    "nested too deeply": "nested",
+    "inline tables nested too deeply": "nested",
+    "dotted key too long": "nested",
+    "a 5000-digit number": "TOML",
+    "a 5000-digit hex number": "agent.limit",
+    "a 65-bit number": "agent.limit",
     "duplicate table": "invalid TOML",
-    "a directory": "directory", "a FIFO": "not a regular file",
+    "a directory": "directory",
+    "a FIFO": "not a regular file",
     "a symlink loop": "cannot read",
 }
 
@@ -438,6 +563,7 @@ def test_every_config_exits_0_or_78_with_one_named_line(
         ran: list[Settings] = []
         with pytest.MonkeyPatch.context() as patch:
             fake = type(sys)("agent.daemon")
+
             def run(settings: Settings, **_: object) -> int:
                 ran.append(settings)
                 return 0
@@ -502,11 +628,21 @@ def test_arbitrary_bytes_as_the_config_file(text: bytes) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    name=st.sampled_from(["RUNNER_AGENT_AGENT__LIMIT", "RUNNER_AGENT_API__TIMEOUT",
-                          "RUNNER_AGENT_FLOW_RUN__ENV", "RUNNER_AGENT_FLOW_RUN__ENV__A",
-                          "RUNNER_AGENT_AGENT__NAME", "RUNNER_AGENT_API__URL", "PREFECT_API_URL",
-                          "RUNNER_AGENT_FLOW_RUN__MEMORY_MAX", "RUNNER_AGENT_API__KEY",
-                          "RUNNER_AGENT_AGENT__EVENTS_WEBSOCKET", "RUNNER_AGENT_LOG_LEVEL"]),
+    name=st.sampled_from(
+        [
+            "RUNNER_AGENT_AGENT__LIMIT",
+            "RUNNER_AGENT_API__TIMEOUT",
+            "RUNNER_AGENT_FLOW_RUN__ENV",
+            "RUNNER_AGENT_FLOW_RUN__ENV__A",
+            "RUNNER_AGENT_AGENT__NAME",
+            "RUNNER_AGENT_API__URL",
+            "PREFECT_API_URL",
+            "RUNNER_AGENT_FLOW_RUN__MEMORY_MAX",
+            "RUNNER_AGENT_API__KEY",
+            "RUNNER_AGENT_AGENT__EVENTS_WEBSOCKET",
+            "RUNNER_AGENT_LOG_LEVEL",
+        ]
+    ),
     value=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
     | st.sampled_from(["\udcff\udcfe", "x\udc80", "9" * 5000, "\u2028", "a\rb"]),
 )
@@ -531,14 +667,18 @@ def test_arbitrary_environment_values(name: str, value: str) -> None:
 def cli_process(
     *argv: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "RUNNER_AGENT_", "CREDENTIALS_DIRECTORY"))}
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "RUNNER_AGENT_", "CREDENTIALS_DIRECTORY"))
+    }
     environ.update(env or {})
     # The installed console script when there is one (the venv's), else the module.
     script = Path(sys.executable).parent / "runner-agent"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "agent"]
-    return subprocess.run([*command, *argv], env=environ, cwd=REPO,
-                          capture_output=True, timeout=60, check=False)
+    return subprocess.run(
+        [*command, *argv], env=environ, cwd=REPO, capture_output=True, timeout=60, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -548,11 +688,15 @@ def cli_process(
         (BREAKAGES["a 5000-digit number"], {}, "TOML"),
         (b'[agent]\nname = "a\\u0000b"\n', {}, "agent.name"),
         (b'[agent]\npoll_interval = "' + b"9" * 400 + b's"\n', {}, "agent.poll_interval"),
-        (b'[[deployment]]\nname = "d"\nentrypoint = "f.py:f"\npath = "/srv"\n'
-         b"parameters = { x = nan }\n", {}, "deployment[d].parameters"),
+        (
+            b'[[deployment]]\nname = "d"\nentrypoint = "f.py:f"\npath = "/srv"\n'
+            b"parameters = { x = nan }\n",
+            {},
+            "deployment[d].parameters",
+        ),
         (b"", {"RUNNER_AGENT_FLOW_RUN__ENV__A": "\udcff"}, "RUNNER_AGENT_FLOW_RUN__ENV__A"),
         (b"", {"RUNNER_AGENT_AGENT__NAME": "web\r01"}, "RUNNER_AGENT_AGENT__NAME"),
-        (b"[api]\nkey = [\"" + LEAKY.encode() + b'"]\n', {}, "api.key"),
+        (b'[api]\nkey = ["' + LEAKY.encode() + b'"]\n', {}, "api.key"),
     ],
 )
 def test_check_config_process_exits_78_with_one_line(
@@ -602,8 +746,11 @@ def test_every_broken_file_exits_78_naming_it(breakage: str) -> None:
     ("environ", "key_file", "expected"),
     [
         ({"RUNNER_AGENT_AGENT__LIMIT": "9" * 4000}, None, "agent.limit: out of range"),
-        ({"RUNNER_AGENT_FLOW_RUN__MEMORY_MAX": "9" * 30 + "E"}, None,
-         "flow_run.memory_max: out of range"),
+        (
+            {"RUNNER_AGENT_FLOW_RUN__MEMORY_MAX": "9" * 30 + "E"},
+            None,
+            "flow_run.memory_max: out of range",
+        ),
         ({"RUNNER_AGENT_FLOW_RUN__ENV": "[" * 100_000}, None, "flow_run.env: expected a JSON"),
         ({"PREFECT_API_URL": "http://h/\udcff"}, None, "api.url: not UTF-8 text"),
         ({}, "/dev/zero", "api.key_file: /dev/zero: not a regular file"),

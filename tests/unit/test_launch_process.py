@@ -42,12 +42,23 @@ def make_request(tmp_path: Path, engine: str, **changes: object) -> LaunchReques
     run_dir.mkdir(exist_ok=True)
     run_id = uuid4()
     request = LaunchRequest(
-        flow_run_id=run_id, flow_run_name="brave-otter", deployment_name="hello",
-        working_dir=code, python=sys.executable, memory_max=None, cpu_quota=None,
-        tasks_max=None, runtime_max=None, user="",
-        env={"PREFECT__FLOW_RUN_ID": str(run_id), "PREFECT_API_KEY": SECRET,
-             "TMPDIR": str(tmp_path)},
-        run_dir=run_dir, slice="runner-agent-flows.slice",
+        flow_run_id=run_id,
+        flow_run_name="brave-otter",
+        deployment_name="hello",
+        working_dir=code,
+        python=sys.executable,
+        memory_max=None,
+        cpu_quota=None,
+        tasks_max=None,
+        runtime_max=None,
+        user="",
+        env={
+            "PREFECT__FLOW_RUN_ID": str(run_id),
+            "PREFECT_API_KEY": SECRET,
+            "TMPDIR": str(tmp_path),
+        },
+        run_dir=run_dir,
+        slice="runner-agent-flows.slice",
     )
     return replace(request, **changes)  # type: ignore[arg-type]
 
@@ -223,8 +234,9 @@ async def test_output_goes_to_output_log_and_the_environment_is_minimal(
     assert "stdin: ''" in output
 
 
-async def test_the_key_is_not_in_any_argv(tmp_path: Path, launcher: ProcessLauncher,
-                                          cleanup: list[RunHandle]) -> None:
+async def test_the_key_is_not_in_any_argv(
+    tmp_path: Path, launcher: ProcessLauncher, cleanup: list[RunHandle]
+) -> None:
     request = make_request(tmp_path, GRANDCHILD)
     handle = await launcher.launch(request)
     cleanup.append(handle)
@@ -260,8 +272,9 @@ async def _run_as_nobody(tmp_path: Path, launcher: ProcessLauncher) -> None:
 async def test_limits_are_named_in_a_warning(
     tmp_path: Path, launcher: ProcessLauncher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    request = make_request(tmp_path, "pass", memory_max=512 * 1024 * 1024, cpu_quota=50,
-                           runtime_max=60.0)
+    request = make_request(
+        tmp_path, "pass", memory_max=512 * 1024 * 1024, cpu_quota=50, runtime_max=60.0
+    )
     with caplog.at_level(logging.WARNING, logger="agent.launch"):
         handle = await launcher.launch(request)
         assert await handle.wait() == 0
@@ -273,8 +286,10 @@ async def test_limits_are_named_in_a_warning(
     [
         ({"python": "/opt/x/bin/python"}, "command not found: /opt/x/bin/python"),
         ({"python": "no-such-python-here"}, "command not found: no-such-python-here"),
-        ({"working_dir": Path("/srv/no/such/flows")},
-         "working directory does not exist: /srv/no/such/flows"),
+        (
+            {"working_dir": Path("/srv/no/such/flows")},
+            "working directory does not exist: /srv/no/such/flows",
+        ),
         ({"user": "no-such-user-x"}, "unknown user 'no-such-user-x'"),
     ],
 )
@@ -287,8 +302,9 @@ async def test_launch_failures_are_explained(
     assert not (tmp_path / "run" / "pid").exists()  # nothing started
 
 
-async def test_an_interpreter_that_is_not_executable(tmp_path: Path,
-                                                     launcher: ProcessLauncher) -> None:
+async def test_an_interpreter_that_is_not_executable(
+    tmp_path: Path, launcher: ProcessLauncher
+) -> None:
     python = tmp_path / "python"
     python.write_text("#!/bin/sh\n")
     python.chmod(0o644)
@@ -308,11 +324,16 @@ async def test_an_interpreter_that_is_not_executable(tmp_path: Path,
         ("systemd", False, "systemd", "launches will fail"),
     ],
 )
-def test_select_launcher(choice: str, present: bool, expected: str, why: str,
-                         caplog: pytest.LogCaptureFixture) -> None:
+def test_select_launcher(
+    choice: str, present: bool, expected: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="agent.launch"):
-        chosen = select_launcher(choice, slice="flows.slice", is_root=True,  # type: ignore[arg-type]
-                                 systemd_present=lambda: present)
+        chosen = select_launcher(
+            choice,
+            slice="flows.slice",
+            is_root=True,  # type: ignore[arg-type]
+            systemd_present=lambda: present,
+        )
     assert chosen.name == expected
     [record] = caplog.records
     assert why in record.getMessage()

@@ -34,21 +34,44 @@ def request(tmp_path: Path, **changes: Any) -> LaunchRequest:
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     base = LaunchRequest(
-        flow_run_id=RUN_ID, flow_run_name="brave-otter", deployment_name="hello",
-        working_dir=tmp_path, python=sys.executable, memory_max=512 * MiB, cpu_quota=50,
-        tasks_max=64, runtime_max=6 * 3600.0, user="",
-        env={"PREFECT__FLOW_RUN_ID": str(RUN_ID), "PREFECT_API_URL": "http://127.0.0.1:4200/api",
-             "PREFECT_API_KEY": SECRET, "TMPDIR": "/var/lib/runner-agent/runs/x/tmp",
-             "MY_SETTING": "1"},
-        run_dir=run_dir, slice="runner-agent-flows.slice",
+        flow_run_id=RUN_ID,
+        flow_run_name="brave-otter",
+        deployment_name="hello",
+        working_dir=tmp_path,
+        python=sys.executable,
+        memory_max=512 * MiB,
+        cpu_quota=50,
+        tasks_max=64,
+        runtime_max=6 * 3600.0,
+        user="",
+        env={
+            "PREFECT__FLOW_RUN_ID": str(RUN_ID),
+            "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+            "PREFECT_API_KEY": SECRET,
+            "TMPDIR": "/var/lib/runner-agent/runs/x/tmp",
+            "MY_SETTING": "1",
+        },
+        run_dir=run_dir,
+        slice="runner-agent-flows.slice",
     )
     return replace(base, **changes)
 
 
 def tail(req: LaunchRequest) -> list[str]:
-    return ["--", "systemd-cat", f"--identifier=runner-agent-run-{RUN_ID}", "--",
-            "/bin/sh", "-c", WRAPPER, "runner-agent-run", str(req.run_dir),
-            req.python, "-m", "prefect.engine"]
+    return [
+        "--",
+        "systemd-cat",
+        f"--identifier=runner-agent-run-{RUN_ID}",
+        "--",
+        "/bin/sh",
+        "-c",
+        WRAPPER,
+        "runner-agent-run",
+        str(req.run_dir),
+        req.python,
+        "-m",
+        "prefect.engine",
+    ]
 
 
 DESCRIPTION = f"--description=Prefect flow run brave-otter ({RUN_ID}) of deployment hello"
@@ -57,20 +80,45 @@ DESCRIPTION = f"--description=Prefect flow run brave-otter ({RUN_ID}) of deploym
 def test_argv_as_root_with_every_limit(tmp_path: Path) -> None:
     req = request(tmp_path)
     assert systemd_run_argv(req, user_manager=False) == [
-        "systemd-run", "--scope", "--quiet", "--collect", "--no-ask-password",
-        f"--unit={UNIT}", "--slice=runner-agent-flows.slice", DESCRIPTION,
-        "-p", f"MemoryMax={512 * MiB}", "-p", "CPUQuota=50%", "-p", "TasksMax=64",
-        "-p", "RuntimeMaxSec=21600s", *tail(req),
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "--collect",
+        "--no-ask-password",
+        f"--unit={UNIT}",
+        "--slice=runner-agent-flows.slice",
+        DESCRIPTION,
+        "-p",
+        f"MemoryMax={512 * MiB}",
+        "-p",
+        "CPUQuota=50%",
+        "-p",
+        "TasksMax=64",
+        "-p",
+        "RuntimeMaxSec=21600s",
+        *tail(req),
     ]
 
 
 def test_argv_for_the_user_manager_with_infinite_limits(tmp_path: Path) -> None:
-    req = request(tmp_path, memory_max=None, cpu_quota=None, tasks_max=None, runtime_max=None,
-                  slice="")
+    req = request(
+        tmp_path, memory_max=None, cpu_quota=None, tasks_max=None, runtime_max=None, slice=""
+    )
     assert systemd_run_argv(req, user_manager=True, slice="fallback.slice") == [
-        "systemd-run", "--user", "--scope", "--quiet", "--collect", "--no-ask-password",
-        f"--unit={UNIT}", "--slice=fallback.slice", DESCRIPTION,
-        "-p", "MemoryMax=infinity", "-p", "TasksMax=infinity", *tail(req),
+        "systemd-run",
+        "--user",
+        "--scope",
+        "--quiet",
+        "--collect",
+        "--no-ask-password",
+        f"--unit={UNIT}",
+        "--slice=fallback.slice",
+        DESCRIPTION,
+        "-p",
+        "MemoryMax=infinity",
+        "-p",
+        "TasksMax=infinity",
+        *tail(req),
     ]
 
 
@@ -80,18 +128,35 @@ def test_argv_with_a_user_sets_uid_gid_and_exactly_its_groups(tmp_path: Path) ->
     # Only the engine switches user; the wrapper stays the agent's to write its records.
     drop = ["/usr/bin/setpriv", "--reuid=1500", "--regid=998", "--groups=998,1001", "--"]
     assert systemd_run_argv(req, user_manager=False, privilege_drop=drop) == [
-        "systemd-run", "--scope", "--quiet", "--collect", "--no-ask-password",
-        f"--unit={UNIT}", "--slice=runner-agent-flows.slice", DESCRIPTION,
-        "-p", f"MemoryMax={512 * MiB}", "-p", "CPUQuota=200%", "-p", "TasksMax=64",
-        "-p", "RuntimeMaxSec=1500ms", *wrapper,
-        *drop, python, dash_m, module,
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "--collect",
+        "--no-ask-password",
+        f"--unit={UNIT}",
+        "--slice=runner-agent-flows.slice",
+        DESCRIPTION,
+        "-p",
+        f"MemoryMax={512 * MiB}",
+        "-p",
+        "CPUQuota=200%",
+        "-p",
+        "TasksMax=64",
+        "-p",
+        "RuntimeMaxSec=1500ms",
+        *wrapper,
+        *drop,
+        python,
+        dash_m,
+        module,
     ]
 
 
 def test_no_secret_in_argv(tmp_path: Path) -> None:
     drop = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--groups=65534", "--"]
-    argv = systemd_run_argv(request(tmp_path, user="nobody"), user_manager=False,
-                            privilege_drop=drop)
+    argv = systemd_run_argv(
+        request(tmp_path, user="nobody"), user_manager=False, privilege_drop=drop
+    )
     assert not any(SECRET in arg for arg in argv)
     assert not any(arg.startswith(("-E", "--setenv")) for arg in argv)
 
@@ -130,8 +195,9 @@ async def test_user_manager_gets_its_bus_and_refuses_other_users(
 ) -> None:
     req = request(tmp_path)
     recorder = fp.register(systemd_run_argv(req, user_manager=True), returncode=0)
-    launcher = SystemdLauncher(slice="x.slice", user_manager=True,
-                               manager_env={"XDG_RUNTIME_DIR": "/run/user/1000"})
+    launcher = SystemdLauncher(
+        slice="x.slice", user_manager=True, manager_env={"XDG_RUNTIME_DIR": "/run/user/1000"}
+    )
     await (await launcher.launch(req)).wait()
     assert recorder.calls[0].kwargs["env"]["XDG_RUNTIME_DIR"] == "/run/user/1000"  # type: ignore[index]
     with pytest.raises(LaunchError, match="cannot run flows as user 'nobody'"):
@@ -140,9 +206,12 @@ async def test_user_manager_gets_its_bus_and_refuses_other_users(
 
 async def test_launch_failure_carries_systemd_runs_words(tmp_path: Path, fp: FakeProcess) -> None:
     req = request(tmp_path)
-    fp.register(systemd_run_argv(req, user_manager=False), returncode=1,
-                stderr="Failed to start transient scope unit: Unit runner-agent-run-x.scope "
-                       "already exists.\n")
+    fp.register(
+        systemd_run_argv(req, user_manager=False),
+        returncode=1,
+        stderr="Failed to start transient scope unit: Unit runner-agent-run-x.scope "
+        "already exists.\n",
+    )
     launcher = SystemdLauncher(slice="runner-agent-flows.slice", user_manager=False)
     with pytest.raises(LaunchError) as caught:
         await launcher.launch(req)
@@ -189,10 +258,16 @@ async def test_terminate_and_kill_signal_every_process_then_stop(
 async def test_kill_of_a_unit_that_is_gone_is_quiet(
     fp: FakeProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fp.register(["systemctl", "--user", "kill", "--kill-who=all", "--signal=SIGKILL", UNIT],
-                returncode=1, stderr=f"Failed to kill unit {UNIT}: Unit {UNIT} not loaded.\n")
-    fp.register(["systemctl", "--user", "stop", UNIT], returncode=5,
-                stderr=f"Failed to stop {UNIT}: Unit {UNIT} not loaded.\n")
+    fp.register(
+        ["systemctl", "--user", "kill", "--kill-who=all", "--signal=SIGKILL", UNIT],
+        returncode=1,
+        stderr=f"Failed to kill unit {UNIT}: Unit {UNIT} not loaded.\n",
+    )
+    fp.register(
+        ["systemctl", "--user", "stop", UNIT],
+        returncode=5,
+        stderr=f"Failed to stop {UNIT}: Unit {UNIT} not loaded.\n",
+    )
     launcher = SystemdLauncher(slice="s.slice", user_manager=True)
     await launcher.kill(_Handle(RUN_ID, None))  # unit derived from the id
     assert "failed" not in caplog.text
@@ -201,8 +276,11 @@ async def test_kill_of_a_unit_that_is_gone_is_quiet(
 async def test_a_real_systemctl_failure_is_logged(
     fp: FakeProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fp.register(["systemctl", "kill", "--kill-who=all", "--signal=SIGTERM", UNIT], returncode=1,
-                stderr="Failed to kill unit: Access denied\n")
+    fp.register(
+        ["systemctl", "kill", "--kill-who=all", "--signal=SIGTERM", UNIT],
+        returncode=1,
+        stderr="Failed to kill unit: Access denied\n",
+    )
     await SystemdLauncher(slice="s.slice", user_manager=False).terminate(_Handle(RUN_ID, UNIT))
     assert "Access denied" in caplog.text
 
@@ -217,10 +295,14 @@ async def test_a_real_systemctl_failure_is_logged(
         ("", 1, None),
     ],
 )
-async def test_unit_result(fp: FakeProcess, stdout: str, returncode: int,
-                           expected: str | None) -> None:
-    fp.register(["systemctl", "show", "-p", "Result,ActiveState,SubState,LoadState", UNIT],
-                stdout=stdout, returncode=returncode)
+async def test_unit_result(
+    fp: FakeProcess, stdout: str, returncode: int, expected: str | None
+) -> None:
+    fp.register(
+        ["systemctl", "show", "-p", "Result,ActiveState,SubState,LoadState", UNIT],
+        stdout=stdout,
+        returncode=returncode,
+    )
     launcher = SystemdLauncher(slice="s.slice", user_manager=False)
     assert await launcher.unit_result(_Handle(RUN_ID, UNIT)) == expected
 

@@ -144,7 +144,14 @@ def test_json_lines_with_context_fields() -> None:
     logging.getLogger("agent.daemon").warning("plain")
     first, second = json_lines(stream)
     assert set(first) == {
-        "time", "level", "logger", "message", "flow_run_id", "deployment", "unit", "attempt",
+        "time",
+        "level",
+        "logger",
+        "message",
+        "flow_run_id",
+        "deployment",
+        "unit",
+        "attempt",
     }
     assert first["level"] == "INFO"
     assert first["logger"] == "agent.runner"
@@ -157,7 +164,10 @@ def test_json_lines_with_context_fields() -> None:
     assert when.utcoffset() == timedelta(0)
     assert abs((datetime.now(UTC) - when).total_seconds()) < 60
     assert second == {
-        "time": second["time"], "level": "WARNING", "logger": "agent.daemon", "message": "plain",
+        "time": second["time"],
+        "level": "WARNING",
+        "logger": "agent.daemon",
+        "message": "plain",
     }
 
 
@@ -238,11 +248,17 @@ def test_journal_native_protocol(journal: Journal) -> None:
     assert setup.journal
     log = logging.getLogger("agent.runner")
     log.info(
-        "claimed with key %s", SECRET,
-        extra={"flow_run_id": str(RUN_ID), "deployment": "hello/etl",
-               "unit": "runner-agent-run-1.scope",
-               "detail": "line one\nline two", "http.status-code": 503, "_private": "p",
-               "empty": None},
+        "claimed with key %s",
+        SECRET,
+        extra={
+            "flow_run_id": str(RUN_ID),
+            "deployment": "hello/etl",
+            "unit": "runner-agent-run-1.scope",
+            "detail": "line one\nline two",
+            "http.status-code": 503,
+            "_private": "p",
+            "empty": None,
+        },
     )
     raw = journal.receive()
     names = [name for name, _ in raw]

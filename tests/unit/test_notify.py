@@ -193,9 +193,15 @@ def test_watchdog_pings_at_the_interval() -> None:
 
     async def main() -> float:
         start = virtual_loop().time()
-        task = asyncio.create_task(run_watchdog(
-            notifier, Liveness(), interval=0.05, on_tick=on_tick, status=lambda: f"tick {ticks}",
-        ))
+        task = asyncio.create_task(
+            run_watchdog(
+                notifier,
+                Liveness(),
+                interval=0.05,
+                on_tick=on_tick,
+                status=lambda: f"tick {ticks}",
+            )
+        )
         await asyncio.sleep(0.52)
         await _cancel(task)
         sent = len(notifier.sent)
@@ -223,8 +229,7 @@ def test_no_watchdog_configured_still_updates_status() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(
-            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=on_tick,
-                         status=lambda: "ok")
+            run_watchdog(notifier, Liveness(), interval=0.05, on_tick=on_tick, status=lambda: "ok")
         )
         await asyncio.sleep(0.12)
         await _cancel(task)
@@ -263,12 +268,19 @@ def test_a_stalled_poll_loop_withholds_the_ping(caplog: pytest.LogCaptureFixture
         liveness = Liveness(clock=virtual_loop().time)
         block = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(poll_loop(liveness, block)),
-                     group.create_task(heartbeats(liveness))]
-            watchdog = group.create_task(run_watchdog(
-                notifier, liveness, interval=0.05, on_tick=on_tick,
-                status=lambda: "1/4 runs; API ok",
-            ))
+            loops = [
+                group.create_task(poll_loop(liveness, block)),
+                group.create_task(heartbeats(liveness)),
+            ]
+            watchdog = group.create_task(
+                run_watchdog(
+                    notifier,
+                    liveness,
+                    interval=0.05,
+                    on_tick=on_tick,
+                    status=lambda: "1/4 runs; API ok",
+                )
+            )
             await asyncio.sleep(0.31)
             healthy = notifier.drain()
             assert healthy.count(PING) == 7  # at 0, 0.05, ... 0.30 s
@@ -280,9 +292,7 @@ def test_a_stalled_poll_loop_withholds_the_ping(caplog: pytest.LogCaptureFixture
             ticks_at_stall = ticks
             await asyncio.sleep(0.3)
             stalled = notifier.drain()
-            assert stalled == [
-                "STATUS=stalled: poll made no progress; watchdog ping withheld"
-            ] * 6
+            assert stalled == ["STATUS=stalled: poll made no progress; watchdog ping withheld"] * 6
             assert ticks == ticks_at_stall  # no agent heartbeat while stalled either
 
             for task in [*loops, watchdog]:

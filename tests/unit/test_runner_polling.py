@@ -31,9 +31,10 @@ async def count_polls(
     monkeypatch.setattr(fakes, "CONFIG", config)
     server = fakes.FakePrefect()
     fakes._registered(server, tmp_path)  # registered and up to date; no runs due
-    async with fakes.agent_env(tmp_path, server) as (cfg, client, launcher, _errors), FlowRunLogs(
-        client.create_logs
-    ) as logs:
+    async with (
+        fakes.agent_env(tmp_path, server) as (cfg, client, launcher, _errors),
+        FlowRunLogs(client.create_logs) as logs,
+    ):
         assert cfg.agent.poll_interval == interval
         runner = fakes.make_runner(cfg, client, launcher, logs)
         task = asyncio.create_task(runner.run())
@@ -65,17 +66,15 @@ def test_a_storm_of_wake_ups_costs_a_few_polls_not_one_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 100 wake-ups in 0.5 s with a 10 s interval: without coalescing, ~100 polls.
-    polls, _ = run_virtual(count_polls(
-        tmp_path, monkeypatch, interval=10.0, seconds=0.5, wake_every=0.005
-    ))
+    polls, _ = run_virtual(
+        count_polls(tmp_path, monkeypatch, interval=10.0, seconds=0.5, wake_every=0.005)
+    )
     assert 1 <= polls <= 0.5 / MIN_WAKE_GAP + 2, polls
 
 
-def test_a_single_wake_up_polls_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_single_wake_up_polls_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # One Scheduled event after a quiet spell: polled right away, not after the 10 s interval.
-    polls, _ = run_virtual(count_polls(
-        tmp_path, monkeypatch, interval=10.0, seconds=0.3, wake_every=0.25
-    ))
+    polls, _ = run_virtual(
+        count_polls(tmp_path, monkeypatch, interval=10.0, seconds=0.3, wake_every=0.25)
+    )
     assert polls >= 1, polls

@@ -141,15 +141,15 @@ def test_a_sticky_directory_like_tmp_is_fine_above_a_safe_one(confdir: Path) -> 
 
 
 @as_root
-def test_a_symlinked_config_is_checked_where_it_really_lives(confdir: Path,
-                                                             tmp_path: Path) -> None:
+def test_a_symlinked_config_is_checked_where_it_really_lives(confdir: Path, tmp_path: Path) -> None:
     real = write(tmp_path / "shared" / "conf" / "agent.toml")
     (confdir / "agent.toml").symlink_to(real)
     load_settings(confdir / "agent.toml", {})
     real.parent.chmod(0o777)
     assert error_of(confdir / "agent.toml") == (
         f"{confdir / 'agent.toml'}: directory {real.parent} is writable by everyone "
-        f"(mode 0777); {TAIL}")
+        f"(mode 0777); {TAIL}"
+    )
 
 
 def test_a_fifo_in_place_of_the_config_is_refused_without_hanging(confdir: Path) -> None:
@@ -159,20 +159,30 @@ def test_a_fifo_in_place_of_the_config_is_refused_without_hanging(confdir: Path)
 
 @as_root
 def test_check_config_refuses_a_writable_config_directory_in_one_line(confdir: Path) -> None:
-    main = write(confdir / "agent.toml", '[agent]\nlimit = 2\n')
-    ok = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(main)],
-                        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
-                        check=False, timeout=60)
+    main = write(confdir / "agent.toml", "[agent]\nlimit = 2\n")
+    ok = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--config", str(main)],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+        check=False,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     confdir.chmod(0o777)
     refused = subprocess.run(
         [sys.executable, "-m", "agent", "check-config", "--config", str(main)],
-        capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=False,
-        timeout=60)
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+        check=False,
+        timeout=60,
+    )
     assert refused.returncode == 78
     assert refused.stdout == ""
-    assert refused.stderr == (f"runner-agent: {main}: directory {confdir} is writable by "
-                              f"everyone (mode 0777); {TAIL}\n")
+    assert refused.stderr == (
+        f"runner-agent: {main}: directory {confdir} is writable by everyone (mode 0777); {TAIL}\n"
+    )
 
 
 # -- config errors never echo a secret ---------------------------------------------------------
@@ -182,14 +192,20 @@ def test_check_config_refuses_a_writable_config_directory_in_one_line(confdir: P
     ("text", "expected"),
     [
         (f'[api]\nkey = ["{SECRET}"]\n', "api.key: expected a string"),
-        (f"[api]\nauth_string = {{ a = \"{SECRET}\" }}\n", "api.auth_string: expected a string"),
-        (f'[api]\nurl = "http://admin:{SECRET}@127.0.0.1:99999/api"\n',
-         "api.url: not a URL: 'http://***@127.0.0.1:99999/api'"),
-        (f'[api]\nurl = "ftp://admin:{SECRET}@host/api"\n',
-         "api.url: not an http(s) URL: 'ftp://***@host/api'"),
-        ('[[deployment]]\nname = "x"\nentrypoint = "a.py:f"\n'
-         f'git = {{ url = "htps://u:{SECRET}/x@host/r.git" }}\n',
-         "deployment[x].git.url: unsupported git URL scheme 'htps' in 'htps://***@host/r.git'"),
+        (f'[api]\nauth_string = {{ a = "{SECRET}" }}\n', "api.auth_string: expected a string"),
+        (
+            f'[api]\nurl = "http://admin:{SECRET}@127.0.0.1:99999/api"\n',
+            "api.url: not a URL: 'http://***@127.0.0.1:99999/api'",
+        ),
+        (
+            f'[api]\nurl = "ftp://admin:{SECRET}@host/api"\n',
+            "api.url: not an http(s) URL: 'ftp://***@host/api'",
+        ),
+        (
+            '[[deployment]]\nname = "x"\nentrypoint = "a.py:f"\n'
+            f'git = {{ url = "htps://u:{SECRET}/x@host/r.git" }}\n',
+            "deployment[x].git.url: unsupported git URL scheme 'htps' in 'htps://***@host/r.git'",
+        ),
     ],
 )
 def test_a_config_error_never_shows_a_secret(tmp_path: Path, text: str, expected: str) -> None:
@@ -229,29 +245,43 @@ def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 def settings_for(state: Path, runtime: Path, flows: Path, user: str = "") -> Settings:
     config = state.parent / "agent.toml"
-    write(config, f'[agent]\nstate_dir = "{state}"\nruntime_dir = "{runtime}"\n'
-                  f'[flow_run]\nuser = "{user}"\n'
-                  f'[[deployment]]\nname = "d"\nentrypoint = "f.py:f"\npath = "{flows}"\n')
+    write(
+        config,
+        f'[agent]\nstate_dir = "{state}"\nruntime_dir = "{runtime}"\n'
+        f'[flow_run]\nuser = "{user}"\n'
+        f'[[deployment]]\nname = "d"\nentrypoint = "f.py:f"\npath = "{flows}"\n',
+    )
     return load_settings(config, {})
 
 
 async def prepare(state: Path, runtime: Path, user: str = "") -> tuple[Workspaces, Path, Path]:
     settings = settings_for(state, runtime, state.parent, user)
     workspaces = Workspaces(lambda: settings, Storage(state))
-    ws = await workspaces.prepare(RUN_ID, settings.deployments[0],
-                                  settings.deployments[0].flow_run_settings(settings.flow_run),
-                                  lambda message, level: None)
+    ws = await workspaces.prepare(
+        RUN_ID,
+        settings.deployments[0],
+        settings.deployments[0].flow_run_settings(settings.flow_run),
+        lambda message, level: None,
+    )
     return workspaces, ws.tmpdir, ws.run_dir
 
 
 async def test_a_runs_directories_are_private_also_below_a_umask_made_one(
-        dirs: tuple[Path, Path]) -> None:
+    dirs: tuple[Path, Path],
+) -> None:
     state, runtime = dirs
     (state / "runs" / str(RUN_ID)).mkdir(parents=True, mode=0o755)  # as a 022 umask makes it
     (state / "runs").chmod(0o755)
     _ws, tmpdir, run_dir = await prepare(state, runtime)
-    for path in (state, state / "runs", state / "runs" / str(RUN_ID), tmpdir,
-                 runtime, runtime / "runs", run_dir):
+    for path in (
+        state,
+        state / "runs",
+        state / "runs" / str(RUN_ID),
+        tmpdir,
+        runtime,
+        runtime / "runs",
+        run_dir,
+    ):
         assert (mode_of(path), path.stat().st_uid) == (0o700, os.geteuid()), path
 
 
@@ -269,26 +299,38 @@ def open_dirs() -> Iterator[tuple[Path, Path]]:
 
 
 def as_nobody(script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           "--", "sh", "-c", script], capture_output=True, text=True,
-                          check=False, timeout=30)
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
 
 
 @as_root
-async def test_a_run_as_another_user_gets_only_a_way_through(
-        open_dirs: tuple[Path, Path]) -> None:
+async def test_a_run_as_another_user_gets_only_a_way_through(open_dirs: tuple[Path, Path]) -> None:
     state, runtime = open_dirs
     workspaces, tmpdir, run_dir = await prepare(state, runtime, user="nobody")
-    assert (mode_of(tmpdir), tmpdir.stat().st_uid, tmpdir.stat().st_gid) == (0o700, NOBODY,
-                                                                              NOGROUP)
+    assert (mode_of(tmpdir), tmpdir.stat().st_uid, tmpdir.stat().st_gid) == (0o700, NOBODY, NOGROUP)
     for path in (state, state / "runs", tmpdir.parent):
         assert mode_of(path) == 0o711, path  # pass through, never list or write
     # The run directory stays the agent's: the wrapper (root) writes the exit status there.
     for path in (runtime, runtime / "runs", run_dir):
         assert (mode_of(path), path.stat().st_uid) == (0o700, 0), path
     # The user can really write its TMPDIR by name, and cannot list what is above it.
-    probe = as_nobody(f"echo ok > {tmpdir}/probe && cat {tmpdir}/probe; ls {state}/runs;"
-                      f" ls {run_dir}")
+    probe = as_nobody(
+        f"echo ok > {tmpdir}/probe && cat {tmpdir}/probe; ls {state}/runs; ls {run_dir}"
+    )
     assert probe.stdout == "ok\n", probe
     assert probe.stderr.count("Permission denied") == 2, probe.stderr
     # systemd resets the state directory to 0700 at every start; adoption gives the way back.
@@ -332,8 +374,14 @@ def test_storage_directories_are_private_and_commit_directories_readable(tmp_pat
 
 def source_repository(tmp_path: Path) -> Path:
     source = tmp_path / "source"
-    env = {"PATH": os.environ["PATH"], "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(tmp_path)}
+    env = {
+        "PATH": os.environ["PATH"],
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "HOME": str(tmp_path),
+    }
     subprocess.run(["git", "init", "-q", "-b", "main", str(source)], check=True, env=env)
     (source / "f.py").write_text("x = 1\n")
     subprocess.run(["git", "-C", str(source), "add", "."], check=True, env=env)
@@ -348,13 +396,23 @@ async def test_git_keeps_its_repositories_private_whatever_the_umask(tmp_path: P
         git = Git("git", {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, timeout=60)
         repo = tmp_path / "repo"
         await git.run(["init", "--quiet", "--bare", str(repo)])
-        await git.run(["--git-dir", str(repo), "fetch", "--quiet", "--no-write-fetch-head",
-                       str(source), "+refs/heads/main:refs/heads/main"])
+        await git.run(
+            [
+                "--git-dir",
+                str(repo),
+                "fetch",
+                "--quiet",
+                "--no-write-fetch-head",
+                str(source),
+                "+refs/heads/main:refs/heads/main",
+            ]
+        )
     finally:
         os.umask(old)
     modes = {p: mode_of(p) for p in [repo, *repo.rglob("*")]}
-    loose = {p: m for p, m in modes.items()
-             if (p.is_dir() and m != 0o700) or (p.is_file() and m & 0o077)}
+    loose = {
+        p: m for p, m in modes.items() if (p.is_dir() and m != 0o700) or (p.is_file() and m & 0o077)
+    }
     assert not loose, loose
     assert PRIVATE_REPOSITORY["GIT_CONFIG_VALUE_0"] == "0600"
 
@@ -364,9 +422,20 @@ async def test_git_keeps_its_repositories_private_whatever_the_umask(tmp_path: P
 
 def request(tmp: Path, user: str, python: str) -> LaunchRequest:
     return LaunchRequest(
-        flow_run_id=RUN_ID, flow_run_name="n", deployment_name="d", working_dir=tmp,
-        python=python, memory_max=None, cpu_quota=None, tasks_max=None, runtime_max=None,
-        user=user, env={"PREFECT_API_KEY": SECRET}, run_dir=tmp / "run", slice="s.slice")
+        flow_run_id=RUN_ID,
+        flow_run_name="n",
+        deployment_name="d",
+        working_dir=tmp,
+        python=python,
+        memory_max=None,
+        cpu_quota=None,
+        tasks_max=None,
+        runtime_max=None,
+        user=user,
+        env={"PREFECT_API_KEY": SECRET},
+        run_dir=tmp / "run",
+        slice="s.slice",
+    )
 
 
 def test_only_the_engine_drops_to_the_user(tmp_path: Path) -> None:
@@ -378,9 +447,16 @@ def test_only_the_engine_drops_to_the_user(tmp_path: Path) -> None:
     assert not any(SECRET in a for a in argv)
     at = argv.index(str(req.run_dir))  # the wrapper's argument; the engine follows it
     # An unknown user name has only its primary group (getgrouplist).
-    assert argv[at + 1:] == ["/usr/bin/setpriv", "--reuid=1500", "--regid=998",
-                             "--groups=998", "--", "/usr/bin/python3", "-m",
-                             "prefect.engine"]
+    assert argv[at + 1 :] == [
+        "/usr/bin/setpriv",
+        "--reuid=1500",
+        "--regid=998",
+        "--groups=998",
+        "--",
+        "/usr/bin/python3",
+        "-m",
+        "prefect.engine",
+    ]
     root = systemd_run_argv(request(tmp_path, "", "/usr/bin/python3"), user_manager=False)
     assert "/usr/bin/setpriv" not in root
 
@@ -397,9 +473,10 @@ def test_the_wrapper_records_as_root_while_the_engine_runs_as_the_user() -> None
         engine.chmod(0o755)
         req = request(base, "nobody", str(engine))
         (base / "run").mkdir(mode=0o700)  # root's, as the workspace makes it
-        argv = systemd_run_argv(req, user_manager=False,
-                                privilege_drop=privilege_drop(pwd.getpwnam("nobody")))
-        command = argv[argv.index("/bin/sh"):]
+        argv = systemd_run_argv(
+            req, user_manager=False, privilege_drop=privilege_drop(pwd.getpwnam("nobody"))
+        )
+        command = argv[argv.index("/bin/sh") :]
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
         assert done.returncode == 0, done.stderr
         fields = dict(line.split(":", 1) for line in done.stdout.splitlines())
@@ -413,4 +490,3 @@ def test_the_wrapper_records_as_root_while_the_engine_runs_as_the_user() -> None
         assert (base / "run" / "exit-status").read_text() == "0\n"
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
-

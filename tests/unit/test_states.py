@@ -11,12 +11,24 @@ from agent import states
 MiB = 1024 * 1024
 
 
-def explain(status: int, result: str | None = None, *, memory_max: int | None = None,
-            runtime_max: float | None = None, cancelled: bool = False,
-            elapsed: float | None = None) -> str:
-    return states.explain_exit(status, result, memory_max=memory_max, runtime_max=runtime_max,
-                               command="/opt/x/bin/python", cancelled=cancelled,
-                               elapsed=elapsed).message()
+def explain(
+    status: int,
+    result: str | None = None,
+    *,
+    memory_max: int | None = None,
+    runtime_max: float | None = None,
+    cancelled: bool = False,
+    elapsed: float | None = None,
+) -> str:
+    return states.explain_exit(
+        status,
+        result,
+        memory_max=memory_max,
+        runtime_max=runtime_max,
+        command="/opt/x/bin/python",
+        cancelled=cancelled,
+        elapsed=elapsed,
+    ).message()
 
 
 @pytest.mark.parametrize(
@@ -24,8 +36,12 @@ def explain(status: int, result: str | None = None, *, memory_max: int | None = 
     [
         (states.pending_state(), "PENDING", "Pending", None),
         (states.crashed_state("boom"), "CRASHED", "Crashed", "boom"),
-        (states.cancelled_state(), "CANCELLED", "Cancelled",
-         "Flow run was cancelled successfully."),
+        (
+            states.cancelled_state(),
+            "CANCELLED",
+            "Cancelled",
+            "Flow run was cancelled successfully.",
+        ),
         (states.cancelled_state("by hand"), "CANCELLED", "Cancelled", "by hand"),
     ],
 )
@@ -58,60 +74,96 @@ def test_non_final_states(state_type: str) -> None:
     ("kwargs", "expected"),
     [
         # systemd saw it
-        (dict(status=137, result="oom-kill", memory_max=512 * MiB),
-         "Process exited with status 137 (SIGKILL): killed by the kernel OOM killer at "
-         "MemoryMax=512M"),
-        (dict(status=137, result="oom-kill"),
-         "Process exited with status 137 (SIGKILL): killed by the kernel OOM killer"),
-        (dict(status=143, result="timeout", runtime_max=6 * 3600.0),
-         "Process exited with status 143 (SIGTERM): RuntimeMaxSec=6h exceeded"),
-        (dict(status=1, result="timeout", runtime_max=90.0),
-         "Process exited with status 1: RuntimeMaxSec=1m30s exceeded"),
-        (dict(status=143, result="timeout"),
-         "Process exited with status 143 (SIGTERM): the unit's runtime limit was exceeded"),
-        (dict(status=134, result="core-dump"),
-         "Process exited with status 134 (SIGABRT): dumped core (SIGABRT)"),
+        (
+            dict(status=137, result="oom-kill", memory_max=512 * MiB),
+            "Process exited with status 137 (SIGKILL): killed by the kernel OOM killer at "
+            "MemoryMax=512M",
+        ),
+        (
+            dict(status=137, result="oom-kill"),
+            "Process exited with status 137 (SIGKILL): killed by the kernel OOM killer",
+        ),
+        (
+            dict(status=143, result="timeout", runtime_max=6 * 3600.0),
+            "Process exited with status 143 (SIGTERM): RuntimeMaxSec=6h exceeded",
+        ),
+        (
+            dict(status=1, result="timeout", runtime_max=90.0),
+            "Process exited with status 1: RuntimeMaxSec=1m30s exceeded",
+        ),
+        (
+            dict(status=143, result="timeout"),
+            "Process exited with status 143 (SIGTERM): the unit's runtime limit was exceeded",
+        ),
+        (
+            dict(status=134, result="core-dump"),
+            "Process exited with status 134 (SIGABRT): dumped core (SIGABRT)",
+        ),
         (dict(status=1, result="core-dump"), "Process exited with status 1: dumped core"),
         # guesses from the number (cgroup v1, or the scope already collected)
-        (dict(status=143, runtime_max=60.0, elapsed=61.0),
-         "Process exited with status 143 (SIGTERM): RuntimeMaxSec=1m exceeded"),
-        (dict(status=137, result="success", memory_max=512 * MiB),
-         "Process exited with status 137 (SIGKILL): probably killed by the kernel OOM killer "
-         "(MemoryMax=512M)"),
-        (dict(status=-9, memory_max=2 * 1024 * MiB),
-         "Process exited with status 137 (SIGKILL): probably killed by the kernel OOM killer "
-         "(MemoryMax=2G)"),
-        (dict(status=137),
-         "Process exited with status 137 (SIGKILL): killed by SIGKILL (the kernel OOM killer, "
-         "a stop of its unit or a manual kill)"),
-        (dict(status=143, runtime_max=60.0, elapsed=10.0),
-         "Process exited with status 143 (SIGTERM): terminated by SIGTERM (a stop of its unit, "
-         "a shutdown or a manual kill)"),
-        (dict(status=-15),
-         "Process exited with status 143 (SIGTERM): terminated by SIGTERM (a stop of its unit, "
-         "a shutdown or a manual kill)"),
+        (
+            dict(status=143, runtime_max=60.0, elapsed=61.0),
+            "Process exited with status 143 (SIGTERM): RuntimeMaxSec=1m exceeded",
+        ),
+        (
+            dict(status=137, result="success", memory_max=512 * MiB),
+            "Process exited with status 137 (SIGKILL): probably killed by the kernel OOM killer "
+            "(MemoryMax=512M)",
+        ),
+        (
+            dict(status=-9, memory_max=2 * 1024 * MiB),
+            "Process exited with status 137 (SIGKILL): probably killed by the kernel OOM killer "
+            "(MemoryMax=2G)",
+        ),
+        (
+            dict(status=137),
+            "Process exited with status 137 (SIGKILL): killed by SIGKILL (the kernel OOM killer, "
+            "a stop of its unit or a manual kill)",
+        ),
+        (
+            dict(status=143, runtime_max=60.0, elapsed=10.0),
+            "Process exited with status 143 (SIGTERM): terminated by SIGTERM (a stop of its unit, "
+            "a shutdown or a manual kill)",
+        ),
+        (
+            dict(status=-15),
+            "Process exited with status 143 (SIGTERM): terminated by SIGTERM (a stop of its unit, "
+            "a shutdown or a manual kill)",
+        ),
         (dict(status=127), "Process exited with status 127: command not found: /opt/x/bin/python"),
-        (dict(status=126),
-         "Process exited with status 126: command not executable (permission denied): "
-         "/opt/x/bin/python"),
-        (dict(status=1),
-         "Process exited with status 1: general error (usually an unhandled exception); "
-         "see the flow run's output"),
-        (dict(status=2),
-         "Process exited with status 2: usage error: the interpreter rejected its command line"),
+        (
+            dict(status=126),
+            "Process exited with status 126: command not executable (permission denied): "
+            "/opt/x/bin/python",
+        ),
+        (
+            dict(status=1),
+            "Process exited with status 1: general error (usually an unhandled exception); "
+            "see the flow run's output",
+        ),
+        (
+            dict(status=2),
+            "Process exited with status 2: usage error: the interpreter rejected its command line",
+        ),
         (dict(status=247), "Process exited with status 247: terminated for high memory usage"),
-        (dict(status=139, result="signal"),
-         "Process exited with status 139 (SIGSEGV): killed by SIGSEGV"),
+        (
+            dict(status=139, result="signal"),
+            "Process exited with status 139 (SIGSEGV): killed by SIGSEGV",
+        ),
         (dict(status=-11), "Process exited with status 139 (SIGSEGV): killed by SIGSEGV"),
         (dict(status=3, result="signal"), "Process exited with status 3: killed by a signal"),
         (dict(status=3), "Process exited with status 3"),
         (dict(status=3, result="exit-code"), "Process exited with status 3"),
-        (dict(status=255),
-         "Process exited with status 255: unknown status (the process vanished without "
-         "recording its exit status)"),
+        (
+            dict(status=255),
+            "Process exited with status 255: unknown status (the process vanished without "
+            "recording its exit status)",
+        ),
         (dict(status=0, result="success"), "Process exited with status 0"),
-        (dict(status=143, cancelled=True),
-         "Process exited with status 143 (SIGTERM): stopped by a cancellation"),
+        (
+            dict(status=143, cancelled=True),
+            "Process exited with status 143 (SIGTERM): stopped by a cancellation",
+        ),
     ],
 )
 def test_explain_exit(kwargs: dict[str, object], expected: str) -> None:
@@ -138,9 +190,20 @@ def test_shell_status_converts_python_signal_codes() -> None:
     ],
 )
 def test_the_cause_is_data_and_says_whether_a_limit_ended_the_run(
-    status: int, result: str | None, memory_max: int | None, runtime_max: float | None,
-    elapsed: float | None, kind: states.ExitKind, limit_hit: bool,
+    status: int,
+    result: str | None,
+    memory_max: int | None,
+    runtime_max: float | None,
+    elapsed: float | None,
+    kind: states.ExitKind,
+    limit_hit: bool,
 ) -> None:
-    cause = states.explain_exit(status, result, memory_max=memory_max, runtime_max=runtime_max,
-                                command="python", elapsed=elapsed)
+    cause = states.explain_exit(
+        status,
+        result,
+        memory_max=memory_max,
+        runtime_max=runtime_max,
+        command="python",
+        elapsed=elapsed,
+    )
     assert (cause.kind, cause.limit_hit) == (kind, limit_hit)

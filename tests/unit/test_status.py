@@ -53,8 +53,9 @@ def config(tmp_path: Path) -> Path:
 
 def main(config: Path, *argv: str, path_env: str = "/nonexistent") -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = cli.main(["--config", str(config), *argv], environ={"PATH": path_env},
-                    stdout=out, stderr=err)
+    code = cli.main(
+        ["--config", str(config), *argv], environ={"PATH": path_env}, stdout=out, stderr=err
+    )
     return code, out.getvalue(), err.getvalue()
 
 
@@ -66,12 +67,14 @@ BURNT = 0.3
 @pytest.fixture
 def busy_process() -> Iterator[subprocess.Popen[bytes]]:
     """A 'flow' holding 64 MB that has started a grandchild, like a real run's main process."""
-    code = ("import subprocess, sys, time\n"
-            "data = b'x' * (64 << 20)\n"
-            "child = subprocess.Popen(['sleep', '60'])\n"
-            f"while time.process_time() < {BURNT}: pass\n"
-            "print(child.pid, flush=True)\n"
-            "time.sleep(60)\n")
+    code = (
+        "import subprocess, sys, time\n"
+        "data = b'x' * (64 << 20)\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        f"while time.process_time() < {BURNT}: pass\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     child_pid = int(proc.stdout.readline())  # after the burn
@@ -92,10 +95,25 @@ def test_status_json_has_records_usage_and_deployment_limits(
     config: Path, busy_process: subprocess.Popen[bytes]
 ) -> None:
     now = time.time()
-    save(config, flow_run_id=RUN_A, deployment="small", phase="running", claimed_at=now - 90,
-         unit=f"runner-agent-run-{RUN_A}.scope", pid=busy_process.pid, launcher="systemd")
-    save(config, flow_run_id=RUN_B, deployment="gone-from-config", phase="exited",
-         claimed_at=now - 10, pid=2**22 + 12345, exit_status=3)
+    save(
+        config,
+        flow_run_id=RUN_A,
+        deployment="small",
+        phase="running",
+        claimed_at=now - 90,
+        unit=f"runner-agent-run-{RUN_A}.scope",
+        pid=busy_process.pid,
+        launcher="systemd",
+    )
+    save(
+        config,
+        flow_run_id=RUN_B,
+        deployment="gone-from-config",
+        phase="exited",
+        claimed_at=now - 10,
+        pid=2**22 + 12345,
+        exit_status=3,
+    )
     code, out, err = main(config, "status", "--json")
     took = time.time() - now
     assert (code, err) == (0, "")
@@ -103,7 +121,11 @@ def test_status_json_has_records_usage_and_deployment_limits(
     assert [r["flow_run_id"] for r in runs] == [RUN_A, RUN_B]  # oldest claim first
     a, b = runs
     assert (a["deployment"], a["phase"], a["pid"], a["alive"]) == (
-        "small", "running", busy_process.pid, True)
+        "small",
+        "running",
+        busy_process.pid,
+        True,
+    )
     assert a["unit"] == f"runner-agent-run-{RUN_A}.scope"
     assert 90 <= a["age_seconds"] <= 90 + took
     assert a["processes"] == 2  # the main process and its `sleep` child
@@ -111,18 +133,36 @@ def test_status_json_has_records_usage_and_deployment_limits(
     # /proc counts CPU time in clock ticks (10 ms), process_time() to the nanosecond.
     assert a["cpu_seconds"] >= BURNT - 0.05
     # The deployment's overrides merged over [flow_run].
-    assert a["limits"] == {"memory_max": "100M", "cpu_quota": "150%", "tasks_max": 64,
-                           "runtime_max": "5s", "user": "nobody", "configured": True}
+    assert a["limits"] == {
+        "memory_max": "100M",
+        "cpu_quota": "150%",
+        "tasks_max": 64,
+        "runtime_max": "5s",
+        "user": "nobody",
+        "configured": True,
+    }
     assert (b["alive"], b["processes"], b["rss_bytes"], b["cpu_seconds"]) == (False, 0, None, None)
-    assert b["limits"] == {"memory_max": "1G", "cpu_quota": "150%", "tasks_max": 64,
-                           "runtime_max": "2h", "user": None, "configured": False}
+    assert b["limits"] == {
+        "memory_max": "1G",
+        "cpu_quota": "150%",
+        "tasks_max": 64,
+        "runtime_max": "2h",
+        "user": None,
+        "configured": False,
+    }
 
 
 def test_status_table(config: Path, busy_process: subprocess.Popen[bytes]) -> None:
     now = time.time()
-    save(config, flow_run_id=RUN_A, deployment="small", phase="running",
-         claimed_at=now - 75, unit=f"runner-agent-run-{RUN_A}.scope",
-         pid=busy_process.pid)
+    save(
+        config,
+        flow_run_id=RUN_A,
+        deployment="small",
+        phase="running",
+        claimed_at=now - 75,
+        unit=f"runner-agent-run-{RUN_A}.scope",
+        pid=busy_process.pid,
+    )
     save(config, flow_run_id=RUN_B, deployment="old", phase="claiming", claimed_at=None)
     code, out, _err = main(config, "status")
     took = time.time() - now
@@ -156,9 +196,18 @@ def test_status_with_a_bad_config_exits_78(tmp_path: Path) -> None:
 
 def test_human_figures() -> None:
     assert [status.human_bytes(v) for v in (None, 512, 1536, 100 << 20, 3 << 30)] == [
-        "-", "512B", "1.5K", "100.0M", "3.0G"]
+        "-",
+        "512B",
+        "1.5K",
+        "100.0M",
+        "3.0G",
+    ]
     assert [status.human_seconds(v) for v in (None, 4.25, 75, 3725)] == [
-        "-", "4.2s", "1m15s", "1h02m"]
+        "-",
+        "4.2s",
+        "1m15s",
+        "1h02m",
+    ]
 
 
 @pytest.fixture
@@ -173,9 +222,10 @@ def fake_journalctl(tmp_path: Path) -> Path:
 
 
 def test_logs_reads_the_scope_journal(config: Path, fake_journalctl: Path, fp: FakeProcess) -> None:
-    fp.register([str(fake_journalctl), "--no-pager", "-o", "cat", "-u",
-                 f"runner-agent-run-{RUN_A}.scope"],
-                stdout=["hello from the flow", "Finished in state Completed()"])
+    fp.register(
+        [str(fake_journalctl), "--no-pager", "-o", "cat", "-u", f"runner-agent-run-{RUN_A}.scope"],
+        stdout=["hello from the flow", "Finished in state Completed()"],
+    )
     code, out, err = main(config, "logs", RUN_A, path_env=str(fake_journalctl.parent))
     assert (code, err) == (0, "")
     assert out == "hello from the flow\nFinished in state Completed()\n"
@@ -184,12 +234,35 @@ def test_logs_reads_the_scope_journal(config: Path, fake_journalctl: Path, fp: F
 def test_logs_follow_passes_f_and_journalctl_status(
     config: Path, fake_journalctl: Path, fp: FakeProcess
 ) -> None:
-    fp.register([str(fake_journalctl), "--no-pager", "-o", "cat", "-u",
-                 f"runner-agent-run-{RUN_A}.scope", "-f"], stdout="line\n", returncode=1)
+    fp.register(
+        [
+            str(fake_journalctl),
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            f"runner-agent-run-{RUN_A}.scope",
+            "-f",
+        ],
+        stdout="line\n",
+        returncode=1,
+    )
     code, out, _err = main(config, "logs", "-f", RUN_A, path_env=str(fake_journalctl.parent))
     assert (code, out) == (1, "line\n")
-    assert fp.call_count([str(fake_journalctl), "--no-pager", "-o", "cat", "-u",
-                          f"runner-agent-run-{RUN_A}.scope", "-f"]) == 1
+    assert (
+        fp.call_count(
+            [
+                str(fake_journalctl),
+                "--no-pager",
+                "-o",
+                "cat",
+                "-u",
+                f"runner-agent-run-{RUN_A}.scope",
+                "-f",
+            ]
+        )
+        == 1
+    )
 
 
 def test_logs_rejects_a_bad_id(config: Path, fp: FakeProcess) -> None:

@@ -28,25 +28,25 @@ from tests.integration.gitserver import GitSpec
 # Real stderr of git 2.39 for each failure (captured on this machine).
 STDERR = {
     "no-user": "fatal: could not read Username for 'http://127.0.0.1:40149': "
-               "terminal prompts disabled\n",
+    "terminal prompts disabled\n",
     "bad-token": "fatal: Authentication failed for 'http://127.0.0.1:40149/flows.git/'\n",
     "forbidden": "fatal: unable to access 'https://h/x.git/': "
-                 "The requested URL returned error: 403\n",
+    "The requested URL returned error: 403\n",
     "ssh-key": "git@github.com: Permission denied (publickey).\n"
-               "fatal: Could not read from remote repository.\n",
+    "fatal: Could not read from remote repository.\n",
     "http-404": "fatal: repository 'http://127.0.0.1:40149/nope.git/' not found\n",
     "path": "fatal: '/tmp/gx/nothere.git' does not appear to be a git repository\n"
-            "fatal: Could not read from remote repository.\n\n"
-            "Please make sure you have the correct access rights\nand the repository exists.\n",
+    "fatal: Could not read from remote repository.\n\n"
+    "Please make sure you have the correct access rights\nand the repository exists.\n",
     "branch": "fatal: couldn't find remote ref refs/heads/nope\n",
     "commit": "fatal: remote error: upload-pack: not our ref "
-              "0123456789012345678901234567890123456789\n",
+    "0123456789012345678901234567890123456789\n",
     "refused": "fatal: unable to access 'http://127.0.0.1:1/y.git/': Failed to connect to "
-               "127.0.0.1 port 1 after 0 ms: Couldn't connect to server\n",
+    "127.0.0.1 port 1 after 0 ms: Couldn't connect to server\n",
     "dns": "fatal: unable to access 'http://nosuchhost.invalid/y.git/': "
-           "Could not resolve host: nosuchhost.invalid\n",
+    "Could not resolve host: nosuchhost.invalid\n",
     "ssh-down": "ssh: connect to host h port 22: Connection refused\n"
-                "fatal: Could not read from remote repository.\n",
+    "fatal: Could not read from remote repository.\n",
     "scheme": "git: 'remote-htps' is not a git command. See 'git --help'.\n",
 }
 
@@ -88,10 +88,15 @@ def test_classify_falls_back_to_last_line_sanitised() -> None:
 @pytest.mark.parametrize(
     ("text", "clean"),
     [
-        ("https://user:pa%40ss@git.example.com/org/flows.git",
-         "https://***@git.example.com/org/flows.git"),
+        (
+            "https://user:pa%40ss@git.example.com/org/flows.git",
+            "https://***@git.example.com/org/flows.git",
+        ),
         ("https://token@git.example.com/x.git", "https://***@git.example.com/x.git"),
-        ("see 'http://a:b@h:8080/x' and ssh://git@h/y", "see 'http://***@h:8080/x' and ssh://***@h/y"),
+        (
+            "see 'http://a:b@h:8080/x' and ssh://git@h/y",
+            "see 'http://***@h:8080/x' and ssh://***@h/y",
+        ),
         ("git@github.com:org/flows.git", "git@github.com:org/flows.git"),
         ("/srv/git/flows.git", "/srv/git/flows.git"),
         # An `@` in the path is taken for credentials: hiding too much is the safe error.
@@ -114,12 +119,13 @@ def test_remote_parse_moves_the_password_out_of_the_url() -> None:
 def test_storage_error_message() -> None:
     source = describe_source(GitSpec("https://u:p@git.example.com/org/flows.git"))
     error = StorageError(source, "authentication failed")
-    assert str(error) == ("Could not pull flow code from https://git.example.com/org/flows.git "
-                          "(branch main): authentication failed")
+    assert str(error) == (
+        "Could not pull flow code from https://git.example.com/org/flows.git "
+        "(branch main): authentication failed"
+    )
     pinned = describe_source(GitSpec("/srv/flows.git", branch=None, commit="abc123"))
     assert pinned == "/srv/flows.git (commit abc123)"
-    assert describe_source(GitSpec("/srv/flows.git", branch=None)) == \
-        "/srv/flows.git (branch main)"
+    assert describe_source(GitSpec("/srv/flows.git", branch=None)) == "/srv/flows.git (branch main)"
 
 
 def test_dir_name() -> None:
@@ -148,11 +154,23 @@ def test_subdirectory_parts() -> None:
 
 
 def test_base_environment_isolates_git() -> None:
-    env = base_environment({"PATH": "/bin", "GIT_DIR": "/x", "GIT_ASKPASS": "/evil",
-                            "SSH_ASKPASS": "/evil", "HTTPS_PROXY": "http://proxy:3128",
-                            "RUNNER_AGENT_GIT_PASSWORD": "leak"})
-    assert env == {"PATH": "/bin", "HTTPS_PROXY": "http://proxy:3128", "LC_ALL": "C",
-                   "GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
+    env = base_environment(
+        {
+            "PATH": "/bin",
+            "GIT_DIR": "/x",
+            "GIT_ASKPASS": "/evil",
+            "SSH_ASKPASS": "/evil",
+            "HTTPS_PROXY": "http://proxy:3128",
+            "RUNNER_AGENT_GIT_PASSWORD": "leak",
+        }
+    )
+    assert env == {
+        "PATH": "/bin",
+        "HTTPS_PROXY": "http://proxy:3128",
+        "LC_ALL": "C",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+    }
 
 
 def test_credentials_environment(tmp_path: Path) -> None:
@@ -160,10 +178,14 @@ def test_credentials_environment(tmp_path: Path) -> None:
     assert Credentials().environment(askpass) == {"GIT_ASKPASS": str(askpass)}
     token_file = tmp_path / "token"
     assert Credentials(token_file, "deploy", "ignored").environment(askpass) == {
-        "GIT_ASKPASS": str(askpass), "RUNNER_AGENT_GIT_USERNAME": "deploy",
-        "RUNNER_AGENT_GIT_TOKEN_FILE": str(token_file)}
+        "GIT_ASKPASS": str(askpass),
+        "RUNNER_AGENT_GIT_USERNAME": "deploy",
+        "RUNNER_AGENT_GIT_TOKEN_FILE": str(token_file),
+    }
     assert Credentials(None, None, "pw").environment(askpass) == {
-        "GIT_ASKPASS": str(askpass), "RUNNER_AGENT_GIT_PASSWORD": "pw"}
+        "GIT_ASKPASS": str(askpass),
+        "RUNNER_AGENT_GIT_PASSWORD": "pw",
+    }
 
 
 def test_askpass_helper_answers_git_prompts(tmp_path: Path) -> None:
@@ -174,14 +196,17 @@ def test_askpass_helper_answers_git_prompts(tmp_path: Path) -> None:
     token_file.write_text("s3cret\r\nsecond line\n")
 
     def ask(prompt: str, env: dict[str, str]) -> str:
-        out = subprocess.run([str(helper), prompt], env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [str(helper), prompt], env=env, capture_output=True, text=True, check=True
+        )
         return out.stdout
 
     assert ask("Username for 'https://h': ", {}) == "x-access-token\n"
     assert ask("Username for 'https://h': ", {"RUNNER_AGENT_GIT_USERNAME": "oauth2"}) == "oauth2\n"
-    assert ask("Password for 'https://x@h': ",
-               {"RUNNER_AGENT_GIT_TOKEN_FILE": str(token_file)}) == "s3cret\n"
+    assert (
+        ask("Password for 'https://x@h': ", {"RUNNER_AGENT_GIT_TOKEN_FILE": str(token_file)})
+        == "s3cret\n"
+    )
     assert ask("Password for 'https://x@h': ", {"RUNNER_AGENT_GIT_PASSWORD": "pw"}) == "pw\n"
     # Reinstalling an identical helper does not rewrite it.
     before = helper.stat().st_mtime_ns
@@ -223,16 +248,25 @@ async def test_git_run_timeout_kills_the_process_group(tmp_path: Path) -> None:
 async def test_git_run_passes_safe_config_and_classifies(tmp_path: Path) -> None:
     script = tmp_path / "fake-git"
     argv_log = tmp_path / "argv"
-    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {argv_log}\n"
-                      "echo \"fatal: couldn't find remote ref refs/heads/x\" >&2\nexit 128\n")
+    script.write_text(
+        f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {argv_log}\n"
+        'echo "fatal: couldn\'t find remote ref refs/heads/x" >&2\nexit 128\n'
+    )
     script.chmod(0o755)
     git = Git(str(script), {"PATH": "/usr/bin:/bin"}, timeout=10)
     with pytest.raises(GitFailed) as failed:
         await git.run(["fetch", "url"])
     assert failed.value.reason == "unknown branch"
     assert argv_log.read_text().splitlines() == [
-        "-c", "credential.helper=", "-c", "gc.auto=0", "-c", "advice.detachedHead=false",
-        "fetch", "url"]
+        "-c",
+        "credential.helper=",
+        "-c",
+        "gc.auto=0",
+        "-c",
+        "advice.detachedHead=false",
+        "fetch",
+        "url",
+    ]
     with pytest.raises(GitFailed, match="cannot run"):
         await Git(str(tmp_path / "missing"), {}, timeout=1).run(["version"])
 
@@ -243,10 +277,14 @@ async def test_git_run_passes_safe_config_and_classifies(tmp_path: Path) -> None
         (GitSpec("/r.git", branch="-upload-pack=evil"), "invalid branch name '-upload-pack=evil'"),
         (GitSpec("/r.git", branch="a:b"), "invalid branch name 'a:b'"),
         (GitSpec("/r.git", branch="a..b"), "invalid branch name 'a..b'"),
-        (GitSpec("/r.git", branch=None, commit="HEAD~1"),
-         "a commit must be a hexadecimal sha (4 to 64 digits)"),
-        (GitSpec("/r.git", subdirectory="../x"),
-         "subdirectory '../x' must be relative, without '..'"),
+        (
+            GitSpec("/r.git", branch=None, commit="HEAD~1"),
+            "a commit must be a hexadecimal sha (4 to 64 digits)",
+        ),
+        (
+            GitSpec("/r.git", subdirectory="../x"),
+            "subdirectory '../x' must be relative, without '..'",
+        ),
     ],
 )
 async def test_bad_refs_are_refused_before_git_runs(
@@ -272,8 +310,9 @@ async def test_credential_lookup_order(tmp_path: Path) -> None:
     assert specific.token_file == credentials / "git-token-etl"
     explicit = tmp_path / "explicit"
     explicit.write_text("x")
-    chosen = storage._credentials("etl", GitSpec("https://h/x.git", token_file=explicit),
-                                  remote, "src")
+    chosen = storage._credentials(
+        "etl", GitSpec("https://h/x.git", token_file=explicit), remote, "src"
+    )
     assert chosen.token_file == explicit
     none = Storage(tmp_path)._credentials("etl", GitSpec("https://h/x.git"), remote, "src")
     assert none == Credentials()

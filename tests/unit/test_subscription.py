@@ -68,28 +68,29 @@ class FakeEventsServer:
 @pytest.fixture
 async def server() -> AsyncIterator[FakeEventsServer]:
     fake = FakeEventsServer()
-    async with serve(
-        fake.handler, "127.0.0.1", 0, subprotocols=[Subprotocol("prefect")]
-    ) as srv:
+    async with serve(fake.handler, "127.0.0.1", 0, subprotocols=[Subprotocol("prefect")]) as srv:
         fake.server = srv
         fake.port = next(iter(srv.sockets)).getsockname()[1]
         yield fake
 
 
 def event_message(name: str, n: int, related: tuple[str, ...] = ()) -> str:
-    return json.dumps({
-        "type": "event",
-        "event": {
-            "id": f"00000000-0000-0000-0000-{n:012d}",
-            "occurred": datetime.now(UTC).isoformat(),
-            "event": name,
-            "resource": {"prefect.resource.id": f"prefect.flow-run.run-{n}"},
-            "related": [
-                {"prefect.resource.id": r, "prefect.resource.role": "deployment"} for r in related
-            ],
-            "payload": {},
-        },
-    })
+    return json.dumps(
+        {
+            "type": "event",
+            "event": {
+                "id": f"00000000-0000-0000-0000-{n:012d}",
+                "occurred": datetime.now(UTC).isoformat(),
+                "event": name,
+                "resource": {"prefect.resource.id": f"prefect.flow-run.run-{n}"},
+                "related": [
+                    {"prefect.resource.id": r, "prefect.resource.role": "deployment"}
+                    for r in related
+                ],
+                "payload": {},
+            },
+        }
+    )
 
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
@@ -192,10 +193,14 @@ async def test_bad_messages_are_skipped(
     server: FakeEventsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
-        for bad in ["{not json", "[1, 2]", json.dumps({"type": "event"}),
-                    json.dumps({"type": "event", "event": "nope"}),
-                    json.dumps({"type": "event", "event": {"event": 7}}),
-                    json.dumps({"type": "something-else"})]:
+        for bad in [
+            "{not json",
+            "[1, 2]",
+            json.dumps({"type": "event"}),
+            json.dumps({"type": "event", "event": "nope"}),
+            json.dumps({"type": "event", "event": {"event": 7}}),
+            json.dumps({"type": "something-else"}),
+        ]:
             await ws.send(bad)
         await ws.send(event_message(CANCELLING, 1))
         await ws.wait_closed()
@@ -299,7 +304,9 @@ async def test_changing_registrations_reconnects_with_new_filter(
         await eventually(lambda: len(server.filters) == 3)
         await asyncio.sleep(0.1)
     assert [f["filter"]["event"]["name"] for f in server.filters] == [
-        [CANCELLING], [CANCELLING, SCHEDULED], [CANCELLING, SCHEDULED]
+        [CANCELLING],
+        [CANCELLING, SCHEDULED],
+        [CANCELLING, SCHEDULED],
     ]
     assert server.connections == 3
     await eventually(lambda: server.closed == 3)

@@ -205,10 +205,14 @@ async def test_waits_for_the_scheduled_start(settings: Any) -> None:
 
 async def test_a_limit_kill_replaces_the_engines_own_crash_message(settings: Any) -> None:
     server = FakeServer(uuid4())
-    engine_crash = {"type": "CRASHED", "name": "Crashed",
-                    "message": "Execution was aborted by a termination signal."}
-    launcher = FakeLauncher(status=137, result="oom-kill",
-                            engine=lambda: setattr(server, "state", engine_crash))
+    engine_crash = {
+        "type": "CRASHED",
+        "name": "Crashed",
+        "message": "Execution was aborted by a termination signal.",
+    }
+    launcher = FakeLauncher(
+        status=137, result="oom-kill", engine=lambda: setattr(server, "state", engine_crash)
+    )
     await supervise(settings, server, launcher)
     assert proposed_types(server) == ["PENDING", "CRASHED"]
     assert server.proposals[1]["force"] is True

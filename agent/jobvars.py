@@ -99,7 +99,10 @@ def _not_allowed(key: str) -> str:
         if key in PRIVILEGED
         else "this host does not allow it"
     )
-    return f"not allowed: {hint}; add {key!r} to [agent] job_variables in the agent's config"
+    return (
+        f"not allowed: {hint}; add {key!r} to {ALLOW_KEY} "
+        "([agent] job_variables in the agent's config)"
+    )
 
 
 def _env_table(value: Any, origin: str) -> dict[str, str]:

@@ -18,9 +18,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from agent import states
@@ -30,6 +30,7 @@ from agent.engines import EngineInfo, Engines
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.hooks import HookKind, HookResult, HookRunner
+from agent.jobvars import JobVariablesError, Layer, apply_job_variables
 from agent.launch.base import Launcher, LaunchRequest, RunHandle
 from agent.launch.systemd import unit_name
 from agent.records import RecordError, RunRecord, RunRecords
@@ -91,11 +92,15 @@ class RunOutcomes:
         # None only for a recovered run whose deployment has left the config.
         self.deployment = deployment
         self.deployment_name = deployment.name if deployment is not None else deployment_name
-        self.flow_run_settings: FlowRunSettings = (
+        # The host's settings for this deployment; job variables are applied over them at launch.
+        self.base_settings: FlowRunSettings = (
             deployment.flow_run_settings(ctx.settings.flow_run)
             if deployment is not None
             else ctx.settings.flow_run
         )
+        self.flow_run_settings = self.base_settings
+        # The deployment's job variables as the server has them (work-pool deployments).
+        self.deployment_job_variables: Mapping[str, Any] = {}
         self.phase = Phase.WAITING
         self.started_at: float | None = None
         self.handle: RunHandle | None = None
@@ -126,6 +131,39 @@ class RunOutcomes:
     @property
     def engine_sends_heartbeats(self) -> bool:
         return self.engine is not None and self.engine.engine_heartbeats
+
+    def apply_job_variables(self) -> FlowRunSettings:
+        """The run's settings with the deployment's and the run's job variables, as far as the
+        host allows them; raises JobVariablesError. The layers go into the record so that an
+        agent restart rebuilds the same settings without the API."""
+        layers = {
+            "deployment": dict(self.deployment_job_variables),
+            "flow run": dict(self.flow_run.job_variables) if self.flow_run is not None else {},
+        }
+        self.flow_run_settings = self._merged(layers)
+        applied = sorted({key for values in layers.values() for key in values})
+        if applied:
+            self.record.extra = {**self.record.extra, "job_variables": layers}
+            self.note(f"Job variables applied: {', '.join(applied)}")
+        return self.flow_run_settings
+
+    def restore_job_variables(self) -> None:
+        """After a restart: the settings the run was launched with, from its record."""
+        layers = self.record.extra.get("job_variables")
+        if not isinstance(layers, dict) or not layers:
+            return
+        try:
+            self.flow_run_settings = self._merged(layers)
+        except JobVariablesError as exc:
+            # The host's config changed since the launch; the run keeps going as it was.
+            self.log.warning("cannot rebuild the run's job variables after a restart: %s", exc)
+
+    def _merged(self, layers: Mapping[str, Mapping[str, Any]]) -> FlowRunSettings:
+        return apply_job_variables(
+            self.base_settings,
+            [Layer(origin, values) for origin, values in layers.items() if values],
+            allowed=self.ctx.settings.agent.job_variables,
+        )
 
     def note(self, message: str, level: int = logging.INFO) -> None:
         """Log locally and mirror to the run's log view in the Prefect UI."""

@@ -119,6 +119,7 @@ async def _resume(sup: Supervisor, record: RunRecord) -> None:
         sup.request_cancel()  # the cancellation a previous agent process had begun
     # Best effort: heartbeats and messages want the run's names; the API may be down.
     sup.flow_run = await ctx.reporter.read_run(sup.id, retry=False)
+    sup.restore_job_variables()
     working_dir = record.extra.get("working_dir")
     if record.phase in ("launching", "running", "exited"):
         sup.workspace = ctx.workspaces.adopt(sup.id, Path(working_dir) if working_dir else None)

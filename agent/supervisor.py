@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from agent import claims, states
 from agent.claims import Verdict
 from agent.control import SignalResult
+from agent.jobvars import JobVariablesError
 from agent.launch.base import LaunchError, LaunchRequest, RunHandle
 from agent.outcomes import Phase, RunContext, RunOutcomes
 from agent.processes import process_create_time
@@ -138,11 +139,11 @@ class Supervisor(RunOutcomes):
     async def _launch_and_wait(self) -> tuple[int | None, str | None]:
         """Launch and wait; (None, reason) when the launch itself failed."""
         self.phase = Phase.LAUNCHING
-        flow_run = self.flow_run_settings
         control = self.ctx.control
         try:
             if self.deployment is None:
                 raise LaunchError(f"deployment {self.deployment_name!r} is no longer configured")
+            flow_run = self.apply_job_variables()
             self.workspace = await self.ctx.workspaces.prepare(
                 self.id, self.deployment, flow_run, self.note
             )
@@ -151,7 +152,7 @@ class Supervisor(RunOutcomes):
                 "launching",
                 run_dir=str(ws.run_dir),
                 launcher=self.ctx.launcher.name,
-                extra={"working_dir": str(ws.working_dir)},
+                extra={**self.record.extra, "working_dir": str(ws.working_dir)},
             )
             self.engine = await self.ctx.engines.info(flow_run.python, flow_run.env)
             endpoint = (
@@ -161,7 +162,7 @@ class Supervisor(RunOutcomes):
             )
             self.request = self.build_request(ws, endpoint.environment() if endpoint else {})
             handle = await self.ctx.launcher.launch(self.request)
-        except (LaunchError, StorageError, RecordError, OSError) as exc:
+        except (JobVariablesError, LaunchError, StorageError, RecordError, OSError) as exc:
             if control is not None:
                 control.unregister(self.id)
             reason = str(exc)

@@ -35,8 +35,10 @@ class FakeServer:
         *,
         state: str = "SCHEDULED",
         claim_answers: list[dict[str, Any]] | None = None,
+        job_variables: dict[str, Any] | None = None,
     ) -> None:
         self.run_id = run_id
+        self.job_variables = job_variables or {}
         self.state: dict[str, Any] = {"type": state, "name": state.title(), "message": None}
         self.claim_answers = list(claim_answers or [])
         self.proposals: list[dict[str, Any]] = []
@@ -50,6 +52,7 @@ class FakeServer:
             "deployment_id": str(uuid4()),
             "tags": [],
             "state": self.state,
+            "job_variables": self.job_variables,
         }
 
     def handler(self, request: httpx.Request) -> httpx.Response:

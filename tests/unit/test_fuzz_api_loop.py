@@ -753,7 +753,7 @@ def make_runner(
         registry=DeploymentRegistry(client, cfg.agent.state_dir),
         storage=Storage(cfg.agent.state_dir),
         reporter=Reporter(client, sleep=no_sleep),
-        engines=FakeEngines(),
+        engines=FakeEngines(),  # type: ignore[arg-type]
         hooks=FakeHooks(),  # type: ignore[arg-type]
     )
 

@@ -329,9 +329,9 @@ def test_select_launcher(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="agent.launch"):
         chosen = select_launcher(
-            choice,
+            choice,  # type: ignore[arg-type]
             slice="flows.slice",
-            is_root=True,  # type: ignore[arg-type]
+            is_root=True,
             systemd_present=lambda: present,
         )
     assert chosen.name == expected

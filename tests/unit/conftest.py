@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import AsyncIterator
 
-from tests.unit.fakes import FakeEngines, FakeHooks, FakeLauncher, FakePrefect
+import pytest
+from websockets.asyncio.server import serve
+from websockets.typing import Subprotocol
+
+from tests.unit.fakes import FakeEngines, FakeEventsServer, FakeHooks, FakeLauncher, FakePrefect
 
 
 @pytest.fixture
@@ -27,3 +31,13 @@ def fake_engines() -> FakeEngines:
 @pytest.fixture
 def fake_hooks() -> FakeHooks:
     return FakeHooks()
+
+
+@pytest.fixture
+async def fake_events() -> AsyncIterator[FakeEventsServer]:
+    """A fake events websocket server on a loopback port; `.script` drives each connection."""
+    fake = FakeEventsServer()
+    async with serve(fake.handler, "127.0.0.1", 0, subprotocols=[Subprotocol("prefect")]) as srv:
+        fake.server = srv
+        fake.port = next(iter(srv.sockets)).getsockname()[1]
+        yield fake

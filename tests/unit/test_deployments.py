@@ -136,32 +136,32 @@ def test_a_server_copy_that_differs_in_schema_or_description_is_not_up_to_date(
     assert not is_up_to_date({**wanted, key: value}, wanted)
 
 
-async def test_an_unchanged_deployment_is_upserted_once(tmp_path: Path) -> None:
-    server = FakePrefect()
+async def test_an_unchanged_deployment_is_upserted_once(
+    tmp_path: Path, fake_prefect: FakePrefect
+) -> None:
     lookup = FakeLookup({"etl": INFO})
-    first = await sync(server, lookup, tmp_path, etl())
-    again = await sync(server, lookup, tmp_path, etl())  # a restart, same code
+    first = await sync(fake_prefect, lookup, tmp_path, etl())
+    again = await sync(fake_prefect, lookup, tmp_path, etl())  # a restart, same code
     assert first["etl"].id == again["etl"].id
-    [body] = server.upserts
+    [body] = fake_prefect.upserts
     assert body["parameter_openapi_schema"] == SCHEMA
     assert body["description"] == "Counts things."
     assert lookup.waits == [FLOW_INFO_WAIT, FLOW_INFO_WAIT]
     lookup.answers["etl"] = FlowInfo("count", "Counts things.", {**SCHEMA, "required": []})
-    await sync(server, lookup, tmp_path, etl())  # the code changed its signature
-    assert len(server.upserts) == 2
+    await sync(fake_prefect, lookup, tmp_path, etl())  # the code changed its signature
+    assert len(fake_prefect.upserts) == 2
 
 
 async def test_a_flow_that_cannot_be_loaded_registers_without_a_schema_and_says_why(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakePrefect()
     lookup = FakeLookup({"etl": FlowInfoFailure("ModuleNotFoundError: No module named 'x'")})
     with caplog.at_level(logging.INFO, logger="agent.deployments"):
-        registered = await sync(server, lookup, tmp_path, etl())
-        await sync(server, lookup, tmp_path, etl())
+        registered = await sync(fake_prefect, lookup, tmp_path, etl())
+        await sync(fake_prefect, lookup, tmp_path, etl())
     assert "etl" in registered
-    assert server.upserts[0]["parameter_openapi_schema"] == EMPTY_SCHEMA
-    assert len(server.upserts) == 1  # the server's normalised "no schema" is up to date
+    assert fake_prefect.upserts[0]["parameter_openapi_schema"] == EMPTY_SCHEMA
+    assert len(fake_prefect.upserts) == 1  # the server's normalised "no schema" is up to date
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert (
         warnings
@@ -174,11 +174,10 @@ async def test_a_flow_that_cannot_be_loaded_registers_without_a_schema_and_says_
 
 
 async def test_the_same_failure_is_logged_once_per_process(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakePrefect()
     lookup = FakeLookup({"etl": FlowInfoFailure("SyntaxError: bad")})
-    async with server.client() as client:
+    async with fake_prefect.client() as client:
         registry = DeploymentRegistry(client, tmp_path, flow_info=lookup)
         with caplog.at_level(logging.WARNING, logger="agent.deployments"):
             for _ in range(3):  # the runner syncs again while anything is missing
@@ -187,12 +186,11 @@ async def test_the_same_failure_is_logged_once_per_process(
 
 
 async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakePrefect()
     lookup = FakeLookup({"etl": None, "other": INFO})
     other = etl(name="other")
-    async with server.client() as client:
+    async with fake_prefect.client() as client:
         registry = DeploymentRegistry(client, tmp_path, flow_info=lookup)
         with caplog.at_level(logging.INFO, logger="agent.deployments"):
             first = await registry.sync((etl(), other))
@@ -200,5 +198,5 @@ async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
             lookup.answers["etl"] = INFO
             second = await registry.sync((etl(), other))
     assert set(second) == {"etl", "other"}
-    assert [b["name"] for b in server.upserts] == ["other", "etl"]
+    assert [b["name"] for b in fake_prefect.upserts] == ["other", "etl"]
     assert "'etl': still computing its flow's parameter schema" in caplog.text

@@ -1,21 +1,15 @@
-"""A run's supervisor with a fake API (httpx.MockTransport) and a fake launcher, shared by the
-supervisor's and the outcomes' tests: `FakeServer`, `FakeLauncher`, `make_settings`, `supervise`."""
+"""A run's supervisor over the shared fakes (tests/unit/fakes/), for the supervisor's and the
+outcomes' tests: `make_settings`, `supervise`, `proposed_types`."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
-
-import httpx
 
 from agent import recovery
 from agent.api import PrefectClient
 from agent.flowlogs import FlowRunLogs
-from agent.launch.base import LaunchError, LaunchRequest
 from agent.records import RunRecord, RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
@@ -23,125 +17,7 @@ from agent.settings import load_settings
 from agent.storage import Storage
 from agent.supervisor import RunContext, Supervisor
 from agent.workspace import Workspaces
-from tests.unit.fakes import FakeEngines, FakeHooks
-
-
-class FakeServer:
-    """Answers the endpoints a supervisor uses; records every request body."""
-
-    def __init__(
-        self,
-        run_id: UUID,
-        *,
-        state: str = "SCHEDULED",
-        claim_answers: list[dict[str, Any]] | None = None,
-        job_variables: dict[str, Any] | None = None,
-    ) -> None:
-        self.run_id = run_id
-        self.job_variables = job_variables or {}
-        self.state: dict[str, Any] = {"type": state, "name": state.title(), "message": None}
-        self.claim_answers = list(claim_answers or [])
-        self.proposals: list[dict[str, Any]] = []
-        self.logs: list[dict[str, Any]] = []
-
-    def run_body(self) -> dict[str, Any]:
-        return {
-            "id": str(self.run_id),
-            "name": "brave-otter",
-            "flow_id": str(uuid4()),
-            "deployment_id": str(uuid4()),
-            "tags": [],
-            "state": self.state,
-            "job_variables": self.job_variables,
-        }
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if request.method == "GET" and path.endswith(f"/flow_runs/{self.run_id}"):
-            return httpx.Response(200, json=self.run_body())
-        if path.endswith("/set_state"):
-            body = json.loads(request.content)
-            self.proposals.append(body)
-            proposed = body["state"]
-            if proposed["type"] == "PENDING" and self.claim_answers:
-                answer = self.claim_answers.pop(0)
-
-            else:
-                answer = {"status": "ACCEPT", "details": {}}
-            if answer["status"] in ("ACCEPT", "APPLIED-BUT-ERROR"):
-                self.state = {k: proposed.get(k) for k in ("type", "name", "message")}
-            if answer["status"] == "APPLIED-BUT-ERROR":
-                # The server applied it, the answer went wrong: the outcome must be re-read.
-                return httpx.Response(409, json={"detail": "answer mangled on the way"})
-            return httpx.Response(201, json={**answer, "state": self.state})
-        if path.endswith("/logs/"):
-            self.logs.extend(json.loads(request.content))
-            return httpx.Response(201, json=None)
-        return httpx.Response(404, json={"detail": f"unexpected {request.method} {path}"})
-
-
-@dataclass
-class FakeHandle:
-    flow_run_id: UUID
-    unit: str | None
-    pid: int | None
-    status: int = 0
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def wait(self) -> int:
-        await self.released.wait()
-        return self.status
-
-
-class FakeLauncher:
-    name = "fake"
-
-    def __init__(
-        self,
-        *,
-        status: int = 0,
-        result: str | None = None,
-        fail: str | None = None,
-        finish_at_once: bool = True,
-        engine: Any = None,
-    ) -> None:
-        self.engine = engine  # what the fake engine reports to the server while it runs
-        self.status = status
-        self.result = result
-        self.fail = fail
-        self.finish_at_once = finish_at_once
-        self.requests: list[LaunchRequest] = []
-        self.calls: list[str] = []
-        self.handle: FakeHandle | None = None
-
-    async def launch(self, request: LaunchRequest) -> FakeHandle:
-        self.requests.append(request)
-        if self.fail:
-            raise LaunchError(self.fail)
-        if self.engine is not None:
-            self.engine()
-        self.handle = FakeHandle(
-            request.flow_run_id, f"unit-{request.flow_run_id}", None, self.status
-        )
-        if self.finish_at_once:
-            self.handle.released.set()
-        return self.handle
-
-    async def terminate(self, handle: Any) -> None:
-        self.calls.append("terminate")
-        handle.status = 143
-        handle.released.set()
-
-    async def kill(self, handle: Any) -> None:
-        self.calls.append("kill")
-
-    async def unit_result(self, handle: Any) -> str | None:
-        return self.result
-
-    def read_exit_record(self, run_dir: Path) -> int | None:
-        path = run_dir / "exit-status"
-        return int(path.read_text()) if path.exists() else None
-
+from tests.unit.fakes import FakeEngines, FakeHooks, FakeLauncher, FakePrefect
 
 CONFIG = """
 [agent]
@@ -170,7 +46,7 @@ def make_settings(tmp_path: Path) -> Any:
 
 async def supervise(
     settings: Any,
-    server: FakeServer,
+    server: FakePrefect,
     launcher: FakeLauncher,
     *,
     record: RunRecord | None = None,
@@ -180,7 +56,7 @@ async def supervise(
     control: Any = None,
     on_cancelled: Any = None,
 ) -> tuple[Supervisor, RunRecords]:
-    transport = httpx.MockTransport(server.handler)
+    transport = server.transport()
     client = PrefectClient(settings.api, transport=transport, max_attempts=1)
     async with client, FlowRunLogs(client.create_logs, flush_interval=0.01) as logs:
         records = RunRecords(settings.agent.state_dir)
@@ -214,5 +90,5 @@ async def _no_sleep(_: float) -> None:
     await asyncio.sleep(0)
 
 
-def proposed_types(server: FakeServer) -> list[str]:
-    return [p["state"]["type"] for p in server.proposals]
+def proposed_types(server: FakePrefect) -> list[str]:
+    return server.proposed_types()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from agent.deployments import (
 )
 from agent.flowinfo import FlowInfo, FlowInfoFailure
 from agent.settings import DeploymentSettings, load_settings
+from tests.unit.fakes import FakePrefect
 
 
 def client() -> PrefectClient:
@@ -66,40 +66,6 @@ SCHEMA = {
 INFO = FlowInfo("count", "Counts things.", SCHEMA)
 
 
-class FakeServer:
-    """Flows and deployments kept as the server would, for the registry's four calls."""
-
-    def __init__(self) -> None:
-        self.flows: dict[str, str] = {}
-        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
-        self.upserts: list[dict[str, Any]] = []
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path.removeprefix("/api")
-        if request.method == "POST" and path == "/flows/":
-            name = json.loads(request.content)["name"]
-            return httpx.Response(200, json={"id": self.flows.setdefault(name, str(uuid4()))})
-        if request.method == "GET" and path.startswith("/deployments/name/"):
-            flow_name, name = path.removeprefix("/deployments/name/").split("/")
-            flow_id = self.flows.get(flow_name)
-            found = self.deployments.get((flow_id or "", name))
-            return httpx.Response(200, json=found) if found else httpx.Response(404, json={})
-        if request.method == "POST" and path == "/deployments/":
-            body = json.loads(request.content)
-            self.upserts.append(body)
-            key = (body["flow_id"], body["name"])
-            stored = {**body, "id": self.deployments.get(key, {}).get("id", str(uuid4()))}
-            if not stored["parameter_openapi_schema"]:  # as the server normalises it
-                stored["parameter_openapi_schema"] = {"type": "object", "properties": {}}
-            self.deployments[key] = stored
-            return httpx.Response(201, json={"id": stored["id"]})
-        return httpx.Response(404, json={"detail": f"not faked: {request.method} {path}"})
-
-    def client(self) -> PrefectClient:
-        settings = load_settings(None, {"RUNNER_AGENT_API__URL": "http://127.0.0.1:9/api"})
-        return PrefectClient(settings.api, transport=httpx.MockTransport(self.handler))
-
-
 class FakeLookup:
     """Answers from a table; None = still computing."""
 
@@ -120,7 +86,7 @@ def etl(**extra: Any) -> DeploymentSettings:
 
 
 async def sync(
-    server: FakeServer, lookup: FakeLookup, state: Path, *deployments: DeploymentSettings
+    server: FakePrefect, lookup: FakeLookup, state: Path, *deployments: DeploymentSettings
 ) -> dict[str, Any]:
     async with server.client() as client:
         registry = DeploymentRegistry(client, state, flow_info=lookup)
@@ -170,32 +136,32 @@ def test_a_server_copy_that_differs_in_schema_or_description_is_not_up_to_date(
     assert not is_up_to_date({**wanted, key: value}, wanted)
 
 
-async def test_an_unchanged_deployment_is_upserted_once(tmp_path: Path) -> None:
-    server = FakeServer()
+async def test_an_unchanged_deployment_is_upserted_once(
+    tmp_path: Path, fake_prefect: FakePrefect
+) -> None:
     lookup = FakeLookup({"etl": INFO})
-    first = await sync(server, lookup, tmp_path, etl())
-    again = await sync(server, lookup, tmp_path, etl())  # a restart, same code
+    first = await sync(fake_prefect, lookup, tmp_path, etl())
+    again = await sync(fake_prefect, lookup, tmp_path, etl())  # a restart, same code
     assert first["etl"].id == again["etl"].id
-    [body] = server.upserts
+    [body] = fake_prefect.upserts
     assert body["parameter_openapi_schema"] == SCHEMA
     assert body["description"] == "Counts things."
     assert lookup.waits == [FLOW_INFO_WAIT, FLOW_INFO_WAIT]
     lookup.answers["etl"] = FlowInfo("count", "Counts things.", {**SCHEMA, "required": []})
-    await sync(server, lookup, tmp_path, etl())  # the code changed its signature
-    assert len(server.upserts) == 2
+    await sync(fake_prefect, lookup, tmp_path, etl())  # the code changed its signature
+    assert len(fake_prefect.upserts) == 2
 
 
 async def test_a_flow_that_cannot_be_loaded_registers_without_a_schema_and_says_why(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakeServer()
     lookup = FakeLookup({"etl": FlowInfoFailure("ModuleNotFoundError: No module named 'x'")})
     with caplog.at_level(logging.INFO, logger="agent.deployments"):
-        registered = await sync(server, lookup, tmp_path, etl())
-        await sync(server, lookup, tmp_path, etl())
+        registered = await sync(fake_prefect, lookup, tmp_path, etl())
+        await sync(fake_prefect, lookup, tmp_path, etl())
     assert "etl" in registered
-    assert server.upserts[0]["parameter_openapi_schema"] == EMPTY_SCHEMA
-    assert len(server.upserts) == 1  # the server's normalised "no schema" is up to date
+    assert fake_prefect.upserts[0]["parameter_openapi_schema"] == EMPTY_SCHEMA
+    assert len(fake_prefect.upserts) == 1  # the server's normalised "no schema" is up to date
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert (
         warnings
@@ -208,11 +174,10 @@ async def test_a_flow_that_cannot_be_loaded_registers_without_a_schema_and_says_
 
 
 async def test_the_same_failure_is_logged_once_per_process(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakeServer()
     lookup = FakeLookup({"etl": FlowInfoFailure("SyntaxError: bad")})
-    async with server.client() as client:
+    async with fake_prefect.client() as client:
         registry = DeploymentRegistry(client, tmp_path, flow_info=lookup)
         with caplog.at_level(logging.WARNING, logger="agent.deployments"):
             for _ in range(3):  # the runner syncs again while anything is missing
@@ -221,12 +186,11 @@ async def test_the_same_failure_is_logged_once_per_process(
 
 
 async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
 ) -> None:
-    server = FakeServer()
     lookup = FakeLookup({"etl": None, "other": INFO})
     other = etl(name="other")
-    async with server.client() as client:
+    async with fake_prefect.client() as client:
         registry = DeploymentRegistry(client, tmp_path, flow_info=lookup)
         with caplog.at_level(logging.INFO, logger="agent.deployments"):
             first = await registry.sync((etl(), other))
@@ -234,5 +198,5 @@ async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
             lookup.answers["etl"] = INFO
             second = await registry.sync((etl(), other))
     assert set(second) == {"etl", "other"}
-    assert [b["name"] for b in server.upserts] == ["other", "etl"]
+    assert [b["name"] for b in fake_prefect.upserts] == ["other", "etl"]
     assert "'etl': still computing its flow's parameter schema" in caplog.text

@@ -1161,7 +1161,7 @@ async def test_websocket_stays_up_through_hostile_frames() -> None:
     from websockets.typing import Subprotocol
 
     from agent.subscription import EventSubscription
-    from tests.unit.test_subscription import FakeEventsServer
+    from tests.unit.fakes import FakeEventsServer
 
     good: list[str] = []
     server = FakeEventsServer()

@@ -11,13 +11,8 @@ from uuid import uuid4
 import pytest
 
 from agent.records import RunRecord
-from tests.unit.supervision import (
-    FakeLauncher,
-    FakeServer,
-    make_settings,
-    proposed_types,
-    supervise,
-)
+from tests.unit.fakes import FakeLauncher, FakePrefect
+from tests.unit.supervision import make_settings, proposed_types, supervise
 
 
 @pytest.fixture
@@ -25,12 +20,12 @@ def settings(tmp_path: Path) -> Any:
     return make_settings(tmp_path)
 
 
-def _messages(server: FakeServer) -> list[str]:
+def _messages(server: FakePrefect) -> list[str]:
     return [str(entry["message"]) for entry in server.logs]
 
 
 async def test_a_runs_job_variables_set_its_limits_and_environment(settings: Any) -> None:
-    server = FakeServer(
+    server = FakePrefect(
         uuid4(), job_variables={"env": {"X": "1", "ON": True}, "memory_max": "300M"}
     )
     launcher = FakeLauncher(status=0, finish_at_once=False)
@@ -61,7 +56,7 @@ async def test_a_runs_job_variables_set_its_limits_and_environment(settings: Any
 
 
 async def test_a_key_the_host_does_not_allow_is_crashed_and_never_started(settings: Any) -> None:
-    server = FakeServer(uuid4(), job_variables={"user": "root"})
+    server = FakePrefect(uuid4(), job_variables={"user": "root"})
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert launcher.requests == []
@@ -83,7 +78,7 @@ async def test_a_key_the_host_does_not_allow_is_crashed_and_never_started(settin
 async def test_an_invalid_job_variable_is_crashed_naming_it(
     settings: Any, job_variables: dict[str, Any], key: str, problem: str
 ) -> None:
-    server = FakeServer(uuid4(), job_variables=job_variables)
+    server = FakePrefect(uuid4(), job_variables=job_variables)
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert launcher.requests == []
@@ -97,7 +92,7 @@ async def test_a_restarted_agent_explains_an_exit_with_the_runs_own_limits(
     settings: Any, tmp_path: Path
 ) -> None:
     run_id = uuid4()
-    server = FakeServer(run_id, state="RUNNING")
+    server = FakePrefect(run_id, state="RUNNING")
     run_dir = tmp_path / "exited-run"
     run_dir.mkdir()
     (run_dir / "exit-status").write_text("137\n")

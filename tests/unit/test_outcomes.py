@@ -1,7 +1,7 @@
 """How a run's story ends: which state the agent reports, which hooks it runs, and when.
 
 Driven through a real Supervisor with fakes for the server, the launcher, the engine probe, the
-hook runner and the control channel (tests/unit/fakes.py, test_supervisor.py).
+hook runner and the control channel (tests/unit/fakes/, test_supervisor.py).
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ from agent.control_protocol import (
 from agent.hooks import HookKind
 from agent.records import RunRecord
 from agent.supervisor import Phase, Supervisor
-from tests.unit.fakes import LEGACY, FakeEngines, FakeHooks
-from tests.unit.supervision import (
-    FakeLauncher,
-    FakeServer,
-    make_settings,
-    proposed_types,
-    supervise,
-)
+from tests.unit.fakes import LEGACY, FakeEngines, FakeHooks, FakeLauncher, FakePrefect
+from tests.unit.supervision import make_settings, proposed_types, supervise
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ class FakeControl:
         return self.conclusion_value
 
 
-def running_then(server: FakeServer, **state: Any) -> Any:
+def running_then(server: FakePrefect, **state: Any) -> Any:
     """An engine that sets RUNNING at launch (and then `state`, if given)."""
 
     def engine() -> None:
@@ -80,7 +74,7 @@ async def cancel_when_running(supervisor: Supervisor, launcher: FakeLauncher) ->
 
 
 async def test_a_crash_the_engine_could_not_report_runs_on_crashed_once(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     hooks = FakeHooks()
     launcher = FakeLauncher(status=3, engine=running_then(server))
     await supervise(settings, server, launcher, hooks=hooks)
@@ -93,7 +87,7 @@ async def test_a_crash_the_engine_could_not_report_runs_on_crashed_once(settings
 
 
 async def test_an_engine_reported_crash_keeps_its_hooks_to_the_engine(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     hooks = FakeHooks()
     launcher = FakeLauncher(status=143, engine=running_then(server, type="CRASHED", name="Crashed"))
     await supervise(settings, server, launcher, hooks=hooks)
@@ -102,7 +96,7 @@ async def test_an_engine_reported_crash_keeps_its_hooks_to_the_engine(settings: 
 
 
 async def test_a_suspended_run_is_left_alone(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     hooks = FakeHooks()
     launcher = FakeLauncher(status=0, engine=running_then(server, type="PAUSED", name="Suspended"))
     await supervise(settings, server, launcher, hooks=hooks)
@@ -111,7 +105,7 @@ async def test_a_suspended_run_is_left_alone(settings: Any) -> None:
 
 
 async def test_an_engine_receipt_means_nothing_to_add(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     receipt = EngineReceipt(Disposition.STATE_REPORTED, ReportedState(uuid4(), "FAILED", "Failed"))
     control = FakeControl(conclusion=receipt)
     # Exit 1 with the run still RUNNING on the server: without the receipt this is a crash.
@@ -121,7 +115,7 @@ async def test_an_engine_receipt_means_nothing_to_add(settings: Any) -> None:
 
 
 async def test_an_acknowledged_cancel_is_cancelled_once_the_process_ended(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     control = FakeControl(SignalResult.ACKNOWLEDGED)
     hooks = FakeHooks()
     cancelled: list[UUID] = []
@@ -179,7 +173,7 @@ async def test_an_acknowledged_cancel_is_cancelled_once_the_process_ended(settin
 
 
 async def test_an_unacknowledged_cancel_falls_back_to_signals(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     control = FakeControl(SignalResult.NOT_ACKNOWLEDGED)
     hooks = FakeHooks()
     cancelled: list[UUID] = []
@@ -213,7 +207,7 @@ async def test_an_unacknowledged_cancel_falls_back_to_signals(settings: Any) -> 
 
 
 async def test_an_old_engine_gets_no_control_channel(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     control = FakeControl()
     launcher = FakeLauncher(status=0, engine=running_then(server, type="COMPLETED"))
     await supervise(settings, server, launcher, control=control, engines=FakeEngines(LEGACY))
@@ -222,7 +216,7 @@ async def test_an_old_engine_gets_no_control_channel(settings: Any) -> None:
 
 
 async def test_a_refused_cancelled_proposal_sends_no_event(settings: Any) -> None:
-    server = FakeServer(uuid4(), state="CANCELLING")
+    server = FakePrefect(uuid4(), state="CANCELLING")
     original = server.handler
 
     def refuse_cancelled(request: Any) -> Any:
@@ -242,7 +236,7 @@ async def test_a_refused_cancelled_proposal_sends_no_event(settings: Any) -> Non
 
 async def test_hooks_that_started_before_a_restart_are_not_run_again(settings: Any) -> None:
     run_id = uuid4()
-    server = FakeServer(run_id, state="CANCELLING")
+    server = FakePrefect(run_id, state="CANCELLING")
     hooks = FakeHooks()
     record = RunRecord(
         flow_run_id=str(run_id),
@@ -259,7 +253,7 @@ async def test_hooks_that_started_before_a_restart_are_not_run_again(settings: A
 async def test_a_run_cancelled_as_its_process_ended_is_cancelled_not_crashed(
     settings: Any,
 ) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     hooks = FakeHooks()
     launcher = FakeLauncher(status=143, engine=running_then(server, type="CANCELLING"))
     await supervise(settings, server, launcher, hooks=hooks)

@@ -5,73 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.typing import Subprotocol
+from websockets.asyncio.server import ServerConnection
 
 from agent.subscription import EventSubscription, websocket_url
+from tests.unit.fakes import FakeEventsServer
 
 CANCELLING = "prefect.flow-run.Cancelling"
 SCHEDULED = "prefect.flow-run.Scheduled"
-
-Script = Callable[[ServerConnection, int], Awaitable[None]]
-
-
-class FakeEventsServer:
-    """Speaks the server side of /api/events/out; `script(ws, n)` drives connection n."""
-
-    def __init__(self) -> None:
-        self.auths: list[dict[str, Any]] = []
-        self.filters: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.subprotocols: list[str | None] = []
-        self.paths: list[str] = []
-        self.refuse_auth = False
-        self.script: Script = self.hold
-        self.connections = 0
-        self.closed = 0
-        self.server: Server | None = None
-        self.port = 0
-
-    @staticmethod
-    async def hold(ws: ServerConnection, n: int) -> None:
-        await ws.wait_closed()
-
-    async def handler(self, ws: ServerConnection) -> None:
-        n = self.connections
-        self.connections += 1
-        assert ws.request is not None
-        self.paths.append(ws.request.path)
-        self.headers.append(dict(ws.request.headers.raw_items()))
-        self.subprotocols.append(ws.subprotocol)
-        try:
-            auth = json.loads(await ws.recv())
-            self.auths.append(auth)
-            if self.refuse_auth:
-                await ws.close(1008, "Invalid token")
-                return
-            await ws.send(json.dumps({"type": "auth_success"}))
-            self.filters.append(json.loads(await ws.recv()))
-            await self.script(ws, n)
-        finally:
-            self.closed += 1
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeEventsServer]:
-    fake = FakeEventsServer()
-    async with serve(fake.handler, "127.0.0.1", 0, subprotocols=[Subprotocol("prefect")]) as srv:
-        fake.server = srv
-        fake.port = next(iter(srv.sockets)).getsockname()[1]
-        yield fake
 
 
 def event_message(name: str, n: int, related: tuple[str, ...] = ()) -> str:
@@ -110,8 +55,8 @@ def test_websocket_url() -> None:
     assert websocket_url("https://h/api/", "/events/in") == "wss://h/api/events/in"
 
 
-async def test_auth_handshake_and_filter(server: FakeEventsServer) -> None:
-    sub = fast(server.api_url, token="s3cret", headers={"Authorization": "Bearer s3cret"})
+async def test_auth_handshake_and_filter(fake_events: FakeEventsServer) -> None:
+    sub = fast(fake_events.api_url, token="s3cret", headers={"Authorization": "Bearer s3cret"})
     sub.subscribe(CANCELLING, lambda e: None)
     sub.subscribe(SCHEDULED, lambda e: None)
     sub.set_related(SCHEDULED, ["prefect.deployment.d2", "prefect.deployment.d1"])
@@ -121,11 +66,11 @@ async def test_auth_handshake_and_filter(server: FakeEventsServer) -> None:
         connected_inside = sub.connected
     assert connected_inside
     assert not sub.connected_event.is_set()
-    assert server.paths == ["/api/events/out"]
-    assert server.subprotocols == ["prefect"]
-    assert server.headers[0]["Authorization"] == "Bearer s3cret"
-    assert server.auths == [{"type": "auth", "token": "s3cret"}]
-    [message] = server.filters
+    assert fake_events.paths == ["/api/events/out"]
+    assert fake_events.subprotocols == ["prefect"]
+    assert fake_events.headers[0]["Authorization"] == "Bearer s3cret"
+    assert fake_events.auths == [{"type": "auth", "token": "s3cret"}]
+    [message] = fake_events.filters
     assert message["type"] == "filter"
     assert message["backfill"] is True
     flt = message["filter"]
@@ -137,31 +82,31 @@ async def test_auth_handshake_and_filter(server: FakeEventsServer) -> None:
     until = datetime.fromisoformat(flt["occurred"]["until"])
     assert before - timedelta(seconds=61) <= since <= before
     assert until > before + timedelta(days=300)
-    await eventually(lambda: server.closed == 1)
+    await eventually(lambda: fake_events.closed == 1)
 
 
-async def test_no_token_sends_null_and_restricted_filter(server: FakeEventsServer) -> None:
-    sub = fast(server.api_url, backfill=0)
+async def test_no_token_sends_null_and_restricted_filter(fake_events: FakeEventsServer) -> None:
+    sub = fast(fake_events.api_url, backfill=0)
     sub.subscribe(SCHEDULED, lambda e: None)
     sub.set_related(SCHEDULED, ["prefect.deployment.b", "prefect.deployment.a"])
     async with sub:
         await asyncio.wait_for(sub.connected_event.wait(), 5)
-    assert server.auths == [{"type": "auth", "token": None}]
-    assert server.filters[0]["backfill"] is False
-    assert server.filters[0]["filter"]["event"] == {"name": [SCHEDULED]}
-    assert server.filters[0]["filter"]["any_resource"] == {
+    assert fake_events.auths == [{"type": "auth", "token": None}]
+    assert fake_events.filters[0]["backfill"] is False
+    assert fake_events.filters[0]["filter"]["event"] == {"name": [SCHEDULED]}
+    assert fake_events.filters[0]["filter"]["any_resource"] == {
         "id": ["prefect.deployment.a", "prefect.deployment.b"]
     }
 
 
-async def test_no_handlers_no_connection(server: FakeEventsServer) -> None:
-    async with fast(server.api_url) as sub:
+async def test_no_handlers_no_connection(fake_events: FakeEventsServer) -> None:
+    async with fast(fake_events.api_url) as sub:
         await asyncio.sleep(0.2)
         assert not sub.connected
-    assert server.connections == 0
+    assert fake_events.connections == 0
 
 
-async def test_routes_events_to_handlers_by_name(server: FakeEventsServer) -> None:
+async def test_routes_events_to_handlers_by_name(fake_events: FakeEventsServer) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await ws.send(event_message(CANCELLING, 1))
         await ws.send(event_message(SCHEDULED, 2, ("prefect.deployment.mine",)))
@@ -170,7 +115,7 @@ async def test_routes_events_to_handlers_by_name(server: FakeEventsServer) -> No
         await ws.send(event_message(CANCELLING, 5))
         await ws.wait_closed()
 
-    server.script = script
+    fake_events.script = script
     cancelling: list[str] = []
     scheduled: list[str] = []
 
@@ -178,7 +123,7 @@ async def test_routes_events_to_handlers_by_name(server: FakeEventsServer) -> No
         await asyncio.sleep(0)
         scheduled.append(event["resource"]["prefect.resource.id"])
 
-    sub = fast(server.api_url)
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, lambda e: cancelling.append(e["resource"]["prefect.resource.id"]))
     sub.subscribe(SCHEDULED, on_scheduled)
     sub.set_related(SCHEDULED, ["prefect.deployment.mine"])
@@ -190,7 +135,7 @@ async def test_routes_events_to_handlers_by_name(server: FakeEventsServer) -> No
 
 
 async def test_bad_messages_are_skipped(
-    server: FakeEventsServer, caplog: pytest.LogCaptureFixture
+    fake_events: FakeEventsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         for bad in [
@@ -205,27 +150,27 @@ async def test_bad_messages_are_skipped(
         await ws.send(event_message(CANCELLING, 1))
         await ws.wait_closed()
 
-    server.script = script
+    fake_events.script = script
     seen: list[dict[str, Any]] = []
-    sub = fast(server.api_url)
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, seen.append)
     with caplog.at_level(logging.WARNING, logger="agent.subscription"):
         async with sub:
             await eventually(lambda: len(seen) == 1)
     assert seen[0]["event"] == CANCELLING
     assert sum("skipped" in r.getMessage() for r in caplog.records) == 6
-    assert server.connections == 1
+    assert fake_events.connections == 1
 
 
 async def test_handler_exception_is_contained(
-    server: FakeEventsServer, caplog: pytest.LogCaptureFixture
+    fake_events: FakeEventsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await ws.send(event_message(CANCELLING, 1))
         await ws.send(event_message(CANCELLING, 2))
         await ws.wait_closed()
 
-    server.script = script
+    fake_events.script = script
     seen: list[int] = []
 
     def broken(event: dict[str, Any]) -> None:
@@ -234,7 +179,7 @@ async def test_handler_exception_is_contained(
     async def broken_async(event: dict[str, Any]) -> None:
         raise ValueError("async boom")
 
-    sub = fast(server.api_url)
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, broken)
     sub.subscribe(CANCELLING, broken_async)
     sub.subscribe(CANCELLING, lambda e: seen.append(len(seen)))
@@ -242,11 +187,11 @@ async def test_handler_exception_is_contained(
         async with sub:
             await eventually(lambda: len(seen) == 2)
             assert sub.connected
-    assert server.connections == 1
+    assert fake_events.connections == 1
     assert sum("failed for event" in r.getMessage() for r in caplog.records) == 4
 
 
-async def test_reconnects_after_server_drops(server: FakeEventsServer) -> None:
+async def test_reconnects_after_server_drops(fake_events: FakeEventsServer) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await ws.send(event_message(CANCELLING, n + 1))
         if n == 0:
@@ -254,32 +199,32 @@ async def test_reconnects_after_server_drops(server: FakeEventsServer) -> None:
             return
         await ws.wait_closed()
 
-    server.script = script
+    fake_events.script = script
     seen: list[str] = []
     transitions: list[bool] = []
-    sub = fast(server.api_url, on_connection_change=transitions.append)
+    sub = fast(fake_events.api_url, on_connection_change=transitions.append)
     sub.subscribe(CANCELLING, lambda e: seen.append(e["id"][-1]))
     async with sub:
         await eventually(lambda: len(seen) == 2)
         assert sub.connected
     assert seen == ["1", "2"]
-    assert server.connections == 2
+    assert fake_events.connections == 2
     assert transitions == [True, False, True, False]
     # The second connection replays from around the drop, so nothing in the gap is missed.
-    since = datetime.fromisoformat(server.filters[1]["filter"]["occurred"]["since"])
+    since = datetime.fromisoformat(fake_events.filters[1]["filter"]["occurred"]["since"])
     assert datetime.now(UTC) - timedelta(seconds=70) < since
 
 
-async def test_duplicate_event_ids_are_dropped(server: FakeEventsServer) -> None:
+async def test_duplicate_event_ids_are_dropped(fake_events: FakeEventsServer) -> None:
     async def script(ws: ServerConnection, n: int) -> None:
         await ws.send(event_message(CANCELLING, 1))
         await ws.send(event_message(CANCELLING, 1))
         await ws.send(event_message(CANCELLING, 2))
         await ws.wait_closed()
 
-    server.script = script
+    fake_events.script = script
     seen: list[str] = []
-    sub = fast(server.api_url)
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, lambda e: seen.append(e["id"]))
     async with sub:
         await eventually(lambda: len(seen) == 2)
@@ -288,39 +233,39 @@ async def test_duplicate_event_ids_are_dropped(server: FakeEventsServer) -> None
 
 
 async def test_changing_registrations_reconnects_with_new_filter(
-    server: FakeEventsServer,
+    fake_events: FakeEventsServer,
 ) -> None:
-    sub = fast(server.api_url)
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, lambda e: None)
     async with sub:
         await asyncio.wait_for(sub.connected_event.wait(), 5)
         sub.set_related(SCHEDULED, ["prefect.deployment.x"])  # no handler yet: no reconnect
         await asyncio.sleep(0.1)
-        assert server.connections == 1
+        assert fake_events.connections == 1
         sub.subscribe(SCHEDULED, lambda e: None)
-        await eventually(lambda: len(server.filters) == 2)
+        await eventually(lambda: len(fake_events.filters) == 2)
         sub.set_related(SCHEDULED, ["prefect.deployment.x"])  # unchanged: no reconnect
         sub.set_related(SCHEDULED, ["prefect.deployment.x", "prefect.deployment.y"])
-        await eventually(lambda: len(server.filters) == 3)
+        await eventually(lambda: len(fake_events.filters) == 3)
         await asyncio.sleep(0.1)
-    assert [f["filter"]["event"]["name"] for f in server.filters] == [
+    assert [f["filter"]["event"]["name"] for f in fake_events.filters] == [
         [CANCELLING],
         [CANCELLING, SCHEDULED],
         [CANCELLING, SCHEDULED],
     ]
-    assert server.connections == 3
-    await eventually(lambda: server.closed == 3)
+    assert fake_events.connections == 3
+    await eventually(lambda: fake_events.closed == 3)
 
 
-async def test_refused_auth_retries_with_backoff(server: FakeEventsServer) -> None:
-    server.refuse_auth = True
+async def test_refused_auth_retries_with_backoff(fake_events: FakeEventsServer) -> None:
+    fake_events.refuse_auth = True
     transitions: list[bool] = []
-    sub = fast(server.api_url, on_connection_change=transitions.append)
+    sub = fast(fake_events.api_url, on_connection_change=transitions.append)
     sub.subscribe(CANCELLING, lambda e: None)
     async with sub:
-        await eventually(lambda: server.connections >= 3)
+        await eventually(lambda: fake_events.connections >= 3)
         assert not sub.connected
-        server.refuse_auth = False
+        fake_events.refuse_auth = False
         await asyncio.wait_for(sub.connected_event.wait(), 5)
     assert transitions == [True, False]
 
@@ -335,8 +280,8 @@ async def test_unreachable_server_then_shutdown_is_clean() -> None:
     assert asyncio.all_tasks() == before
 
 
-async def test_runs_in_a_task_group_and_stops_cleanly(server: FakeEventsServer) -> None:
-    sub = fast(server.api_url)
+async def test_runs_in_a_task_group_and_stops_cleanly(fake_events: FakeEventsServer) -> None:
+    sub = fast(fake_events.api_url)
     sub.subscribe(CANCELLING, lambda e: None)
     before = asyncio.all_tasks()
     with pytest.raises(ExceptionGroup):
@@ -346,4 +291,4 @@ async def test_runs_in_a_task_group_and_stops_cleanly(server: FakeEventsServer) 
             raise RuntimeError("stop")
     assert not sub.connected
     assert asyncio.all_tasks() == before
-    await eventually(lambda: server.closed == 1)
+    await eventually(lambda: fake_events.closed == 1)

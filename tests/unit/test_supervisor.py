@@ -13,13 +13,8 @@ import pytest
 
 from agent.records import RunRecord
 from agent.supervisor import Phase, Supervisor
-from tests.unit.supervision import (
-    FakeLauncher,
-    FakeServer,
-    make_settings,
-    proposed_types,
-    supervise,
-)
+from tests.unit.fakes import FakeLauncher, FakePrefect
+from tests.unit.supervision import make_settings, proposed_types, supervise
 
 
 @pytest.fixture
@@ -28,7 +23,7 @@ def settings(tmp_path: Path) -> Any:
 
 
 async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     completed = {"type": "COMPLETED", "name": "Completed", "message": None}
     launcher = FakeLauncher(status=0, engine=lambda: setattr(server, "state", completed))
     supervisor, records = await supervise(settings, server, launcher)
@@ -56,7 +51,7 @@ async def test_accept_launches_with_the_exact_request(settings: Any) -> None:
 async def test_a_claim_applied_despite_an_error_answer_is_launched_and_noted(
     settings: Any,
 ) -> None:
-    server = FakeServer(uuid4(), claim_answers=[{"status": "APPLIED-BUT-ERROR"}])
+    server = FakePrefect(uuid4(), claim_answers=[{"status": "APPLIED-BUT-ERROR"}])
     launcher = FakeLauncher(status=0)
     await supervise(settings, server, launcher)
     assert proposed_types(server) == ["PENDING", "CRASHED"]  # one claim; exit 0 without a state
@@ -67,7 +62,9 @@ async def test_a_claim_applied_despite_an_error_answer_is_launched_and_noted(
 
 @pytest.mark.parametrize("status", ["REJECT", "ABORT"])
 async def test_reject_and_abort_skip_the_run(settings: Any, status: str) -> None:
-    server = FakeServer(uuid4(), claim_answers=[{"status": status, "details": {"reason": "taken"}}])
+    server = FakePrefect(
+        uuid4(), claim_answers=[{"status": status, "details": {"reason": "taken"}}]
+    )
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert launcher.requests == []
@@ -75,7 +72,7 @@ async def test_reject_and_abort_skip_the_run(settings: Any, status: str) -> None
 
 
 async def test_wait_retries_the_claim(settings: Any) -> None:
-    server = FakeServer(
+    server = FakePrefect(
         uuid4(),
         claim_answers=[
             {"status": "WAIT", "details": {"delay_seconds": 0.05}},
@@ -89,7 +86,7 @@ async def test_wait_retries_the_claim(settings: Any) -> None:
 
 
 async def test_cancelling_before_launch_is_cancelled_and_never_launched(settings: Any) -> None:
-    server = FakeServer(uuid4(), state="CANCELLING")
+    server = FakePrefect(uuid4(), state="CANCELLING")
     launcher = FakeLauncher()
     await supervise(settings, server, launcher)
     assert launcher.requests == []
@@ -98,7 +95,7 @@ async def test_cancelling_before_launch_is_cancelled_and_never_launched(settings
 
 
 async def test_nonzero_exit_of_a_running_run_is_crashed_with_the_reason(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     launcher = FakeLauncher(status=137, result="oom-kill")
     await supervise(settings, server, launcher)
     assert proposed_types(server) == ["PENDING", "CRASHED"]
@@ -107,7 +104,7 @@ async def test_nonzero_exit_of_a_running_run_is_crashed_with_the_reason(settings
 
 
 async def test_final_state_from_the_engine_is_not_overwritten(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     launcher = FakeLauncher(status=1, finish_at_once=False)
 
     async def engine_reports_failed(supervisor: Supervisor, launcher: FakeLauncher) -> None:
@@ -121,7 +118,7 @@ async def test_final_state_from_the_engine_is_not_overwritten(settings: Any) -> 
 
 
 async def test_launch_failure_is_crashed_never_left_pending(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     launcher = FakeLauncher(fail="command not found: /opt/venv/bin/python")
     await supervise(settings, server, launcher)
     assert proposed_types(server) == ["PENDING", "CRASHED"]
@@ -129,7 +126,7 @@ async def test_launch_failure_is_crashed_never_left_pending(settings: Any) -> No
 
 
 async def test_cancellation_of_a_running_run_kills_and_marks_cancelled(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     launcher = FakeLauncher(finish_at_once=False)
 
     async def cancel_when_running(supervisor: Supervisor, launcher: FakeLauncher) -> None:
@@ -148,7 +145,7 @@ async def test_cancellation_of_a_running_run_kills_and_marks_cancelled(settings:
 
 async def test_recovery_launches_a_run_claimed_but_never_started(settings: Any) -> None:
     run_id = uuid4()
-    server = FakeServer(run_id, state="PENDING")
+    server = FakePrefect(run_id, state="PENDING")
     server.state["message"] = "Claimed by runner-agent 'unit-agent'"
     record = RunRecord(flow_run_id=str(run_id), deployment="hello", phase="claiming")
     launcher = FakeLauncher(status=0)
@@ -161,7 +158,7 @@ async def test_recovery_launches_a_run_claimed_but_never_started(settings: Any) 
 
 async def test_recovery_does_not_launch_someone_elses_claim(settings: Any) -> None:
     run_id = uuid4()
-    server = FakeServer(run_id, state="PENDING")
+    server = FakePrefect(run_id, state="PENDING")
     server.state["message"] = "Claimed by runner-agent 'other-host'"
     record = RunRecord(flow_run_id=str(run_id), deployment="hello", phase="claiming")
     launcher = FakeLauncher()
@@ -174,7 +171,7 @@ async def test_recovery_reports_a_run_that_exited_while_the_agent_was_away(
     settings: Any, tmp_path: Path
 ) -> None:
     run_id = uuid4()
-    server = FakeServer(run_id, state="RUNNING")
+    server = FakePrefect(run_id, state="RUNNING")
     run_dir = tmp_path / "exited-run"
     run_dir.mkdir()
     (run_dir / "exit-status").write_text("3\n")
@@ -193,7 +190,7 @@ async def test_recovery_reports_a_run_that_exited_while_the_agent_was_away(
 
 
 async def test_waits_for_the_scheduled_start(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     start = datetime.now(UTC) + timedelta(seconds=0.6)
     body = server.run_body()
     server.run_body = lambda: {**body, "next_scheduled_start_time": start.isoformat()}  # type: ignore[method-assign]
@@ -204,7 +201,7 @@ async def test_waits_for_the_scheduled_start(settings: Any) -> None:
 
 
 async def test_a_limit_kill_replaces_the_engines_own_crash_message(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     engine_crash = {
         "type": "CRASHED",
         "name": "Crashed",
@@ -220,7 +217,7 @@ async def test_a_limit_kill_replaces_the_engines_own_crash_message(settings: Any
 
 
 async def test_an_engine_crash_without_a_limit_is_kept(settings: Any) -> None:
-    server = FakeServer(uuid4())
+    server = FakePrefect(uuid4())
     engine_crash = {"type": "CRASHED", "name": "Crashed", "message": "engine's own reason"}
     launcher = FakeLauncher(status=1, engine=lambda: setattr(server, "state", engine_crash))
     await supervise(settings, server, launcher)

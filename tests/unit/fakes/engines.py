@@ -1,4 +1,4 @@
-"""Fakes shared by the unit tests: the engine probe and the hook runner."""
+"""Fakes of the engine probe and the hook runner."""
 
 from __future__ import annotations
 

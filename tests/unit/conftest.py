@@ -1,0 +1,43 @@
+"""Fixtures over the shared fakes in tests/unit/fakes/."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.asyncio.server import serve
+from websockets.typing import Subprotocol
+
+from tests.unit.fakes import FakeEngines, FakeEventsServer, FakeHooks, FakeLauncher, FakePrefect
+
+
+@pytest.fixture
+def fake_prefect() -> FakePrefect:
+    """An in-memory Prefect server; `.client()` talks to it through httpx.MockTransport."""
+    return FakePrefect()
+
+
+@pytest.fixture
+def fake_launcher() -> FakeLauncher:
+    """A launcher whose runs exit 0 at once; set its attributes to change that."""
+    return FakeLauncher()
+
+
+@pytest.fixture
+def fake_engines() -> FakeEngines:
+    return FakeEngines()
+
+
+@pytest.fixture
+def fake_hooks() -> FakeHooks:
+    return FakeHooks()
+
+
+@pytest.fixture
+async def fake_events() -> AsyncIterator[FakeEventsServer]:
+    """A fake events websocket server on a loopback port; `.script` drives each connection."""
+    fake = FakeEventsServer()
+    async with serve(fake.handler, "127.0.0.1", 0, subprotocols=[Subprotocol("prefect")]) as srv:
+        fake.server = srv
+        fake.port = next(iter(srv.sockets)).getsockname()[1]
+        yield fake

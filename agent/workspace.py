@@ -57,7 +57,9 @@ def engine_environment(
     env = dict(flow_run.env)
     env["PREFECT__FLOW_RUN_ID"] = str(flow_run_id)
     env["PREFECT__DEPLOYMENT_NAME"] = deployment_name
-    env["PREFECT__STORAGE_BASE_PATH"] = str(tmpdir)
+    # No PREFECT__STORAGE_BASE_PATH (the Runner's, for its remote-storage copies): the code is
+    # already in the working directory, and with it set Prefect 3.8 turns a git deployment's
+    # null `path` into the directory "None" and the run crashes before the flow is loaded.
     # The agent runs on_cancellation (and the on_crashed hooks of crashes the engine cannot
     # report) itself, as Prefect's Runner does; see docs/runs.md.
     env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import tomli_w
 
 from tests.integration.server_http import server_client
 
@@ -26,6 +25,10 @@ def render_config(
     sections: Mapping[str, Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]]
 ) -> str:
     """The agent's TOML: one table per section, then one `[[deployment]]` per deployment."""
+    # Imported here: the .deb build's unit tests import bench (which uses this module) in a venv
+    # that has the runtime and packaging/test-requirements.txt only, not tomli_w.
+    import tomli_w
+
     document: dict[str, Any] = {name: dict(values) for name, values in sections.items()}
     if deployments:
         document["deployment"] = [dict(deployment) for deployment in deployments]

@@ -170,6 +170,7 @@ def scheduled_at(when: datetime) -> dict[str, Any]:
 
 def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
     began = time.monotonic()
+    began_wall = datetime.now(UTC)
     server = outage_server
     flow_dir = tmp_path / "flows"
     flow_dir.mkdir()
@@ -364,14 +365,20 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         )
         print(f"agent heartbeats during the outage: {len(inner)} ticks, {delivered} on the server")
         assert delivered == len(inner)
-        done_beats = count_events(
-            api,
-            "prefect.flow-run.heartbeat",
-            f"prefect.flow-run.{runs['done']}",
-            t0_wall,
-            t0_wall + timedelta(seconds=43),
-        )
-        assert done_beats >= 7, done_beats  # one per heartbeat_interval (5 s) while it ran
+        # The `done` run's heartbeats are its engine's (Prefect 3.8.8 sends them itself, at
+        # PREFECT_FLOWS_HEARTBEAT_FREQUENCY = max(30, heartbeat_interval)): the first one when it
+        # began RUNNING, before the outage. The agent adds none at its own 5 s interval, so the
+        # outage's 43 s hold at most the engine's two (those the engine could not deliver are
+        # lost, as under Prefect's Runner).
+        def done_beats(since: datetime, until: datetime) -> int:
+            resource = f"prefect.flow-run.{runs['done']}"
+            return count_events(api, "prefect.flow-run.heartbeat", resource, since, until)
+
+        before_outage = done_beats(began_wall, t0_wall)
+        during_outage = done_beats(t0_wall, t0_wall + timedelta(seconds=43))
+        print(f"`done` heartbeats: {before_outage} before the outage, {during_outage} during it")
+        assert before_outage >= 1
+        assert during_outage <= 2
 
         assert agent.proc.pid == pid and agent.proc.poll() is None
         assert agent.stop() == 0

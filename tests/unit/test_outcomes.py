@@ -170,6 +170,8 @@ async def test_an_acknowledged_cancel_is_cancelled_once_the_process_ended(settin
     assert request.env["PREFECT__CONTROL_TOKEN"] == "t0ken"
     assert request.env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] == "false"
     assert request.env["PREFECT__DEPLOYMENT_NAME"] == "hello"
+    # Set, Prefect 3.8 looks for a path-less (git) deployment's code in a directory "None".
+    assert "PREFECT__STORAGE_BASE_PATH" not in request.env
 
 
 async def test_an_unacknowledged_cancel_falls_back_to_signals(settings: Any) -> None:

@@ -365,6 +365,7 @@ def test_api_outage(outage_server: PrefectServer, tmp_path: Path) -> None:
         )
         print(f"agent heartbeats during the outage: {len(inner)} ticks, {delivered} on the server")
         assert delivered == len(inner)
+
         # The `done` run's heartbeats are its engine's (Prefect 3.8.8 sends them itself, at
         # PREFECT_FLOWS_HEARTBEAT_FREQUENCY = max(30, heartbeat_interval)): the first one when it
         # began RUNNING, before the outage. The agent adds none at its own 5 s interval, so the

@@ -74,7 +74,7 @@ def from_validation_error(
     loc: Loc = tuple(
         part
         for i, part in enumerate(raw)
-        if part != "[key]" and not (i and part in union_tags.get(str(raw[i - 1]), ()))
+        if part != "[key]" and not (i and part in union_tags.get(_field_of(raw, i - 1), ()))
     )
     return ConfigError(
         origin(loc) or default_source,
@@ -84,13 +84,23 @@ def from_validation_error(
     )
 
 
+def _field_of(raw: Loc, i: int) -> str:
+    """The field at raw[i], or the list field an index there belongs to (schedules[1])."""
+    if isinstance(raw[i], int) and i:
+        return str(raw[i - 1])
+    return str(raw[i])
+
+
 def _key_name(loc: Loc, deployments: Sequence[Any]) -> str:
     parts: list[str] = []
     for i, part in enumerate(loc):
         if isinstance(part, int) and i and loc[i - 1] == "deployment":
             item = deployments[part] if part < len(deployments) else None
             name = item.get("name") if isinstance(item, dict) else None
+            flow = item.get("flow_name", name) if isinstance(item, dict) else None
             label = name if isinstance(name, str) else f"#{part + 1}"
+            if isinstance(flow, str) and flow != name:
+                label = f"{flow}/{label}"
             parts[-1] = f"deployment[{label}]"
         elif isinstance(part, int):
             parts[-1] += f"[{part}]"

@@ -142,20 +142,31 @@ class TomlFilesSource(PydanticBaseSettingsSource):
             raise ConfigError(source, "deployment", "expected [[deployment]] tables")
         existing: list[dict[str, Any]] = self.data.setdefault("deployment", [])
         self.origins.table(("deployment",), source)
-        seen: set[str] = set()
+        seen: set[tuple[Any, str]] = set()
         for item in items:
             name = item.get("name")
             index = len(existing)
             if isinstance(name, str):
-                if name in seen:
+                # Prefect's identity: FLOW/NAME (flow_name defaults to name).
+                identity = (item.get("flow_name", name), name)
+                label = name if identity[0] == name else f"{identity[0]}/{name}"
+                if identity in seen:
                     raise ConfigError(
                         source,
-                        f"deployment[{name}]",
-                        f"duplicate deployment name {name!r}; names must be unique",
+                        f"deployment[{label}]",
+                        f"duplicate deployment name {name!r}; names must be unique per flow "
+                        f"(both [[deployment]]s have flow_name {identity[0]!r})",
                     )
-                seen.add(name)
-                # A later file's deployment of the same name replaces the earlier one in place.
-                index = next((i for i, d in enumerate(existing) if d.get("name") == name), index)
+                seen.add(identity)
+                # A later file's deployment of the same identity replaces the earlier one.
+                index = next(
+                    (
+                        i
+                        for i, d in enumerate(existing)
+                        if (d.get("flow_name", d.get("name")), d.get("name")) == identity
+                    ),
+                    index,
+                )
             if index == len(existing):
                 existing.append(item)
             else:

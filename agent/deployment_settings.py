@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BeforeValidator,
-    Discriminator,
     Field,
-    Tag,
-    field_validator,
     model_validator,
 )
 
@@ -27,11 +24,11 @@ from agent.run_settings import (
     MemoryLimit,
     Name,
     NonEmpty,
-    PositiveDuration,
     RuntimeLimit,
     TasksLimit,
     json_parameters,
 )
+from agent.schedules import AnySchedule, Schedule
 
 
 class GitSettings(ConfigModel):
@@ -57,30 +54,6 @@ class GitSettings(ConfigModel):
         return self
 
 
-class CronSchedule(ConfigModel):
-    cron: Annotated[str, BeforeValidator(values.validate_cron)]
-    timezone: Annotated[str, BeforeValidator(values.validate_timezone)] = "UTC"
-
-
-class IntervalSchedule(ConfigModel):
-    interval: PositiveDuration
-
-
-SCHEDULE_TAGS = ("cron", "interval")
-
-
-def _schedule_kind(data: Any) -> str:
-    if isinstance(data, Mapping):
-        return "cron" if "cron" in data else "interval"
-    return "cron" if isinstance(data, CronSchedule) else "interval"
-
-
-Schedule = Annotated[
-    Annotated[CronSchedule, Tag("cron")] | Annotated[IntervalSchedule, Tag("interval")],
-    Discriminator(_schedule_kind),
-]
-
-
 class DeploymentSettings(ConfigModel):
     name: Name
     flow_name: Name
@@ -94,7 +67,14 @@ class DeploymentSettings(ConfigModel):
     description: str = ""
     # flow.serve's default (Prefect 3.8.8): the server checks run parameters against the schema.
     enforce_parameter_schema: Annotated[bool, Field(strict=True)] = True
+    # `schedule` is the single-schedule spelling of earlier versions; set it or `schedules`.
     schedule: Schedule | None = None
+    schedules: tuple[Schedule, ...] = ()
+    paused: Annotated[bool, Field(strict=True)] = False
+    concurrency_limit: Annotated[int, Field(strict=True, ge=1)] | None = None
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"] | None = None
+    # Unset: the git commit of a git source (as the code's version), else none.
+    version: NonEmpty | None = None
     # Overrides of [flow_run]; only the keys a deployment sets (model_fields_set) apply.
     python: NonEmpty | None = None
     memory_max: MemoryLimit = None
@@ -111,17 +91,23 @@ class DeploymentSettings(ConfigModel):
             return {**data, "flow_name": data["name"]}
         return data
 
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _schedule_shape(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            if "cron" in data and "interval" in data:
-                raise ValueError("set either cron or interval, not both")
-            if "cron" not in data and "interval" not in data:
-                raise ValueError('needs cron = "..." or interval = "..."')
-        elif data is not None and not isinstance(data, CronSchedule | IntervalSchedule):
-            raise ValueError(f'expected a table like {{ interval = "10m" }}, got {data!r}')
-        return data
+    @model_validator(mode="after")
+    def _schedule_or_schedules(self) -> DeploymentSettings:
+        if self.schedule is not None and self.schedules:
+            raise ValueError("set either schedule or schedules, not both")
+        if self.collision_strategy is not None and self.concurrency_limit is None:
+            raise ValueError("collision_strategy needs a concurrency_limit")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The deployment's identity: FLOW/NAME as Prefect names it, or just NAME when the flow
+        has that name too (the default, and all earlier versions knew). Names hold no "/", so
+        keys are unique; records, logs and storage directories use them."""
+        return self.name if self.flow_name == self.name else f"{self.flow_name}/{self.name}"
+
+    def all_schedules(self) -> tuple[AnySchedule, ...]:
+        return (self.schedule,) if self.schedule is not None else self.schedules
 
     @model_validator(mode="after")
     def _one_code_source(self) -> DeploymentSettings:

@@ -27,14 +27,29 @@ from typing import Any
 from uuid import UUID
 
 from agent.api import PrefectApiError, PrefectClient
-from agent.deployment_settings import CronSchedule, DeploymentSettings
+from agent.deployment_body import (
+    EMPTY_SCHEMA,
+    adoption_clears,
+    deployment_body,
+    is_up_to_date,
+    pool_of,
+)
+from agent.deployment_settings import DeploymentSettings
 from agent.flowinfo import FlowInfo, FlowInfoFailure, FlowInfoLookup
 
 log = logging.getLogger("agent.deployments")
 
+__all__ = [
+    "EMPTY_SCHEMA",
+    "FLOW_INFO_WAIT",
+    "REGISTRY_FILE",
+    "DeploymentRegistry",
+    "RegisteredDeployment",
+    "deployment_body",
+    "is_up_to_date",
+]
+
 REGISTRY_FILE = "deployments.json"
-# What the server stores for "no schema" (it turns null and {} into this).
-EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 # The runner bounds a whole poll by 2 * api.timeout + 5 s; leave most of it to the API calls.
 FLOW_INFO_WAIT = 10.0
 
@@ -45,94 +60,6 @@ class RegisteredDeployment:
     id: UUID
     flow_id: UUID
     flow_name: str
-
-
-def schedule_body(deployment: DeploymentSettings) -> list[dict[str, Any]]:
-    schedule = deployment.schedule
-    if schedule is None:
-        return []
-    if isinstance(schedule, CronSchedule):
-        spec: dict[str, Any] = {"cron": schedule.cron, "timezone": schedule.timezone}
-    else:
-        spec = {"interval": float(schedule.interval)}
-    return [{"schedule": spec, "active": True}]
-
-
-def deployment_body(
-    deployment: DeploymentSettings,
-    flow_id: UUID,
-    info: FlowInfo | FlowInfoFailure | None = None,
-) -> dict[str, Any]:
-    """The upsert body; `info` is the flow's (None or a failure: no schema, no docstring)."""
-    known = info if isinstance(info, FlowInfo) else None
-    return {
-        "name": deployment.name,
-        "flow_id": str(flow_id),
-        "paused": False,
-        "schedules": schedule_body(deployment),
-        "parameters": dict(deployment.parameters),
-        "tags": list(deployment.tags),
-        "description": deployment.description or (known and known.description) or None,
-        # A git deployment's code lives in a per-commit checkout chosen at claim time.
-        "path": str(deployment.path) if deployment.path is not None else None,
-        "entrypoint": deployment.entrypoint,
-        "parameter_openapi_schema": known.parameter_openapi_schema if known else EMPTY_SCHEMA,
-        "enforce_parameter_schema": deployment.enforce_parameter_schema,
-    }
-
-
-class _Unlike(Exception):
-    """The server's copy has a shape the config could not have produced."""
-
-
-def _schedules_of(existing: Mapping[str, Any]) -> list[dict[str, Any]]:
-    result = []
-    items = existing.get("schedules") or []
-    if not isinstance(items, list):
-        raise _Unlike
-    for item in items:
-        schedule = item.get("schedule") if isinstance(item, dict) else None
-        if not isinstance(schedule, dict):
-            raise _Unlike
-        if "cron" in schedule:
-            spec: dict[str, Any] = {"cron": schedule["cron"], "timezone": schedule.get("timezone")}
-        else:
-            interval = schedule.get("interval") or 0
-            if isinstance(interval, bool) or not isinstance(interval, int | float):
-                raise _Unlike
-            spec = {"interval": float(interval)}
-        result.append({"schedule": spec, "active": item.get("active") is True})
-    return result
-
-
-def is_up_to_date(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """True when the server's copy already says what the config says.
-
-    Anything odd in the server's copy (wrong types, another deployment's name) means "not up to
-    date": the upsert then writes the config's version over it.
-    """
-    for key in (
-        "name",
-        "flow_id",
-        "paused",
-        "parameters",
-        "description",
-        "path",
-        "entrypoint",
-        "parameter_openapi_schema",
-        "enforce_parameter_schema",
-    ):
-        if existing.get(key) != wanted.get(key):
-            return False
-    tags = existing.get("tags") or []
-    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
-        return False
-    if sorted(tags) != sorted(wanted["tags"]):
-        return False
-    try:
-        return bool(_schedules_of(existing) == wanted["schedules"])
-    except (_Unlike, OverflowError):
-        return False
 
 
 class DeploymentRegistry:
@@ -158,7 +85,7 @@ class DeploymentRegistry:
     async def sync(
         self, deployments: tuple[DeploymentSettings, ...]
     ) -> dict[str, RegisteredDeployment]:
-        """Upsert every deployment, pause the removed ones; return name -> registration.
+        """Upsert every deployment, pause the removed ones; return FLOW/NAME -> registration.
 
         A deployment that fails to register, or whose flow info is not ready yet, is left out
         (and logged); the others still run.
@@ -166,37 +93,42 @@ class DeploymentRegistry:
         infos: dict[str, FlowInfo | FlowInfoFailure | None] = {}
         if self._flow_info is not None:
             infos = await self._flow_info.lookup(deployments, FLOW_INFO_WAIT)
+        known = self._load()
         registered: dict[str, RegisteredDeployment] = {}
         for deployment in deployments:
-            info = infos.get(deployment.name)
+            info = infos.get(deployment.key)
             if self._flow_info is not None and not self._ready(deployment, info):
                 continue
             try:
-                registered[deployment.name] = await self._upsert(deployment, info)
+                registered[deployment.key] = await self._upsert(deployment, info, known)
             except PrefectApiError as exc:
                 log.error(
                     "could not register deployment %r: %s",
-                    deployment.name,
+                    deployment.key,
                     exc,
-                    extra={"deployment": deployment.name},
+                    extra={"deployment": deployment.key},
                 )
-        remembered = {name: reg.id for name, reg in registered.items()}
-        configured = {d.name for d in deployments}
-        for name, deployment_id in self._load().items():
-            if name in configured:
+        remembered = {key: reg.id for key, reg in registered.items()}
+        configured = {d.key for d in deployments}
+        # Files of earlier versions name a deployment by its bare name.
+        bare = {d.name: d.key for d in deployments}
+        for key, deployment_id in known.items():
+            if "/" not in key and key in bare:
+                key = bare[key]
+            if key in configured:
                 # Configured but failed to register this time: keep it on the books.
-                remembered.setdefault(name, deployment_id)
+                remembered.setdefault(key, deployment_id)
                 continue
             try:
                 await self._client.update_deployment(deployment_id, {"paused": True})
                 log.info(
                     "paused deployment %r: it was removed from the config",
-                    name,
-                    extra={"deployment": name},
+                    key,
+                    extra={"deployment": key},
                 )
             except PrefectApiError as exc:
-                log.warning("could not pause removed deployment %r: %s", name, exc)
-                remembered[name] = deployment_id  # the next start or reload tries again
+                log.warning("could not pause removed deployment %r: %s", key, exc)
+                remembered[key] = deployment_id  # the next start or reload tries again
         self._save(remembered)
         return registered
 
@@ -204,7 +136,7 @@ class DeploymentRegistry:
         self, deployment: DeploymentSettings, info: FlowInfo | FlowInfoFailure | None
     ) -> bool:
         """False while the info is being computed; logs each change of what is known, once."""
-        name = deployment.name
+        name = deployment.key
         if info is None:
             note = "pending"
         elif isinstance(info, FlowInfoFailure):
@@ -234,33 +166,63 @@ class DeploymentRegistry:
         return info is not None
 
     async def _upsert(
-        self, deployment: DeploymentSettings, info: FlowInfo | FlowInfoFailure | None
+        self,
+        deployment: DeploymentSettings,
+        info: FlowInfo | FlowInfoFailure | None,
+        known: Mapping[str, UUID],
     ) -> RegisteredDeployment:
+        key, extra = deployment.key, {"deployment": deployment.key}
         flow_id = await self._client.upsert_flow(deployment.flow_name)
         wanted = deployment_body(deployment, flow_id, info)
         existing = await self._client.read_deployment_by_name(deployment.flow_name, deployment.name)
-        if existing is not None and is_up_to_date(existing, wanted):
+        adopted = existing is not None and not self._registered_here(existing, known)
+        if existing is not None and adopted:
+            clears = adoption_clears(existing)
+            wanted.update(clears)
+            self._tell_adoption(key, existing, clears)
+        if (
+            existing is not None
+            and is_up_to_date(existing, wanted)
+            and "job_variables" not in wanted
+        ):
             deployment_id = UUID(str(existing["id"]))
-            log.info(
-                "deployment %r is up to date (%s)",
-                deployment.name,
-                deployment_id,
-                extra={"deployment": deployment.name},
-            )
+            log.info("deployment %r is up to date (%s)", key, deployment_id, extra=extra)
         else:
             deployment_id = await self._client.upsert_deployment(wanted)
-            log.info(
-                "registered deployment %r (%s)",
-                deployment.name,
-                deployment_id,
-                extra={"deployment": deployment.name},
-            )
+            log.info("registered deployment %r (%s)", key, deployment_id, extra=extra)
         return RegisteredDeployment(deployment.name, deployment_id, flow_id, deployment.flow_name)
 
+    @staticmethod
+    def _registered_here(existing: Mapping[str, Any], known: Mapping[str, UUID]) -> bool:
+        return str(existing.get("id")) in {str(value) for value in known.values()}
+
+    @staticmethod
+    def _tell_adoption(key: str, existing: Mapping[str, Any], clears: Mapping[str, Any]) -> None:
+        extra = {"deployment": key}
+        if clears:
+            log.warning(
+                "adopting deployment %r registered by other means: clearing %s "
+                "(the agent prepares the code and the run settings itself)",
+                key,
+                ", ".join(sorted(clears)),
+                extra=extra,
+            )
+        pool = pool_of(existing)
+        if pool is not None:
+            log.warning(
+                "deployment %r stays in %s (the API cannot clear that): a worker polling it "
+                "may also run its flow runs; delete the deployment for the agent to "
+                "register it anew",
+                key,
+                pool,
+                extra=extra,
+            )
+
     def _load(self) -> dict[str, UUID]:
+        """FLOW/NAME (or the bare name, in files of earlier versions) -> deployment id."""
         try:
             raw = json.loads(self._registry_path.read_text())
-            return {str(name): UUID(str(value)) for name, value in dict(raw).items()}
+            return {str(key): UUID(str(value)) for key, value in dict(raw).items()}
         except FileNotFoundError:
             return {}
         except (ValueError, TypeError, AttributeError) as exc:

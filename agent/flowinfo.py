@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -234,7 +235,7 @@ class FlowInspector:
         one still running from an earlier lookup delays none of the others. What is not ready
         keeps being computed; a later lookup picks it up.
         """
-        tasks = {d.name: self._start(d, wait) for d in deployments}
+        tasks = {d.key: self._start(d, wait) for d in deployments}
         for name in set(self._inflight) - set(tasks):
             self._inflight.pop(name).task.cancel()
         now = self._clock()
@@ -250,7 +251,7 @@ class FlowInspector:
     def _start(self, deployment: DeploymentSettings, wait: float) -> asyncio.Task[FlowInfoResult]:
         flow_run = deployment.flow_run_settings(self._flow_run_defaults())
         inputs = (deployment, flow_run)
-        running = self._inflight.get(deployment.name)
+        running = self._inflight.get(deployment.key)
         if running is not None and not running.task.done():
             if running.inputs == inputs:
                 return running.task
@@ -258,9 +259,9 @@ class FlowInspector:
         # A finished one is started again: from the caches that is quick, and it notices
         # code that changed since.
         task = asyncio.create_task(
-            self.inspect(deployment, flow_run), name=f"flowinfo-{deployment.name}"
+            self.inspect(deployment, flow_run), name=f"flowinfo-{deployment.key}"
         )
-        self._inflight[deployment.name] = _Job(inputs, task, self._clock() + wait)
+        self._inflight[deployment.key] = _Job(inputs, task, self._clock() + wait)
         return task
 
     async def inspect(
@@ -269,11 +270,15 @@ class FlowInspector:
         """The deployment's FlowInfo, or why not. Raises nothing but CancelledError."""
         try:
             async with self._code(deployment, flow_run.user) as (code_dir, code_version):
-                return await self._inspect_code(deployment, flow_run, code_dir, code_version)
+                info = await self._inspect_code(deployment, flow_run, code_dir, code_version)
+                commit = code_version.get("commit")
+                if isinstance(info, FlowInfo) and isinstance(commit, str):
+                    info = dataclasses.replace(info, commit=commit)
+                return info
         except (StorageError, LaunchError) as exc:
             return FlowInfoFailure(one_line(str(exc)))
         except Exception as exc:
-            log.exception("computing the parameter schema of %r failed", deployment.name)
+            log.exception("computing the parameter schema of %r failed", deployment.key)
             return FlowInfoFailure(one_line(f"unexpected error: {exc!r}"))
 
     async def _inspect_code(
@@ -304,10 +309,10 @@ class FlowInspector:
         if isinstance(result, FlowInfo):
             log.info(
                 "deployment %r: computed the parameter schema of flow %r in %.1fs",
-                deployment.name,
+                deployment.key,
                 result.flow_name,
                 self._clock() - started,
-                extra={"deployment": deployment.name},
+                extra={"deployment": deployment.key},
             )
             self.cache.put(key, result)
             self._failures.pop(key, None)
@@ -347,7 +352,7 @@ class FlowInspector:
             marks = await asyncio.to_thread(code_tree_marks, deployment.path, entry_file)
             yield deployment.path, {"path": str(deployment.path), "files": marks}
             return
-        with await self._storage.prepare(deployment.name, deployment.git) as checkout:
+        with await self._storage.prepare(deployment.key, deployment.git) as checkout:
             if changes_user(user):
                 allow_pass_through(self._state_dir, checkout.path)
             yield (

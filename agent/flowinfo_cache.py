@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class FlowInfo:
     flow_name: str
     description: str | None
     parameter_openapi_schema: dict[str, Any]
+    # The git commit the info was computed at (a deployment's default version); not cached,
+    # the cache key already holds it.
+    commit: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

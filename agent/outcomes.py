@@ -91,7 +91,10 @@ class RunOutcomes:
         self.flow_run = flow_run
         # None only for a recovered run whose deployment has left the config.
         self.deployment = deployment
-        self.deployment_name = deployment.name if deployment is not None else deployment_name
+        # `deployment_key` (FLOW/NAME, or a bare name in records of older versions) identifies
+        # the deployment in records and logs; `deployment_name` is Prefect's bare name.
+        self.deployment_key = deployment.key if deployment is not None else deployment_name
+        self.deployment_name = self.deployment_key.rpartition("/")[2]
         # The host's settings for this deployment; job variables are applied over them at launch.
         self.base_settings: FlowRunSettings = (
             deployment.flow_run_settings(ctx.settings.flow_run)
@@ -113,13 +116,13 @@ class RunOutcomes:
         self._cancel_settled = False
         self.unit = unit_name(flow_run_id)
         self.record = RunRecord(
-            flow_run_id=str(flow_run_id), deployment=self.deployment_name, phase="new"
+            flow_run_id=str(flow_run_id), deployment=self.deployment_key, phase="new"
         )
         self.log = logging.LoggerAdapter(
             log,
             {
                 "flow_run_id": str(flow_run_id),
-                "deployment": self.deployment_name,
+                "deployment": self.deployment_key,
                 "unit": self.unit,
             },
         )

@@ -240,11 +240,10 @@ class Runner:
         return list(unique.values())[:free]
 
     def _deployment_for(self, flow_run: FlowRun) -> DeploymentSettings | None:
-        for name, reg in self._registered.items():
+        # By the run's deployment id: etl/prod and report/prod share the name "prod".
+        for key, reg in self._registered.items():
             if reg.id == flow_run.deployment_id:
-                for deployment in self._settings.deployments:
-                    if deployment.name == name:
-                        return deployment
+                return self._settings.deployment(key)
         return None
 
     def _start_supervisor(self, group: asyncio.TaskGroup, flow_run: FlowRun) -> None:
@@ -283,9 +282,7 @@ class Runner:
     def _recover(self, group: asyncio.TaskGroup) -> None:
         """Pick up the runs a previous agent process left behind; they count against `limit`."""
         for record in self._records.all():
-            deployment = next(
-                (d for d in self._settings.deployments if d.name == record.deployment), None
-            )
+            deployment = self._settings.deployment(record.deployment)
             supervisor = Supervisor(
                 self._context(), record.id, deployment, deployment_name=record.deployment
             )

@@ -27,14 +27,7 @@ from agent import values
 from agent.config_errors import ConfigError, from_validation_error
 from agent.config_files import read_secret
 from agent.config_sources import ConfigSources
-from agent.deployment_settings import (
-    SCHEDULE_TAGS,
-    CronSchedule,
-    DeploymentSettings,
-    GitSettings,
-    IntervalSchedule,
-    Schedule,
-)
+from agent.deployment_settings import DeploymentSettings, GitSettings
 from agent.run_settings import (
     DEFAULT_JOB_VARIABLES,
     FLOW_RUN_KEYS,
@@ -48,6 +41,8 @@ from agent.run_settings import (
     Secret,
     count,
 )
+from agent.schedules import KINDS as SCHEDULE_TAGS
+from agent.schedules import CronSchedule, IntervalSchedule, RRuleSchedule, Schedule
 
 __all__ = [
     "DEFAULT_JOB_VARIABLES",
@@ -62,6 +57,7 @@ __all__ = [
     "GitSettings",
     "IntervalSchedule",
     "JobVariable",
+    "RRuleSchedule",
     "Schedule",
     "Settings",
     "load_settings",
@@ -132,15 +128,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_deployment_names(self) -> Settings:
+        # Prefect's identity of a deployment is FLOW/NAME: etl/prod and report/prod may coexist.
         seen: set[str] = set()
         for deployment in self.deployments:
-            if deployment.name in seen:
-                raise ValueError(f"duplicate deployment name {deployment.name!r}")
-            seen.add(deployment.name)
+            if deployment.key in seen:
+                raise ValueError(
+                    f"duplicate deployment name {deployment.name!r}: two [[deployment]]s of "
+                    f"flow {deployment.flow_name!r} have it"
+                )
+            seen.add(deployment.key)
         return self
 
-    def deployment(self, name: str) -> DeploymentSettings | None:
-        return next((d for d in self.deployments if d.name == name), None)
+    def deployment(self, key: str) -> DeploymentSettings | None:
+        """The deployment `FLOW/NAME`; a bare NAME (records of older versions) when unique."""
+        found = next((d for d in self.deployments if d.key == key), None)
+        if found is None and "/" not in key:
+            named = [d for d in self.deployments if d.name == key]
+            found = named[0] if len(named) == 1 else None
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain TOML-able data, secrets replaced by REDACTED."""
@@ -175,7 +180,7 @@ def load_settings(config_path: Path | None, environ: Mapping[str, str]) -> Setti
             origin=sources.origin,
             deployments=sources.files.deployments,
             default_source=sources.files.main_file,
-            union_tags={"schedule": SCHEDULE_TAGS},
+            union_tags={"schedule": SCHEDULE_TAGS, "schedules": SCHEDULE_TAGS},
         ) from None
     return _resolve_secrets(settings, sources)
 

@@ -127,7 +127,7 @@ class Workspaces:
         """Raises LaunchError (or StorageError, whose message is the run's crash reason)."""
         checkout = None
         if deployment.git is not None:
-            checkout = await self._storage.prepare(deployment.name, deployment.git)
+            checkout = await self._storage.prepare(deployment.key, deployment.git)
             note(checkout.describe(), logging.INFO)
             if checkout.warning:
                 note(checkout.warning, logging.WARNING)
@@ -182,7 +182,7 @@ class Workspaces:
         shutil.rmtree(workspace.run_dir, ignore_errors=True)
         if workspace.checkout is not None:
             workspace.checkout.release()
-            names = [d.name for d in self._settings().deployments]
+            names = [d.key for d in self._settings().deployments]
             try:
                 await self._storage.gc(deployments=names)
             except Exception as exc:

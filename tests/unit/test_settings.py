@@ -210,7 +210,8 @@ def test_dropin_deployments_append_or_replace_by_name(tmp_path: Path) -> None:
 def test_duplicate_deployment_names_in_one_file(tmp_path: Path) -> None:
     main = write(tmp_path / "agent.toml", LOCAL + LOCAL)
     assert error_of(main) == (
-        f"{main}: deployment[hello]: duplicate deployment name 'hello'; names must be unique"
+        f"{main}: deployment[hello]: duplicate deployment name 'hello'; "
+        "names must be unique per flow (both [[deployment]]s have flow_name 'hello')"
     )
     main.write_text(LOCAL)
     dropin = write(tmp_path / "agent.d" / "a.toml", LOCAL.replace("hello", "x") * 2)
@@ -346,11 +347,11 @@ INVALID = [
     ),
     (
         LOCAL + 'schedule = { cron = "* * * * *", interval = "5m" }\n',
-        "deployment[hello].schedule: set either cron or interval, not both",
+        "deployment[hello].schedule: set one of cron, interval or rrule, not cron and interval",
     ),
     (
         LOCAL + "schedule = {}\n",
-        'deployment[hello].schedule: needs cron = "..." or interval = "..."',
+        'deployment[hello].schedule: needs cron = "...", interval = "..." or rrule = "..."',
     ),
     (
         LOCAL + 'schedule = "hourly"\n',

@@ -74,7 +74,8 @@ class IntervalSchedule(_ScheduleBase):
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"interval": float(self.interval)}
         if self.anchor_date is not None:
-            spec["anchor_date"] = self.anchor_date.isoformat()
+            # Prefect reads a naive anchor as UTC whatever the zone: send it aware, in the zone.
+            spec["anchor_date"] = _aware(self.anchor_date, self.timezone).isoformat()
         if self.timezone is not None:
             spec["timezone"] = self.timezone
         return spec
@@ -121,20 +122,23 @@ Schedule = Annotated[
 ]
 
 
-def _instant(value: Any, zone: str | None) -> datetime | None:
-    """An anchor date, aware; a naive one is in the schedule's zone (as Prefect reads it)."""
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
+def _aware(value: datetime, zone: str | None) -> datetime:
+    """A naive anchor date is in the schedule's zone, or UTC."""
     if value.tzinfo is not None:
         return value
     from zoneinfo import ZoneInfo
 
     return value.replace(tzinfo=ZoneInfo(zone) if zone else UTC)
+
+
+def _instant(value: Any, zone: str | None) -> datetime | None:
+    """An anchor date (text from the server, or a datetime), aware; None if it is none."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return _aware(value, zone) if isinstance(value, datetime) else None
 
 
 def schedule_matches(existing: Any, wanted: Mapping[str, Any]) -> bool:

@@ -38,7 +38,7 @@ def settings(**extra: Any) -> DeploymentSettings:
 
 def git(**extra: Any) -> DeploymentSettings:
     fields: dict[str, Any] = {"name": "etl", "entrypoint": "flow.py:count"}
-    return DeploymentSettings(git={"url": "https://example.com/flows.git"}, **fields, **extra)
+    return DeploymentSettings(**{**fields, "git": {"url": "https://example.com/f.git"}, **extra})
 
 
 FULL = {

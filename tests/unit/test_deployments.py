@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -21,7 +22,9 @@ from agent.deployments import (
     is_up_to_date,
 )
 from agent.flowinfo import FlowInfo, FlowInfoFailure
-from agent.settings import DeploymentSettings, load_settings
+from agent.gitstorage import dir_name
+from agent.settings import ConfigError, DeploymentSettings, load_settings
+from agent.storage import Storage
 from tests.unit.fakes import FakePrefect
 
 
@@ -200,3 +203,183 @@ async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
     assert set(second) == {"etl", "other"}
     assert [b["name"] for b in fake_prefect.upserts] == ["other", "etl"]
     assert "'etl': still computing its flow's parameter schema" in caplog.text
+
+
+# -- identity: FLOW/NAME -----------------------------------------------------------------------
+
+
+def test_the_key_is_flow_slash_name_unless_the_flow_has_the_name_too() -> None:
+    assert etl().key == "etl"  # flow_name defaults to the name
+    assert etl(flow_name="etl").key == "etl"
+    assert etl(name="prod", flow_name="etl").key == "etl/prod"
+
+
+def prod(flow: str, path: str = "/srv/flows") -> str:
+    return (
+        f'[[deployment]]\nname = "prod"\nflow_name = "{flow}"\n'
+        f'entrypoint = "{flow}.py:main"\npath = "{path}"\n'
+    )
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    return str(info.value)
+
+
+def test_same_name_of_different_flows_are_two_deployments(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(prod("etl") + prod("report"))
+    settings = load_settings(path, {})
+    assert [d.key for d in settings.deployments] == ["etl/prod", "report/prod"]
+    report = settings.deployment("report/prod")
+    assert report is not None and report.entrypoint == "report.py:main"
+    assert settings.deployment("prod") is None  # a bare name that two deployments share
+
+
+def test_the_same_flow_and_name_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(prod("etl") + prod("etl", "/srv/other"))
+    assert config_error(path) == (
+        f"{path}: deployment[etl/prod]: duplicate deployment name 'prod'; names must be unique "
+        "per flow (both [[deployment]]s have flow_name 'etl')"
+    )
+
+
+def test_a_dropin_replaces_the_deployment_of_the_same_flow_and_name(tmp_path: Path) -> None:
+    main = tmp_path / "agent.toml"
+    main.write_text(prod("etl") + prod("report"))
+    (tmp_path / "agent.d").mkdir()
+    (tmp_path / "agent.d" / "50-prod.toml").write_text(prod("report", "/srv/new") + prod("audit"))
+    settings = load_settings(main, {})
+    assert [(d.key, str(d.path)) for d in settings.deployments] == [
+        ("etl/prod", "/srv/flows"),
+        ("report/prod", "/srv/new"),
+        ("audit/prod", "/srv/flows"),
+    ]
+
+
+async def test_the_storage_of_a_flow_slash_name_key_is_one_directory(tmp_path: Path) -> None:
+    storage = Storage(tmp_path)
+    sha = "a" * 40
+    for name in ("etl%2Fprod", "report%2Fprod", "gone"):
+        (storage.root / name / sha).mkdir(parents=True)
+    assert dir_name("etl/prod") == "etl%2Fprod"
+    removed = await storage.gc(deployments=["etl/prod", "report/prod"])
+    assert removed == [storage.root / "gone"]
+    assert sorted(p.name for p in storage.root.iterdir()) == ["etl%2Fprod", "report%2Fprod"]
+
+
+async def test_same_named_deployments_of_two_flows_register_apart(
+    tmp_path: Path, fake_prefect: FakePrefect
+) -> None:
+    etl_prod, report_prod = etl(name="prod", flow_name="etl"), etl(name="prod", flow_name="report")
+    async with fake_prefect.client() as client:
+        registered = await DeploymentRegistry(client, tmp_path).sync((etl_prod, report_prod))
+    assert set(registered) == {"etl/prod", "report/prod"}
+    first, second = registered["etl/prod"], registered["report/prod"]
+    assert (first.name, first.flow_name, second.name, second.flow_name) == (
+        "prod",
+        "etl",
+        "prod",
+        "report",
+    )
+    assert first.id != second.id and first.flow_id != second.flow_id
+    assert [b["flow_id"] for b in fake_prefect.upserts] == [str(first.flow_id), str(second.flow_id)]
+    assert json.loads((tmp_path / REGISTRY_FILE).read_text()) == {
+        "etl/prod": str(first.id),
+        "report/prod": str(second.id),
+    }
+
+
+# -- adopting a deployment registered by other means --------------------------------------------
+
+
+def foreign(fake: FakePrefect, flow_name: str, **fields: Any) -> dict[str, Any]:
+    """A deployment made by `prefect deploy` or a worker setup, not by this agent."""
+    flow_id = fake.flows.setdefault(flow_name, str(uuid4()))
+    existing = {
+        "id": str(uuid4()),
+        "name": "etl",
+        "flow_id": flow_id,
+        "paused": False,
+        "schedules": [],
+        "tags": [],
+        "parameters": {},
+        "description": None,
+        "version": None,
+        "path": "/opt/old",
+        "entrypoint": "old.py:flow",
+        "parameter_openapi_schema": EMPTY_SCHEMA,
+        "enforce_parameter_schema": True,
+        "pull_steps": None,
+        "job_variables": {},
+        "work_pool_name": None,
+        "work_queue_name": None,
+        **fields,
+    }
+    fake.deployments[(flow_id, "etl")] = existing
+    return existing
+
+
+async def test_adopting_clears_pull_steps_and_job_variables_and_warns_of_the_pool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
+) -> None:
+    existing = foreign(
+        fake_prefect,
+        "etl",
+        pull_steps=[{"prefect.deployments.steps.git_clone": {"repository": "https://x/y.git"}}],
+        job_variables={"image": "python:3.11", "env": {"A": "1"}},
+        work_pool_name="k8s",
+        work_queue_name="default",
+    )
+    lookup = FakeLookup({"etl": INFO})
+    with caplog.at_level(logging.WARNING, logger="agent.deployments"):
+        registered = await sync(fake_prefect, lookup, tmp_path, etl())
+    assert str(registered["etl"].id) == existing["id"]  # the same deployment, adopted
+    flow_id = UUID(existing["flow_id"])
+    assert fake_prefect.upserts == [
+        {**deployment_body(etl(), flow_id, INFO), "pull_steps": None, "job_variables": {}}
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "adopting deployment 'etl' registered by other means: clearing job_variables, "
+        "pull_steps (the agent prepares the code and the run settings itself)",
+        "deployment 'etl' stays in work pool 'k8s', queue 'default' (the API cannot clear "
+        "that): a worker polling it may also run its flow runs; delete the deployment for "
+        "the agent to register it anew",
+    ]
+    assert all(r.deployment == "etl" for r in caplog.records)  # type: ignore[attr-defined]
+    # Registered here now: job variables set later in the UI stay, nothing is said again.
+    caplog.clear()
+    fake_prefect.deployments[(existing["flow_id"], "etl")]["job_variables"] = {"image": "new"}
+    with caplog.at_level(logging.WARNING, logger="agent.deployments"):
+        await sync(fake_prefect, lookup, tmp_path, etl())
+    assert len(fake_prefect.upserts) == 1
+    assert caplog.records == []
+
+
+async def test_adopting_only_job_variables_still_upserts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
+) -> None:
+    # Up to date in every other respect: the upsert is what clears the job variables.
+    wanted = deployment_body(etl(), UUID(fake_prefect.flows.setdefault("etl", str(uuid4()))), INFO)
+    foreign(fake_prefect, "etl", **wanted, job_variables={"cpu": 4})
+    with caplog.at_level(logging.WARNING, logger="agent.deployments"):
+        await sync(fake_prefect, FakeLookup({"etl": INFO}), tmp_path, etl())
+    assert fake_prefect.upserts == [{**wanted, "job_variables": {}}]
+    assert [r.getMessage() for r in caplog.records] == [
+        "adopting deployment 'etl' registered by other means: clearing job_variables "
+        "(the agent prepares the code and the run settings itself)"
+    ]
+
+
+async def test_adopting_an_up_to_date_copy_in_a_work_queue_only_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
+) -> None:
+    wanted = deployment_body(etl(), UUID(fake_prefect.flows.setdefault("etl", str(uuid4()))), INFO)
+    foreign(fake_prefect, "etl", **wanted, work_queue_name="legacy")
+    with caplog.at_level(logging.WARNING, logger="agent.deployments"):
+        await sync(fake_prefect, FakeLookup({"etl": INFO}), tmp_path, etl())
+    assert fake_prefect.upserts == []
+    [warning] = caplog.records
+    assert warning.getMessage().startswith("deployment 'etl' stays in work queue 'legacy' (")

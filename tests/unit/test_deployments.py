@@ -22,9 +22,7 @@ from agent.deployments import (
     is_up_to_date,
 )
 from agent.flowinfo import FlowInfo, FlowInfoFailure
-from agent.gitstorage import dir_name
-from agent.settings import ConfigError, DeploymentSettings, load_settings
-from agent.storage import Storage
+from agent.settings import DeploymentSettings, load_settings
 from tests.unit.fakes import FakePrefect
 
 
@@ -205,69 +203,7 @@ async def test_a_deployment_still_being_inspected_waits_for_a_later_sync(
     assert "'etl': still computing its flow's parameter schema" in caplog.text
 
 
-# -- identity: FLOW/NAME -----------------------------------------------------------------------
-
-
-def test_the_key_is_flow_slash_name_unless_the_flow_has_the_name_too() -> None:
-    assert etl().key == "etl"  # flow_name defaults to the name
-    assert etl(flow_name="etl").key == "etl"
-    assert etl(name="prod", flow_name="etl").key == "etl/prod"
-
-
-def prod(flow: str, path: str = "/srv/flows") -> str:
-    return (
-        f'[[deployment]]\nname = "prod"\nflow_name = "{flow}"\n'
-        f'entrypoint = "{flow}.py:main"\npath = "{path}"\n'
-    )
-
-
-def config_error(path: Path) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_settings(path, {})
-    return str(info.value)
-
-
-def test_same_name_of_different_flows_are_two_deployments(tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    path.write_text(prod("etl") + prod("report"))
-    settings = load_settings(path, {})
-    assert [d.key for d in settings.deployments] == ["etl/prod", "report/prod"]
-    report = settings.deployment("report/prod")
-    assert report is not None and report.entrypoint == "report.py:main"
-    assert settings.deployment("prod") is None  # a bare name that two deployments share
-
-
-def test_the_same_flow_and_name_twice_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    path.write_text(prod("etl") + prod("etl", "/srv/other"))
-    assert config_error(path) == (
-        f"{path}: deployment[etl/prod]: duplicate deployment name 'prod'; names must be unique "
-        "per flow (both [[deployment]]s have flow_name 'etl')"
-    )
-
-
-def test_a_dropin_replaces_the_deployment_of_the_same_flow_and_name(tmp_path: Path) -> None:
-    main = tmp_path / "agent.toml"
-    main.write_text(prod("etl") + prod("report"))
-    (tmp_path / "agent.d").mkdir()
-    (tmp_path / "agent.d" / "50-prod.toml").write_text(prod("report", "/srv/new") + prod("audit"))
-    settings = load_settings(main, {})
-    assert [(d.key, str(d.path)) for d in settings.deployments] == [
-        ("etl/prod", "/srv/flows"),
-        ("report/prod", "/srv/new"),
-        ("audit/prod", "/srv/flows"),
-    ]
-
-
-async def test_the_storage_of_a_flow_slash_name_key_is_one_directory(tmp_path: Path) -> None:
-    storage = Storage(tmp_path)
-    sha = "a" * 40
-    for name in ("etl%2Fprod", "report%2Fprod", "gone"):
-        (storage.root / name / sha).mkdir(parents=True)
-    assert dir_name("etl/prod") == "etl%2Fprod"
-    removed = await storage.gc(deployments=["etl/prod", "report/prod"])
-    assert removed == [storage.root / "gone"]
-    assert sorted(p.name for p in storage.root.iterdir()) == ["etl%2Fprod", "report%2Fprod"]
+# -- identity: FLOW/NAME (more in test_identity.py) ------------------------------------------
 
 
 async def test_same_named_deployments_of_two_flows_register_apart(
@@ -383,3 +319,23 @@ async def test_adopting_an_up_to_date_copy_in_a_work_queue_only_warns(
     assert fake_prefect.upserts == []
     [warning] = caplog.records
     assert warning.getMessage().startswith("deployment 'etl' stays in work queue 'legacy' (")
+
+
+async def test_a_registry_file_of_an_earlier_version_names_deployments_by_bare_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake_prefect: FakePrefect
+) -> None:
+    kept, gone = uuid4(), uuid4()
+    (tmp_path / REGISTRY_FILE).write_text(json.dumps({"prod": str(kept), "old": str(gone)}))
+    with caplog.at_level(logging.INFO, logger="agent.deployments"):
+        async with fake_prefect.client() as client:
+            registry = DeploymentRegistry(client, tmp_path)
+            registered = await registry.sync((etl(name="prod", flow_name="etl"),))
+    # "prod" is the configured etl/prod: not paused. "old" left the config: paused (the fake
+    # server has no PATCH, so that fails and is tried again at the next sync).
+    assert json.loads((tmp_path / REGISTRY_FILE).read_text()) == {
+        "etl/prod": str(registered["etl/prod"].id),
+        "old": str(gone),
+    }
+    assert [r.getMessage()[:42] for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "could not pause removed deployment 'old': "
+    ]

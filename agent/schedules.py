@@ -146,7 +146,7 @@ def _rrule_as_sent(stored: Any, sent: str) -> bool:
         stored = "\n".join(
             line for line in stored.splitlines() if not line.upper().startswith("DTSTART")
         )
-    return stored.strip() == sent.strip()
+    return bool(stored.strip() == sent.strip())
 
 
 def schedule_matches(existing: Any, wanted: Mapping[str, Any]) -> bool:

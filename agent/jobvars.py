@@ -93,6 +93,18 @@ def apply_job_variables(
         raise JobVariablesError(key, problem, origins.get(key, "flow run")) from None
 
 
+def recorded_layers(extra: Mapping[str, Any]) -> list[Layer]:
+    """The layers a run record keeps (`extra["job_variables"]`: origin -> values), in order."""
+    layers = extra.get("job_variables")
+    if not isinstance(layers, Mapping):
+        return []
+    return [
+        Layer(str(origin), values)
+        for origin, values in layers.items()
+        if isinstance(values, Mapping) and values
+    ]
+
+
 def _not_allowed(key: str) -> str:
     hint = (
         "it changes who or what runs the flow, so only a host that lists it allows it"

@@ -30,7 +30,7 @@ from agent.engines import EngineInfo, Engines
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.hooks import HookKind, HookResult, HookRunner
-from agent.jobvars import JobVariablesError, Layer, apply_job_variables
+from agent.jobvars import JobVariablesError, Layer, apply_job_variables, recorded_layers
 from agent.launch.base import Launcher, LaunchRequest, RunHandle
 from agent.launch.systemd import unit_name
 from agent.records import RecordError, RunRecord, RunRecords
@@ -143,7 +143,9 @@ class RunOutcomes:
             "deployment": dict(self.deployment_job_variables),
             "flow run": dict(self.flow_run.job_variables) if self.flow_run is not None else {},
         }
-        self.flow_run_settings = self._merged(layers)
+        self.flow_run_settings = self._merged(
+            [Layer(origin, values) for origin, values in layers.items() if values]
+        )
         applied = sorted({key for values in layers.values() for key in values})
         if applied:
             self.record.extra = {**self.record.extra, "job_variables": layers}
@@ -152,8 +154,8 @@ class RunOutcomes:
 
     def restore_job_variables(self) -> None:
         """After a restart: the settings the run was launched with, from its record."""
-        layers = self.record.extra.get("job_variables")
-        if not isinstance(layers, dict) or not layers:
+        layers = recorded_layers(self.record.extra)
+        if not layers:
             return
         try:
             self.flow_run_settings = self._merged(layers)
@@ -161,11 +163,9 @@ class RunOutcomes:
             # The host's config changed since the launch; the run keeps going as it was.
             self.log.warning("cannot rebuild the run's job variables after a restart: %s", exc)
 
-    def _merged(self, layers: Mapping[str, Mapping[str, Any]]) -> FlowRunSettings:
+    def _merged(self, layers: list[Layer]) -> FlowRunSettings:
         return apply_job_variables(
-            self.base_settings,
-            [Layer(origin, values) for origin, values in layers.items() if values],
-            allowed=self.ctx.settings.agent.job_variables,
+            self.base_settings, layers, allowed=self.ctx.settings.agent.job_variables
         )
 
     def note(self, message: str, level: int = logging.INFO) -> None:

@@ -141,6 +141,18 @@ def _instant(value: Any, zone: str | None) -> datetime | None:
     return _aware(value, zone) if isinstance(value, datetime) else None
 
 
+def _rrule_as_sent(stored: Any, sent: str) -> bool:
+    """The server stores an rrule without a start with one it adds (Prefect 3.8.8:
+    "DTSTART:20200101T000000" on a line of its own): that line is not a difference."""
+    if not isinstance(stored, str):
+        return False
+    if "DTSTART" not in sent.upper():
+        stored = "\n".join(
+            line for line in stored.splitlines() if not line.upper().startswith("DTSTART")
+        )
+    return bool(stored.strip() == sent.strip())
+
+
 def schedule_matches(existing: Any, wanted: Mapping[str, Any]) -> bool:
     """True when the server's schedule item says what `wanted` (a `body()`) says.
 
@@ -155,6 +167,10 @@ def schedule_matches(existing: Any, wanted: Mapping[str, Any]) -> bool:
     if existing.get("active") is not wanted["active"]:
         return False
     have, want = existing["schedule"], wanted["schedule"]
+    if "rrule" in want:
+        return have.get("timezone") == want["timezone"] and _rrule_as_sent(
+            have.get("rrule"), want["rrule"]
+        )
     if "interval" not in want:
         return all(have.get(key) == value for key, value in want.items())
     interval = have.get("interval")

@@ -7,15 +7,17 @@ the agent or the server is down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from uuid import UUID
 
+from agent.jobvars import JobVariablesError, apply_job_variables, recorded_layers
 from agent.launch.systemd import unit_name
 from agent.launch.wrapper import OUTPUT_LOG
 from agent.processes import Usage, process_usage
@@ -43,14 +45,21 @@ class RunStatus:
     limits: dict[str, Any]
 
 
-def limits_of(settings: Settings, deployment: str) -> dict[str, Any]:
-    """The configured limits of a deployment's runs, as the config spells them."""
+def limits_of(
+    settings: Settings, deployment: str, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A run's limits, as the config spells them: its deployment's, with the job variables it
+    was launched with (`extra` of its record) applied."""
     configured = settings.deployment(deployment)
     flow_run: FlowRunSettings = (
         configured.flow_run_settings(settings.flow_run)
         if configured is not None
         else settings.flow_run
     )
+    with contextlib.suppress(JobVariablesError):  # the host's config changed since the launch
+        flow_run = apply_job_variables(
+            flow_run, recorded_layers(extra or {}), allowed=settings.agent.job_variables
+        )
     return {
         "memory_max": format_size(flow_run.memory_max),
         "cpu_quota": format_cpu_quota(flow_run.cpu_quota),
@@ -86,7 +95,7 @@ def run_status(
         processes=used.processes if used is not None else 0,
         rss_bytes=used.rss_bytes if used is not None else None,
         cpu_seconds=used.cpu_seconds if used is not None else None,
-        limits=limits_of(settings, record.deployment),
+        limits=limits_of(settings, record.deployment, record.extra),
     )
 
 

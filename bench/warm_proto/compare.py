@@ -19,8 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.launcher import find_user
-
+from agent.launch.base import find_user
 from bench.api import BenchApi
 from bench.warm_proto.measure import Harness, server
 from tests.integration.prefect_server import prefect_venv

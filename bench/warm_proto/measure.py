@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from agent.launcher import WRAPPER, WRAPPER_NAME, base_environment, find_user, setpriv_prefix
 
+from agent.launch.base import base_environment, find_user
+from agent.launch.wrapper import WRAPPER, WRAPPER_NAME, privilege_drop
 from agent.states import pending_state
 from bench.api import BenchApi
 from bench.warm_proto.pool import (
@@ -206,7 +207,7 @@ class Harness:
         self, run_id: str, run_dir: Path, env: Mapping[str, str], launched: float, user: str = ""
     ) -> RunResult:
         """What ProcessLauncher.launch does (setpriv only for another user)."""
-        drop = setpriv_prefix(user) if user else []
+        drop = privilege_drop(find_user(user)) if user else []
         argv = [
             "/bin/sh",
             "-c",

@@ -39,9 +39,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.launcher import LaunchRequest, base_environment
-from agent.units import systemd_run_argv
-
+from agent.launch.base import LaunchRequest, base_environment
+from agent.launch.systemd import systemd_run_argv
 from agent.states import pending_state
 from bench.api import BenchApi
 from bench.warm_proto.measure import ENGINE_RETRIES, FLOWS, pct

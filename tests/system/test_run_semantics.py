@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,29 @@ def test_runtime_limit_runs_on_crashed_once(agent: Bed, deployment: str) -> None
     final = agent.api.state(run_id)
     assert final["type"] == "CRASHED" and f"RuntimeMaxSec={runtime}" in final["message"]
     assert not {"COMPLETED", "CANCELLED"} & {s["type"] for s in states}, states
+
+
+def test_job_variables_set_the_run_scope_limits_and_environment(agent: Bed) -> None:
+    """Job variables sent with a run (the body `run_deployment(job_variables=...)` posts; issue
+    14): the run's scope carries the run's MemoryMax over the host's 1G, in systemd and in the
+    kernel's cgroup, and the engine has the run's env."""
+    job_variables = {"memory_max": "300M", "env": {"X": "1"}}
+    run_id = agent.api.create_run(
+        agent.ids["long"], parameters={"seconds": 20}, job_variables=job_variables
+    )
+    unit = agent.wait_running(run_id, timeout=120)
+    shown = agent.c.show(unit, "MemoryMax", "ControlGroup")
+    group = agent.c.cgroup_dir("memory", shown["ControlGroup"])  # a host path
+    enforced = (group / "memory.limit_in_bytes").read_text().strip()
+    environs = [
+        Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        for pid in (group / "cgroup.procs").read_text().split()
+    ]
+    print(f"{unit}: MemoryMax={shown['MemoryMax']}, memory.limit_in_bytes={enforced}")
+    assert shown["MemoryMax"] == str(300 << 20)
+    assert enforced == str(300 << 20)
+    assert environs and all(b"X=1" in environ for environ in environs), len(environs)
+    assert agent.api.wait_final(run_id, timeout=120)["type"] == "COMPLETED"
 
 
 # -- b. cancellation ---------------------------------------------------------------------------

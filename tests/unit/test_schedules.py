@@ -111,6 +111,9 @@ def test_the_single_schedule_spelling_of_earlier_versions_still_works(tmp_path: 
 
 def echoed(body: dict[str, Any], **schedule: Any) -> dict[str, Any]:
     """A DeploymentSchedule as GET /deployments/name/... returns it (Prefect 3.8.8)."""
+    sent = body["schedule"]
+    if "rrule" in sent and "DTSTART" not in sent["rrule"]:  # the server adds a start
+        schedule = {"rrule": f"DTSTART:20200101T000000\n{sent['rrule']}", **schedule}
     return {
         "id": "0b9d6a8e-4c33-4d8f-9a43-2f2d7c0f8a11",
         "created": "2026-12-04T16:00:00.000000Z",
@@ -201,6 +204,8 @@ def test_the_echo_of_each_config_spelling_matches(tmp_path: Path) -> None:
         (INTERVAL, "anchor_date", "not a date"),
         (INTERVAL, "anchor_date", None),
         (RRULE, "rrule", "FREQ=DAILY;BYHOUR=10"),
+        (RRULE, "rrule", "DTSTART:20200101T000000\nFREQ=DAILY;BYHOUR=10"),
+        (RRULE, "rrule", None),
         (RRULE, "timezone", "Europe/Berlin"),
         (RRULE, "active", True),
     ],
@@ -214,6 +219,14 @@ def test_each_single_difference_does_not_match(
     else:
         server["schedule"][field] = value
     assert not schedule_matches(server, wanted)
+
+
+def test_an_rrule_with_its_own_start_must_come_back_as_it_was_sent() -> None:
+    rule = "DTSTART:20260101T090000\nRRULE:FREQ=DAILY"
+    wanted = {**RRULE, "schedule": {"rrule": rule, "timezone": "UTC"}}
+    assert schedule_matches(echoed(wanted), wanted)
+    later = "DTSTART:20260102T090000\nRRULE:FREQ=DAILY"
+    assert not schedule_matches(echoed(wanted, rrule=later), wanted)
 
 
 def test_an_interval_zone_set_in_the_config_must_match() -> None:

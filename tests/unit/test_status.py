@@ -152,6 +152,30 @@ def test_status_json_has_records_usage_and_deployment_limits(
     }
 
 
+def test_status_shows_the_limits_a_run_got_from_its_job_variables(config: Path) -> None:
+    layers = {"deployment": {"cpu_quota": "50%"}, "flow run": {"memory_max": "300M"}}
+    save(
+        config,
+        flow_run_id=RUN_A,
+        deployment="small",
+        phase="running",
+        claimed_at=time.time(),
+        pid=2**22 + 12345,
+        extra={"job_variables": layers},
+    )
+    code, out, err = main(config, "status", "--json")
+    assert (code, err) == (0, "")
+    [run] = json.loads(out)["runs"]
+    assert run["limits"] == {
+        "memory_max": "300M",
+        "cpu_quota": "50%",
+        "tasks_max": 64,
+        "runtime_max": "5s",
+        "user": "nobody",
+        "configured": True,
+    }
+
+
 def test_status_table(config: Path, busy_process: subprocess.Popen[bytes]) -> None:
     now = time.time()
     save(

@@ -44,7 +44,7 @@ FLOWS = textwrap.dedent(
 
 def registrations(agent: AgentProcess) -> list[tuple[str, str]]:
     """("registered" | "up to date", deployment id) for each sync of the `fleet` deployment."""
-    pattern = re.compile(r"deployment 'fleet' (is up to date|)\s?\(([0-9a-f-]{36})\)")
+    pattern = re.compile(r"deployment 'fleet-flow/fleet' (is up to date|)\s?\(([0-9a-f-]{36})\)")
     found = []
     for record in agent.records():
         message = str(record.get("message", ""))

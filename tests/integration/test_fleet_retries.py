@@ -41,7 +41,8 @@ CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 
 def synced(agent: AgentProcess) -> bool:
     return any(
-        "deployment 'flaky'" in str(r.get("message", "")) and r.get("logger") == "agent.deployments"
+        "deployment 'fleet-retries/flaky'" in str(r.get("message", ""))
+        and r.get("logger") == "agent.deployments"
         for r in agent.records()
     )
 

@@ -266,8 +266,8 @@ def test_a_flow_that_cannot_be_imported_registers_without_a_schema(
     assert broken["parameter_openapi_schema"] == {"type": "object", "properties": {}}
     assert broken["description"] is None
     line = (
-        "deployment 'broken': registering it without a parameter schema: cannot load the flow "
-        "flow.py:broken: ModuleNotFoundError: No module named 'not_a_module_of_this_venv'"
+        "deployment 'broken-flow/broken': registering it without a parameter schema: "
+        "cannot load the flow flow.py:broken: ModuleNotFoundError: No module named 'not_a_module_of_this_venv'"
     )
     wait_for(lambda: line in messages(agent), 30, what="the agent's warning")
 
@@ -300,7 +300,9 @@ def test_a_restart_with_unchanged_code_neither_recomputes_nor_re_registers(
     }
     with running_agent(tmp_path / "first", name="schema-first", **common) as first:
         wait_for(
-            lambda: any("registered deployment 'restarted'" in m for m in messages(first)),
+            lambda: any(
+                "registered deployment 'typed-flow/restarted'" in m for m in messages(first)
+            ),
             60,
             what="the first registration",
         )
@@ -308,7 +310,9 @@ def test_a_restart_with_unchanged_code_neither_recomputes_nor_re_registers(
     updated = deployment(api, "typed-flow", "restarted")["updated"]
     with running_agent(tmp_path / "second", name="schema-second", **common) as second:
         wait_for(
-            lambda: any("deployment 'restarted' is up to date" in m for m in messages(second)),
+            lambda: any(
+                "deployment 'typed-flow/restarted' is up to date" in m for m in messages(second)
+            ),
             60,
             what="the up-to-date check",
         )

@@ -368,7 +368,7 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
     row = mine[0]
     print(f"runner-agent status: {row}")
     assert (row["deployment"], row["unit"], row["phase"], row["alive"]) == (
-        "sleeper",
+        "sys-sleeper/sleeper",
         unit,
         "running",
         True,
@@ -475,7 +475,7 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
     launched = [r for r in per_run if "Launched in" in r["MESSAGE"]]
     assert len(launched) == 1 and launched[0]["PRIORITY"] == "6", messages
     assert launched[0]["UNIT"] == scope(run_id)
-    assert launched[0]["DEPLOYMENT"] == "hello"
+    assert launched[0]["DEPLOYMENT"] == "sys-hello/hello"  # FLOW/NAME
     assert json.loads(launched[0]["MESSAGE"])["flow_run_id"] == run_id
     # The flow's own output, through the run scope's journal, after the run has ended.
     c.exec(["journalctl", "--sync"], check=False)

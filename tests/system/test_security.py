@@ -658,6 +658,8 @@ def test_check_config_never_shows_a_secret(sec: SecurityBed) -> None:
 
 
 COMMIT = re.compile(r"^/var/lib/runner-agent/storage/(?P<dep>[^/]+)/[0-9a-f]{40}(/|$)")
+# The git-user deployment's storage directory: its FLOW/NAME key, quoted.
+GIT_USER_DIR = "sec-git-user%2Fgit-user"
 RUN_TMP = re.compile(r"^/var/lib/runner-agent/runs/[0-9a-f-]{36}/tmp(?P<below>/.*)?$")
 
 
@@ -686,7 +688,7 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
     user_code = [
         p
         for p in entries
-        if (m := COMMIT.match(p)) and m["dep"] == "git-user" and p.count("/") == 6
+        if (m := COMMIT.match(p)) and m["dep"] == GIT_USER_DIR and p.count("/") == 6
     ]
     runs = [p for p in entries if re.fullmatch(rf"{RUNTIME}/runs/[0-9a-f-]{{36}}", p)]
     records = [p for p in entries if p.endswith("/record.json")]
@@ -739,7 +741,9 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
         return all(entries[str(p)][0] & 0o001 for p in Path(path).parents if str(p) in entries)
 
     readable = [p for p, (m, _u, _g, _k) in entries.items() if m & 0o004 and reachable(p)]
-    outside = [p for p in readable if not ((code := COMMIT.match(p)) and code["dep"] == "git-user")]
+    outside = [
+        p for p in readable if not ((code := COMMIT.match(p)) and code["dep"] == GIT_USER_DIR)
+    ]
     assert not outside, outside
     assert user_code[0] in readable
 

@@ -267,7 +267,8 @@ def test_a_flow_that_cannot_be_imported_registers_without_a_schema(
     assert broken["description"] is None
     line = (
         "deployment 'broken-flow/broken': registering it without a parameter schema: "
-        "cannot load the flow flow.py:broken: ModuleNotFoundError: No module named 'not_a_module_of_this_venv'"
+        "cannot load the flow flow.py:broken: "
+        "ModuleNotFoundError: No module named 'not_a_module_of_this_venv'"
     )
     wait_for(lambda: line in messages(agent), 30, what="the agent's warning")
 

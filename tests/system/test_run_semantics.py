@@ -103,11 +103,13 @@ def test_runtime_limit_runs_on_crashed_once(agent: Bed, deployment: str) -> None
     assert [m["hook"] for m in seen] == ["crashed"], seen
     crashes = [s for s in states if s["type"] == "CRASHED"]
     if any(not (s["message"] or "").startswith("Process exited") for s in crashes):
-        # The engine was running the flow: it reported Crashed and ran the hook itself, in
-        # the run's own scope; the agent then replaced only the message.
+        # The engine had loaded the flow: it reported Crashed and ran the hook itself, in the
+        # run's own scope; the agent then replaced only the message. That can happen before
+        # RUNNING too (seen at 1 s on a quiet machine: PENDING, then the engine's Crashed).
         print("the engine reported the crash and ran on_crashed")
         assert seen[0]["unit"] == scope(run_id), seen
-        assert "RUNNING" in [s["type"] for s in states], states
+        first_crash = next(i for i, s in enumerate(states) if s["type"] == "CRASHED")
+        assert states[first_crash - 1]["type"] in ("PENDING", "RUNNING"), states
     else:
         # Killed before the engine could report anything: the agent ran the hook.
         print("the agent reported the crash and ran on_crashed")

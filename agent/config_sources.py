@@ -148,7 +148,9 @@ class TomlFilesSource(PydanticBaseSettingsSource):
             index = len(existing)
             if isinstance(name, str):
                 # Prefect's identity: FLOW/NAME (flow_name defaults to name).
-                identity = (item.get("flow_name", name), name)
+                flow_name = item.get("flow_name", name)
+                # A flow_name that is no string is validation's to report, not a crash here.
+                identity = (flow_name if isinstance(flow_name, str) else name, name)
                 label = name if identity[0] == name else f"{identity[0]}/{name}"
                 if identity in seen:
                     raise ConfigError(

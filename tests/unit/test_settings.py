@@ -722,3 +722,9 @@ def test_settings_built_in_code_read_nothing_implicitly(monkeypatch: pytest.Monk
         Settings.model_validate(
             {"deployment": [{"name": "a", "entrypoint": "a.py:f", "path": "/srv/a"}] * 2}
         )
+
+
+def test_a_flow_name_that_is_no_string_is_a_config_error(tmp_path: Path) -> None:
+    # Found by the fuzzer: the FLOW/NAME identity of the merge must not crash on it.
+    config = write(tmp_path / "agent.toml", '[[deployment]]\nname = "a"\nflow_name = []\n')
+    assert "deployment[a].flow_name" in error_of(config)

@@ -22,6 +22,7 @@ import os
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.integration.agent_process import Api, running_agent, wait_for
+from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
 from tests.integration.prefect_server import PrefectServer, prefect_venv
 
 pytestmark = pytest.mark.integration
@@ -112,6 +113,19 @@ def deployment(code: Path, name: str, flow_name: str, func: str, **extra: Any) -
     }
 
 
+def features_agent(
+    server: PrefectServer, tmp_path: Path, deployments: list[dict[str, Any]], name: str
+) -> AbstractContextManager[AgentProcess]:
+    """An agent of this module's server serving `deployments`, stopped at the block's end."""
+    return running_agent(
+        tmp_path / "agent",
+        api_url=server.api_url,
+        python=server.python,
+        deployments=deployments,
+        name=name,
+    )
+
+
 def runs_of(api: Api, deployment_id: str) -> list[dict[str, Any]]:
     response = api.request(
         "POST",
@@ -146,13 +160,7 @@ def test_schedules_create_their_runs_and_a_paused_deployment_none(
             paused=True,
         ),
     ]
-    with running_agent(
-        tmp_path / "agent",
-        api_url=server.api_url,
-        python=server.python,
-        deployments=deployments,
-        name="feat-sched",
-    ) as process:
+    with features_agent(server, tmp_path, deployments, "feat-sched") as process:
         scheduled_id = api.wait_deployment("feat-sched", "scheduled")
         paused_id = api.wait_deployment("feat-sched", "paused")
         registered = api.request("GET", f"/deployments/{scheduled_id}").json()
@@ -232,13 +240,7 @@ def test_concurrency_limit_one_never_overlaps_and_all_complete(
             parameters={"out": str(out), "seconds": 2.0},
         )
     ]
-    with running_agent(
-        tmp_path / "agent",
-        api_url=server.api_url,
-        python=server.python,
-        deployments=deployments,
-        name="feat-enqueue",
-    ) as process:
+    with features_agent(server, tmp_path, deployments, "feat-enqueue") as process:
         deployment_id = api.wait_deployment("feat-held", "one-at-a-time")
         limit = api.request("GET", f"/deployments/{deployment_id}").json()
         assert limit["global_concurrency_limit"]["limit"] == 1, limit
@@ -274,13 +276,7 @@ def test_cancel_new_cancels_the_runs_over_the_limit(
             parameters={"out": str(out), "gate": str(gate)},
         )
     ]
-    with running_agent(
-        tmp_path / "agent",
-        api_url=server.api_url,
-        python=server.python,
-        deployments=deployments,
-        name="feat-cancel-new",
-    ) as process:
+    with features_agent(server, tmp_path, deployments, "feat-cancel-new") as process:
         deployment_id = api.wait_deployment("feat-held", "cancel-new")
         first = api.create_run(deployment_id)
         wait_for(lambda: api.state(first).get("type") == "RUNNING", 90, what="the first run")
@@ -328,13 +324,7 @@ def test_an_adopted_deployment_runs_no_pull_step(
     deployments = [
         deployment(code, "adopted", PULL_STEP_FLOW, "held", parameters={"out": str(out)})
     ]
-    with running_agent(
-        tmp_path / "agent",
-        api_url=server.api_url,
-        python=server.python,
-        deployments=deployments,
-        name="feat-adopt",
-    ) as process:
+    with features_agent(server, tmp_path, deployments, "feat-adopt") as process:
 
         def adopted() -> dict[str, Any] | None:
             body = dict(api.request("GET", f"/deployments/{created.json()['id']}").json())
@@ -359,13 +349,7 @@ def test_one_name_under_two_flows_both_register_and_run(
         deployment(code, "prod", "etl", "etl", parameters={"out": str(out)}),
         deployment(code, "prod", "report", "report", parameters={"out": str(out)}),
     ]
-    with running_agent(
-        tmp_path / "agent",
-        api_url=server.api_url,
-        python=server.python,
-        deployments=deployments,
-        name="feat-names",
-    ) as process:
+    with features_agent(server, tmp_path, deployments, "feat-names") as process:
         ids = {flow: api.wait_deployment(flow, "prod") for flow in ("etl", "report")}
         assert ids["etl"] != ids["report"]
         runs = {flow: api.create_run(deployment_id) for flow, deployment_id in ids.items()}

@@ -18,16 +18,10 @@ from agent.deployment_body import (
 )
 from agent.flowinfo import FlowInfo, FlowInfoFailure
 from agent.settings import DeploymentSettings
+from tests.unit.fakes.schemas import SCHEMA
 
 FLOW_ID = UUID("3c1f9a52-8a4e-4c8e-9a36-0d5f2b7e4a10")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SCHEMA = {
-    "title": "Parameters",
-    "type": "object",
-    "properties": {"n": {"title": "n", "type": "integer", "position": 0}},
-    "required": ["n"],
-    "definitions": {},
-}
 INFO = FlowInfo("count", "Counts things.", SCHEMA, commit=COMMIT)
 
 

@@ -24,6 +24,7 @@ from agent.deployments import (
 from agent.flowinfo import FlowInfo, FlowInfoFailure
 from agent.settings import DeploymentSettings, load_settings
 from tests.unit.fakes import FakePrefect
+from tests.unit.fakes.schemas import SCHEMA
 
 
 def client() -> PrefectClient:
@@ -57,13 +58,6 @@ def test_a_failed_write_is_logged_not_raised(
 
 # -- the flow's parameter schema and description --------------------------------------------
 
-SCHEMA = {
-    "title": "Parameters",
-    "type": "object",
-    "properties": {"n": {"title": "n", "type": "integer", "position": 0}},
-    "required": ["n"],
-    "definitions": {},
-}
 INFO = FlowInfo("count", "Counts things.", SCHEMA)
 
 

@@ -17,14 +17,8 @@ from agent.flowinfo_cache import FlowInfoCache
 from agent.launch.wrapper import privilege_drop
 from agent.settings import DeploymentSettings, FlowRunSettings
 from agent.storage import Storage
+from tests.unit.fakes.schemas import SCHEMA
 
-SCHEMA = {
-    "title": "Parameters",
-    "type": "object",
-    "properties": {"n": {"title": "n", "type": "integer", "position": 0}},
-    "required": ["n"],
-    "definitions": {},
-}
 ANSWER = {"flow_name": "count", "description": "Counts.", "parameter_openapi_schema": SCHEMA}
 
 

@@ -2,9 +2,10 @@
 
 The claim is a PENDING proposal with `force=false` and a message that names the agent. Prefect
 answers a second claim of the same run with ABORT, so only one claimant wins. A claim whose
-answer is lost (an outage at the wrong moment) is settled by reading the run back: PENDING with
-our message is ours. A WAIT is honoured (bounded by schemas.MAX_WAIT_SECONDS) and the claim is
-then proposed anew with a fresh transition id.
+answer is lost (an outage, a timeout) is settled by proposing the same transition again until
+the server decides; its duplicate-transition rule makes the repeat safe. A WAIT is honoured
+(bounded by schemas.MAX_WAIT_SECONDS) and the claim is then proposed anew with a fresh
+transition id.
 """
 
 from __future__ import annotations
@@ -74,8 +75,14 @@ async def propose_claim(
         try:
             result = await client.set_flow_run_state(flow_run_id, pending, force=False)
         except PrefectApiError as exc:
-            # Outcome unknown; recovery (or the next poll, if still SCHEDULED) sorts it out.
-            log.warning("could not claim the run: %s", exc)
+            # Outcome unknown, and a read-back cannot settle it: a busy server may commit a
+            # request after the client gave up on it, i.e. after we read SCHEDULED. The same
+            # transition proposed again is decided for good: ACCEPT, or Prefect's REJECT of a
+            # transition the run already made (read as ACCEPT by the client), or ABORT.
+            log.warning("claim unanswered, proposing it again until decided: %s", exc)
+            decision = await reporter.propose(flow_run_id, pending, force=False)
+            if decision == "ACCEPT":
+                return True
             current = await reporter.read_run(flow_run_id, retry=True)
             return current is not None and is_our_claim(current, agent_name)
         if result.status == "ACCEPT":

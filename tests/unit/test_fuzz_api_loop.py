@@ -117,6 +117,7 @@ class FakePrefect:
         self.injected: list[tuple[int, str, Fault]] = []
         self.logs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.deferred: list[Callable[[], httpx.Response]] = []
 
     # -- set-up and inspection -----------------------------------------------------------------
 
@@ -191,8 +192,13 @@ class FakePrefect:
                 # Success whose body nobody reads: the work was done, unless the body shows that
                 # the answer came from something else (a proxy's HTML page).
                 fault.applied = _is_json(fault.seen_body())
+            if fault.late:
+                self.deferred.append(lambda: self.answer(endpoint, path, request))
             return fault.answer(request, lambda: self.answer(endpoint, path, request))
-        return self.answer(endpoint, path, request)
+        response = self.answer(endpoint, path, request)
+        while self.deferred:
+            self.deferred.pop(0)()
+        return response
 
     def answer(self, endpoint: str, path: str, request: httpx.Request) -> httpx.Response:
         body: Any = json.loads(request.content) if request.content else None
@@ -368,6 +374,9 @@ class Fault:
     error: str = "read timeout"
     cut: float = 0.5
     applied: bool = False
+    # Applied, but only once the server has answered its next request (a busy server commits
+    # a request the client has given up on, even after the client's next one).
+    late: bool = False
 
     def __repr__(self) -> str:
         done = "applied, " if self.applied else ""
@@ -1294,6 +1303,25 @@ async def test_claim_whose_answer_was_lost_is_not_left_pending(tmp_path: Path) -
     assert launcher.launched == [run_id] and server.accepted(run_id, "PENDING") == 1
     assert server.state_of(run_id) == "COMPLETED"
     assert any("already accepted" in r.getMessage() for r in capture.records)
+
+
+async def test_claim_committed_after_its_read_back_is_not_left_pending(tmp_path: Path) -> None:
+    """Every attempt of the claim timed out, and the server committed the first one only after
+    it had answered the agent's read-back (SCHEDULED). A claim settled by that read-back is
+    given up while the run turns PENDING, and no agent ever launches it (seen in a fleet test
+    on a busy machine). Proposed again, the same transition is decided for good."""
+    server = FakePrefect()
+    run_id = server.add_run(_registered(server, tmp_path))
+    server.faults["set_state"] = [
+        Fault("raise", "read timeout", late=True),
+        Fault("raise", "read timeout"),  # the client's second and last attempt
+    ]
+    launcher, capture, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
+    assert launcher.launched == [run_id] and server.accepted(run_id, "PENDING") == 1
+    assert server.state_of(run_id) == "COMPLETED" and not server.deferred
+    assert any("claim unanswered" in r.getMessage() for r in capture.records)
 
 
 async def test_up_to_date_deployment_is_left_alone(tmp_path: Path) -> None:

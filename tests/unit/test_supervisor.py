@@ -54,7 +54,11 @@ async def test_a_claim_applied_despite_an_error_answer_is_launched_and_noted(
     server = FakePrefect(uuid4(), claim_answers=[{"status": "APPLIED-BUT-ERROR"}])
     launcher = FakeLauncher(status=0)
     await supervise(settings, server, launcher)
-    assert proposed_types(server) == ["PENDING", "CRASHED"]  # one claim; exit 0 without a state
+    # The claim, its repeat (REJECTed as a duplicate: the claim stood), the crash (exit 0, no
+    # final state).
+    assert proposed_types(server) == ["PENDING", "PENDING", "CRASHED"]
+    claims = [p["state"]["state_details"]["transition_id"] for p in server.proposals[:2]]
+    assert claims[0] == claims[1]
     assert len(launcher.requests) == 1
     messages = [entry["message"] for entry in server.logs]
     assert any(m.startswith("Claimed by runner-agent 'unit-agent' on host") for m in messages)

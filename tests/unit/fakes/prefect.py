@@ -84,12 +84,19 @@ class FakePrefect:
     def _set_state(self, body: dict[str, Any]) -> httpx.Response:
         self.proposals.append(body)
         proposed = body["state"]
+        transition_id = proposed["state_details"]["transition_id"]
+        if not body["force"] and transition_id == _transition_id(self.state):
+            # Prefect's PreventDuplicateTransitions: the current state comes back.
+            reason = "This run has already made this state transition."
+            return httpx.Response(
+                201, json={"status": "REJECT", "details": {"reason": reason}, "state": self.state}
+            )
         if proposed["type"] == "PENDING" and self.claim_answers:
             answer = self.claim_answers.pop(0)
         else:
             answer = {"status": "ACCEPT", "details": {}}
         if answer["status"] in ("ACCEPT", "APPLIED-BUT-ERROR"):
-            self.state = {k: proposed.get(k) for k in ("type", "name", "message")}
+            self.state = {k: proposed.get(k) for k in ("type", "name", "message", "state_details")}
         if answer["status"] == "APPLIED-BUT-ERROR":
             # The server applied it, the answer went wrong: the outcome must be re-read.
             return httpx.Response(409, json={"detail": "answer mangled on the way"})
@@ -108,3 +115,8 @@ class FakePrefect:
             stored["parameter_openapi_schema"] = {"type": "object", "properties": {}}
         self.deployments[key] = stored
         return httpx.Response(201, json={"id": stored["id"]})
+
+
+def _transition_id(state: dict[str, Any]) -> str | None:
+    details = state.get("state_details") or {}
+    return details.get("transition_id")

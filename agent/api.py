@@ -36,11 +36,14 @@ from agent.http import (
 )
 from agent.schemas import (
     Deployment,
+    Flow,
     FlowRun,
     Identified,
     OrchestrationResult,
     SetStateStatus,
     State,
+    WorkerFlowRun,
+    WorkPool,
 )
 
 __all__ = [
@@ -113,6 +116,42 @@ class PrefectClient(ApiTransport):
         }
         response = await self._request("POST", "/deployments/get_scheduled_flow_runs", body=body)
         return self._many(response, FlowRun)
+
+    async def read_flow(self, flow_id: UUID) -> Flow:
+        return self._one(await self._request("GET", f"/flows/{flow_id}"), Flow)
+
+    async def read_work_pool(self, name: str) -> WorkPool | None:
+        try:
+            response = await self._request("GET", f"/work_pools/{quote(name, safe='')}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._one(response, WorkPool)
+
+    async def create_work_pool(self, body: dict[str, Any]) -> WorkPool:
+        return self._one(await self._request("POST", "/work_pools/", body=body), WorkPool)
+
+    async def get_pool_scheduled_runs(
+        self, pool: str, queues: Sequence[str], scheduled_before: datetime, limit: int
+    ) -> list[FlowRun]:
+        """SCHEDULED runs of the pool's queues (all when none are named), in the order the
+        server gives them: by queue priority, then by start time, within the pool's and the
+        queues' concurrency limits."""
+        if scheduled_before.tzinfo is None:
+            scheduled_before = scheduled_before.replace(tzinfo=UTC)
+        body: dict[str, Any] = {"scheduled_before": scheduled_before.isoformat(), "limit": limit}
+        if queues:
+            body["work_queue_names"] = list(queues)
+        path = f"/work_pools/{quote(pool, safe='')}/get_scheduled_flow_runs"
+        answer = self._many(await self._request("POST", path, body=body), WorkerFlowRun)
+        return [item.flow_run for item in answer]
+
+    async def worker_heartbeat(self, pool: str, worker: str, interval: float) -> None:
+        """Lists this host as an online worker of the pool, and makes the pool READY."""
+        body = {"name": worker, "heartbeat_interval_seconds": max(1, round(interval))}
+        path = f"/work_pools/{quote(pool, safe='')}/workers/heartbeat"
+        self._no_content(await self._request("POST", path, body=body))
 
     async def create_flow_run(
         self,

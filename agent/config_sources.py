@@ -117,9 +117,13 @@ class TomlFilesSource(PydanticBaseSettingsSource):
         for top, value in document.items():
             if top == "deployment":
                 self._add_deployments(value, source)
+            elif top == "work_pool":
+                self._add_work_pools(value, source)
             elif top not in SECTIONS:
                 raise ConfigError(
-                    source, top, "unknown key (sections: api, agent, flow_run, deployment)"
+                    source,
+                    top,
+                    "unknown key (sections: api, agent, flow_run, deployment, work_pool)",
                 )
             elif not isinstance(value, dict):
                 raise ConfigError(source, top, f"expected a table [{top}], got {show(value)}")
@@ -174,6 +178,23 @@ class TomlFilesSource(PydanticBaseSettingsSource):
             else:
                 existing[index] = item
             self.origins.value(("deployment", index), item, source)
+
+    def _add_work_pools(self, items: Any, source: str) -> None:
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ConfigError(source, "work_pool", "expected [[work_pool]] tables")
+        existing: list[dict[str, Any]] = self.data.setdefault("work_pool", [])
+        self.origins.table(("work_pool",), source)
+        for item in items:
+            # A later file's pool of the same name replaces the earlier one (as deployments do).
+            index = next(
+                (i for i, p in enumerate(existing) if p.get("name") == item.get("name")),
+                len(existing),
+            )
+            if index == len(existing):
+                existing.append(item)
+            else:
+                existing[index] = item
+            self.origins.value(("work_pool", index), item, source)
 
 
 class EnvironmentSource(EnvSettingsSource):

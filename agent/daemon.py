@@ -225,9 +225,7 @@ class Daemon:
                 flow_logs.retry_now()
 
             runner.on_api_back = api_back
-            runner.on_deployments_changed = lambda ids: subscription.set_related(
-                SCHEDULED_EVENT, [f"prefect.deployment.{i}" for i in ids]
-            )
+            runner.on_watched_changed = lambda ids: subscription.set_related(SCHEDULED_EVENT, ids)
             subscription.subscribe(SCHEDULED_EVENT, lambda _event: runner.wake())
             interval = self.notifier.watchdog_interval or min(
                 settings.agent.heartbeat_interval, 30.0

@@ -15,8 +15,10 @@ the key and the config that would allow it. Values are parsed like the config's 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,9 +26,14 @@ from pydantic import ValidationError
 from agent.config_errors import show
 from agent.run_settings import FLOW_RUN_KEYS, FlowRunSettings
 
-# Keys that change who runs the flow, or with which interpreter: never honoured by default.
-PRIVILEGED = frozenset({"user", "python"})
+# Keys that change who runs the flow, with which interpreter or from which code: never
+# honoured by default.
+PRIVILEGED = frozenset({"user", "python", "working_dir"})
 ALLOW_KEY = "agent.job_variables"
+# The directory a run starts in (work pools): a workspace matter, not a run setting.
+WORKING_DIR = "working_dir"
+# The layer of a work pool's template defaults: set by the pool's admin for the whole fleet.
+POOL_ORIGIN = "work pool"
 
 
 class JobVariablesError(Exception):
@@ -91,6 +98,47 @@ def apply_job_variables(
         key = str(error["loc"][0]) if error["loc"] else "?"
         problem = _problem(error)
         raise JobVariablesError(key, problem, origins.get(key, "flow run")) from None
+
+
+def take_working_dir(
+    layers: Collection[Layer], *, allowed: Collection[str]
+) -> tuple[list[Layer], Path | None, list[str]]:
+    """Split `working_dir` off the layers: (the other layers, the directory, warnings).
+
+    The last layer that sets it wins. A work pool's default that the host does not allow is
+    dropped with a warning (it applies to every run of the pool); a deployment or a run that
+    asks for it raises JobVariablesError, as for any key the host does not allow.
+    """
+    rest: list[Layer] = []
+    working_dir: Path | None = None
+    warnings: list[str] = []
+    for layer in layers:
+        values = dict(layer.values)
+        value = values.pop(WORKING_DIR, None)
+        rest.append(Layer(layer.origin, values))
+        if value is None:
+            continue
+        if WORKING_DIR not in allowed:
+            if layer.origin == POOL_ORIGIN:
+                warnings.append(
+                    f"the work pool's default working_dir is ignored: {_not_allowed(WORKING_DIR)}"
+                )
+                continue
+            raise JobVariablesError(WORKING_DIR, _not_allowed(WORKING_DIR), layer.origin)
+        working_dir = _directory(value, layer.origin)
+    return rest, working_dir, warnings
+
+
+def _directory(value: Any, origin: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise JobVariablesError(
+            WORKING_DIR, f"expected an absolute path, got {show(value)}", origin
+        )
+    trimmed = value.rstrip("/") or "/"
+    if "//" in value or os.path.normpath(trimmed) != trimmed:
+        problem = f"expected a normalised path (no '.', '..' or '//'), got {show(value)}"
+        raise JobVariablesError(WORKING_DIR, problem, origin)
+    return Path(trimmed)
 
 
 def recorded_layers(extra: Mapping[str, Any]) -> list[Layer]:

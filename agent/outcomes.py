@@ -18,9 +18,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from agent import states
@@ -30,9 +31,17 @@ from agent.engines import EngineInfo, Engines
 from agent.failpoints import Failpoints
 from agent.flowlogs import FlowRunLogs
 from agent.hooks import HookKind, HookResult, HookRunner
-from agent.jobvars import JobVariablesError, Layer, apply_job_variables, recorded_layers
+from agent.jobvars import (
+    POOL_ORIGIN,
+    JobVariablesError,
+    Layer,
+    apply_job_variables,
+    recorded_layers,
+    take_working_dir,
+)
 from agent.launch.base import Launcher, LaunchRequest, RunHandle
 from agent.launch.systemd import unit_name
+from agent.pools import PoolRun
 from agent.records import RecordError, RunRecord, RunRecords
 from agent.reporting import CrashOutcome, Reporter
 from agent.schemas import FlowRun, StateType
@@ -102,8 +111,10 @@ class RunOutcomes:
             else ctx.settings.flow_run
         )
         self.flow_run_settings = self.base_settings
-        # The deployment's job variables as the server has them (work-pool deployments).
-        self.deployment_job_variables: Mapping[str, Any] = {}
+        # A work pool's run: its deployment as the server has it, and the job-variable layers.
+        self.pool_run: PoolRun | None = None
+        # The directory the run starts in, when a job variable sets it (work pools).
+        self.working_dir: Path | None = None
         self.phase = Phase.WAITING
         self.started_at: float | None = None
         self.handle: RunHandle | None = None
@@ -139,14 +150,15 @@ class RunOutcomes:
         """The run's settings with the deployment's and the run's job variables, as far as the
         host allows them; raises JobVariablesError. The layers go into the record so that an
         agent restart rebuilds the same settings without the API."""
-        layers = {
-            "deployment": dict(self.deployment_job_variables),
-            "flow run": dict(self.flow_run.job_variables) if self.flow_run is not None else {},
-        }
+        pool = self.pool_run
+        layers = {POOL_ORIGIN: dict(pool.pool_defaults)} if pool is not None else {}
+        layers["deployment"] = dict(pool.deployment_job_variables) if pool is not None else {}
+        layers["flow run"] = dict(self.flow_run.job_variables) if self.flow_run else {}
         self.flow_run_settings = self._merged(
-            [Layer(origin, values) for origin, values in layers.items() if values]
+            [Layer(origin, values) for origin, values in layers.items() if values], warn=True
         )
-        applied = sorted({key for values in layers.values() for key in values})
+        ignored = pool.ignored if pool is not None else frozenset()
+        applied = sorted({key for values in layers.values() for key in values} - ignored)
         if applied:
             self.record.extra = {**self.record.extra, "job_variables": layers}
             self.note(f"Job variables applied: {', '.join(applied)}")
@@ -158,15 +170,18 @@ class RunOutcomes:
         if not layers:
             return
         try:
-            self.flow_run_settings = self._merged(layers)
+            self.flow_run_settings = self._merged(layers, warn=False)
         except JobVariablesError as exc:
             # The host's config changed since the launch; the run keeps going as it was.
             self.log.warning("cannot rebuild the run's job variables after a restart: %s", exc)
 
-    def _merged(self, layers: list[Layer]) -> FlowRunSettings:
-        return apply_job_variables(
-            self.base_settings, layers, allowed=self.ctx.settings.agent.job_variables
-        )
+    def _merged(self, layers: list[Layer], *, warn: bool) -> FlowRunSettings:
+        allowed = self.ctx.settings.agent.job_variables
+        layers, self.working_dir, warnings = take_working_dir(layers, allowed=allowed)
+        for warning in warnings if warn else ():
+            self.note(warning, logging.WARNING)
+        ignored = self.pool_run.ignored if self.pool_run is not None else frozenset()
+        return apply_job_variables(self.base_settings, layers, allowed=allowed, ignored=ignored)
 
     def note(self, message: str, level: int = logging.INFO) -> None:
         """Log locally and mirror to the run's log view in the Prefect UI."""

@@ -106,7 +106,7 @@ class ConfigModel(BaseModel):
 
 
 JobVariable = Literal[
-    "env", "memory_max", "cpu_quota", "tasks_max", "runtime_max", "user", "python"
+    "env", "memory_max", "cpu_quota", "tasks_max", "runtime_max", "user", "python", "working_dir"
 ]
 DEFAULT_JOB_VARIABLES: tuple[JobVariable, ...] = (
     "env",

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from agent import recovery
+from agent import pools, recovery
 from agent.api import PrefectApiError, PrefectClient
 from agent.control import ControlChannel
 from agent.deployments import DeploymentRegistry, RegisteredDeployment
@@ -28,6 +28,7 @@ from agent.hooks import HookRunner
 from agent.launch.base import Launcher
 from agent.notify import Liveness
 from agent.outcomes import RunContext, RunOutcomes
+from agent.pools import PoolPoller, PoolRun
 from agent.records import RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
@@ -81,6 +82,8 @@ class Runner:
         self._hooks = hooks or HookRunner(
             launcher, timeout=lambda: self._settings.agent.hook_timeout
         )
+        self._pools = PoolPoller(client, lambda: self._settings, monotonic=monotonic)
+        self._pool_heartbeat_at: float | None = None
         self._registered: dict[str, RegisteredDeployment] = {}
         self._needs_sync = True
         self._slots = Slots(settings.agent.limit)
@@ -94,7 +97,10 @@ class Runner:
         self._api_reached_at = monotonic()
         # Hooks set by the daemon: the events subscription and heartbeats hang off these.
         self.on_cancelled: Callable[[RunOutcomes], None] | None = None
-        self.on_deployments_changed: Callable[[list[UUID]], None] | None = None
+        # The resources whose Scheduled events should wake the poller: the registered
+        # deployments and the served work pools (`prefect.deployment.<id>`, ...).
+        self.on_watched_changed: Callable[[list[str]], None] | None = None
+        self._watched: list[str] | None = None
         self.on_api_back: Callable[[], None] | None = None
 
     # -- public surface -------------------------------------------------------------------
@@ -194,8 +200,7 @@ class Runner:
                 if self._needs_sync:
                     self._registered = await self._registry.sync(self._settings.deployments)
                     self._needs_sync = len(self._registered) < len(self._settings.deployments)
-                    if self.on_deployments_changed is not None:
-                        self.on_deployments_changed([r.id for r in self._registered.values()])
+                    self._announce_watched()
                 runs = await self._fetch_due_runs()
             self.api_ok = True
         except TimeoutError:
@@ -221,6 +226,42 @@ class Runner:
             return
         for flow_run in runs:
             self._start_supervisor(group, flow_run)
+        if self._settings.work_pools:
+            # After the config's runs, and apart: a pool's trouble never holds those up.
+            await self._guarded("work pool poll", self._poll_pools(group))
+
+    async def _guarded(self, what: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with asyncio.timeout(2 * self._settings.api.timeout + 5):
+                await work
+        except TimeoutError:
+            log.warning("%s timed out", what)
+        except PrefectApiError as exc:
+            log.warning("%s failed: %s", what, exc)
+        except Exception:
+            log.exception("%s failed unexpectedly", what)
+
+    async def _poll_pools(self, group: asyncio.TaskGroup) -> None:
+        now = self._monotonic()
+        beat_due = self._pool_heartbeat_at is None or (
+            now - self._pool_heartbeat_at >= self._settings.agent.heartbeat_interval
+        )
+        if beat_due:
+            self._pool_heartbeat_at = now
+            await self._pools.heartbeat()
+        due = await self._pools.runnable(self._slots.free, skip=set(self._supervisors))
+        self._announce_watched()
+        for flow_run, pool_run in due:
+            self._start_pool_supervisor(group, flow_run, pool_run)
+
+    def _announce_watched(self) -> None:
+        watched = sorted(
+            [f"prefect.deployment.{r.id}" for r in self._registered.values()]
+            + [f"prefect.work-pool.{pool.id}" for pool in self._pools.pools().values()]
+        )
+        if watched != self._watched and self.on_watched_changed is not None:
+            self._watched = watched
+            self.on_watched_changed(watched)
 
     async def _fetch_due_runs(self) -> list[FlowRun]:
         free = self._slots.free
@@ -256,6 +297,19 @@ class Runner:
         supervisor = Supervisor(self._context(), flow_run.id, deployment, flow_run=flow_run)
         self._track(group, supervisor, supervisor.run())
 
+    def _start_pool_supervisor(
+        self, group: asyncio.TaskGroup, flow_run: FlowRun, pool_run: PoolRun
+    ) -> None:
+        if not self._slots.take(flow_run.id):
+            return
+        supervisor = Supervisor(
+            self._context(), flow_run.id, pool_run.deployment, flow_run=flow_run
+        )
+        supervisor.pool_run = pool_run
+        # In the record from the claim on: a restarted agent needs no API to rebuild the run.
+        supervisor.record.extra = {pools.RECORD_KEY: pool_run.to_record()}
+        self._track(group, supervisor, supervisor.run())
+
     def _context(self) -> RunContext:
         return RunContext(
             settings=self._settings,
@@ -282,10 +336,16 @@ class Runner:
     def _recover(self, group: asyncio.TaskGroup) -> None:
         """Pick up the runs a previous agent process left behind; they count against `limit`."""
         for record in self._records.all():
-            deployment = self._settings.deployment(record.deployment)
+            pool_run = PoolRun.from_record(record.extra.get(pools.RECORD_KEY))
+            deployment = (
+                pool_run.deployment
+                if pool_run is not None
+                else self._settings.deployment(record.deployment)
+            )
             supervisor = Supervisor(
                 self._context(), record.id, deployment, deployment_name=record.deployment
             )
+            supervisor.pool_run = pool_run
             self._slots.take(record.id, force=True)
             log.info(
                 "recovering run %s (left in phase %s)",

@@ -145,6 +145,32 @@ class Deployment(_Model):
     schedules: DictList = Field(default_factory=list)
     work_queue_name: str | None = None
     status: str | None = None
+    # What `prefect deploy` sets: the engine runs the pull steps itself.
+    pull_steps: DictList = Field(default_factory=list)
+    job_variables: AnyDict = Field(default_factory=dict)
+    work_pool_name: str | None = None
+
+
+class Flow(_Model):
+    id: UUID
+    name: str
+
+
+class WorkPool(_Model):
+    id: UUID
+    name: str
+    type: str
+    status: str | None = None
+    concurrency_limit: int | None = None
+    base_job_template: AnyDict = Field(default_factory=dict)
+
+
+class WorkerFlowRun(_Model):
+    """One answer item of `POST /work_pools/{name}/get_scheduled_flow_runs`."""
+
+    work_pool_id: UUID
+    work_queue_id: UUID
+    flow_run: FlowRun
 
 
 class OrchestrationDetails(_Model):

@@ -28,6 +28,7 @@ from agent.config_errors import ConfigError, from_validation_error
 from agent.config_files import read_secret
 from agent.config_sources import ConfigSources
 from agent.deployment_settings import DeploymentSettings, GitSettings
+from agent.pool_settings import WorkPoolSettings
 from agent.run_settings import (
     DEFAULT_JOB_VARIABLES,
     FLOW_RUN_KEYS,
@@ -60,6 +61,7 @@ __all__ = [
     "RRuleSchedule",
     "Schedule",
     "Settings",
+    "WorkPoolSettings",
     "load_settings",
 ]
 
@@ -109,6 +111,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = Field(default_factory=AgentSettings)
     flow_run: FlowRunSettings = Field(default_factory=FlowRunSettings)
     deployments: tuple[DeploymentSettings, ...] = Field(default=(), alias="deployment")
+    work_pools: tuple[WorkPoolSettings, ...] = Field(default=(), alias="work_pool")
     # Filled in by load_settings, never from a config source (top-level keys are checked first).
     sources: tuple[str, ...] = ()
     secret_sources: dict[str, str] = Field(default_factory=dict)
@@ -139,6 +142,14 @@ class Settings(BaseSettings):
             seen.add(deployment.key)
         return self
 
+    @model_validator(mode="after")
+    def _unique_pool_names(self) -> Settings:
+        names = [pool.name for pool in self.work_pools]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate work pool {duplicates[0]!r}: two [[work_pool]]s name it")
+        return self
+
     def deployment(self, key: str) -> DeploymentSettings | None:
         """The deployment `FLOW/NAME`; a bare NAME (records of older versions) when unique."""
         found = next((d for d in self.deployments if d.key == key), None)
@@ -156,6 +167,7 @@ class Settings(BaseSettings):
         data["deployment"] = [
             _drop_none(d.model_dump(mode="json", exclude_unset=True)) for d in self.deployments
         ]
+        data["work_pool"] = [p.model_dump(mode="json") for p in self.work_pools]
         return data
 
 

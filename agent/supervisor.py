@@ -27,6 +27,7 @@ from agent.launch.base import LaunchError, LaunchRequest, RunHandle
 from agent.outcomes import Phase, RunContext, RunOutcomes
 from agent.processes import process_create_time
 from agent.records import RecordError
+from agent.settings import DeploymentSettings
 from agent.storage import StorageError
 from agent.values import format_duration
 from agent.workspace import Workspace, engine_environment, limits_text
@@ -106,6 +107,26 @@ class Supervisor(RunOutcomes):
         status, result = await self._launch_and_wait()
         await self.report_exit(status, result)
 
+    def _code_source(self) -> tuple[DeploymentSettings, bool]:
+        """The deployment with the directory the run starts in, and whether that is a fresh
+        directory of the run's own (a work pool's deployment with pull steps)."""
+        deployment = self.deployment
+        assert deployment is not None
+        if self.pool_run is not None and self.pool_run.problem is not None:
+            raise LaunchError(self.pool_run.problem)
+        if self.working_dir is not None:
+            return deployment.model_copy(update={"path": self.working_dir, "git": None}), False
+        pool = self.pool_run
+        if pool is not None and pool.pull_steps:
+            return deployment, True
+        if deployment.path is None and deployment.git is None:
+            raise LaunchError(
+                f"deployment {deployment.key!r} has no pull steps and no absolute path, so "
+                "nothing tells where its code is; give it pull steps (prefect.yaml `pull:`) "
+                "or a working_dir job variable"
+            )
+        return deployment, False
+
     def build_request(self, ws: Workspace, control_env: dict[str, str]) -> LaunchRequest:
         settings, flow_run = self.ctx.settings, self.flow_run_settings
         env = engine_environment(
@@ -144,8 +165,9 @@ class Supervisor(RunOutcomes):
             if self.deployment is None:
                 raise LaunchError(f"deployment {self.deployment_name!r} is no longer configured")
             flow_run = self.apply_job_variables()
+            deployment, fresh_code = self._code_source()
             self.workspace = await self.ctx.workspaces.prepare(
-                self.id, self.deployment, flow_run, self.note
+                self.id, deployment, flow_run, self.note, fresh_code=fresh_code
             )
             ws = self.workspace
             self.save(

@@ -104,6 +104,7 @@ class Workspace:
     tmpdir: Path
     run_dir: Path
     checkout: Checkout | None = None
+    fresh_code: bool = False  # working_dir is the run's own, removed with it
 
 
 class Workspaces:
@@ -117,16 +118,27 @@ class Workspaces:
     def run_dir(self, flow_run_id: UUID) -> Path:
         return self._settings().agent.runtime_dir / "runs" / str(flow_run_id)
 
+    def code_dir(self, flow_run_id: UUID) -> Path:
+        return self._settings().agent.state_dir / "runs" / str(flow_run_id) / "code"
+
     async def prepare(
         self,
         flow_run_id: UUID,
         deployment: DeploymentSettings,
         flow_run: FlowRunSettings,
         note: Callable[[str, int], None],
+        *,
+        fresh_code: bool = False,
     ) -> Workspace:
-        """Raises LaunchError (or StorageError, whose message is the run's crash reason)."""
+        """Raises LaunchError (or StorageError, whose message is the run's crash reason).
+
+        `fresh_code`: the run starts in an empty directory of its own, `runs/<id>/code`, where
+        the engine runs the deployment's pull steps; it is removed with the run.
+        """
         checkout = None
-        if deployment.git is not None:
+        if fresh_code:
+            working_dir = self.code_dir(flow_run_id)
+        elif deployment.git is not None:
             checkout = await self._storage.prepare(deployment.key, deployment.git)
             note(checkout.describe(), logging.INFO)
             if checkout.warning:
@@ -142,15 +154,19 @@ class Workspaces:
             tmpdir, run_dir = self.tmpdir(flow_run_id), self.run_dir(flow_run_id)
             private_dirs(agent.state_dir, tmpdir)
             private_dirs(agent.runtime_dir, run_dir)
+            if fresh_code:
+                private_dirs(agent.state_dir, working_dir)
             if owner is not None and owner[0] != os.geteuid():
                 os.chown(tmpdir, *owner)
+                if fresh_code:
+                    os.chown(working_dir, *owner)
                 allow_pass_through(agent.state_dir, tmpdir)
                 allow_pass_through(agent.state_dir, working_dir)
         except BaseException:
             if checkout is not None:
                 checkout.release()
             raise
-        return Workspace(flow_run_id, working_dir, tmpdir, run_dir, checkout)
+        return Workspace(flow_run_id, working_dir, tmpdir, run_dir, checkout, fresh_code)
 
     def adopt(self, flow_run_id: UUID, working_dir: Path | None) -> Workspace:
         """The workspace of a run started by a previous agent process."""
@@ -173,12 +189,15 @@ class Workspaces:
             tmpdir,
             self.run_dir(flow_run_id),
             checkout,
+            fresh_code=working_dir == self.code_dir(flow_run_id),
         )
 
     async def finish(self, workspace: Workspace) -> None:
         """The run has ended: give its code back, remove its scratch space, collect garbage."""
         # A flow may leave read-only directories in its TMPDIR; remove_tree copes with them.
         await remove_tree(workspace.tmpdir)
+        if workspace.fresh_code:
+            await remove_tree(workspace.working_dir)
         shutil.rmtree(workspace.run_dir, ignore_errors=True)
         if workspace.checkout is not None:
             workspace.checkout.release()

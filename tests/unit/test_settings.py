@@ -265,7 +265,10 @@ INVALID = [
     ),
     ('[agent]\nname = ""\n', "agent.name: must not be empty"),
     ("[agent]\nlimt = 4\n", "agent.limt: unknown key"),
-    ("[agnt]\nlimit = 4\n", "agnt: unknown key (sections: api, agent, flow_run, deployment)"),
+    (
+        "[agnt]\nlimit = 4\n",
+        "agnt: unknown key (sections: api, agent, flow_run, deployment, work_pool)",
+    ),
     ("api = 3\n", "api: expected a table [api], got 3"),
     (
         '[api]\nurl = "localhost:4200"\n',

@@ -184,7 +184,15 @@ class TomlFilesSource(PydanticBaseSettingsSource):
             raise ConfigError(source, "work_pool", "expected [[work_pool]] tables")
         existing: list[dict[str, Any]] = self.data.setdefault("work_pool", [])
         self.origins.table(("work_pool",), source)
+        seen: set[Any] = set()
         for item in items:
+            name = item.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    raise ConfigError(
+                        source, f"work_pool[{name}]", f"duplicate work pool {name!r} in one file"
+                    )
+                seen.add(name)
             # A later file's pool of the same name replaces the earlier one (as deployments do).
             index = next(
                 (i for i, p in enumerate(existing) if p.get("name") == item.get("name")),

@@ -10,6 +10,7 @@ from typing import Any
 from agent import recovery
 from agent.api import PrefectClient
 from agent.flowlogs import FlowRunLogs
+from agent.pools import RECORD_KEY, PoolRun
 from agent.records import RunRecord, RunRecords
 from agent.reporting import Reporter
 from agent.schemas import FlowRun
@@ -37,9 +38,11 @@ path = "{code}"
 """
 
 
-def make_settings(tmp_path: Path) -> Any:
+def make_settings(tmp_path: Path, extra_agent: str = "") -> Any:
+    """The unit config; `extra_agent` is added to its [agent] table."""
     config = tmp_path / "agent.toml"
-    config.write_text(CONFIG.format(state=tmp_path / "state", run=tmp_path / "run", code=tmp_path))
+    text = CONFIG.format(state=tmp_path / "state", run=tmp_path / "run", code=tmp_path)
+    config.write_text(text.replace("[agent]\n", f"[agent]\n{extra_agent}\n", 1))
     config.chmod(0o600)
     return load_settings(config, {})
 
@@ -55,6 +58,7 @@ async def supervise(
     engines: FakeEngines | None = None,
     control: Any = None,
     on_cancelled: Any = None,
+    pool_run: PoolRun | None = None,
 ) -> tuple[Supervisor, RunRecords]:
     transport = server.transport()
     client = PrefectClient(settings.api, transport=transport, max_attempts=1)
@@ -74,7 +78,11 @@ async def supervise(
             on_cancelled=on_cancelled,
         )
         flow_run = FlowRun.model_validate(server.run_body())
-        supervisor = Supervisor(ctx, server.run_id, settings.deployments[0], flow_run=flow_run)
+        deployment = pool_run.deployment if pool_run is not None else settings.deployments[0]
+        supervisor = Supervisor(ctx, server.run_id, deployment, flow_run=flow_run)
+        if pool_run is not None:
+            supervisor.pool_run = pool_run
+            supervisor.record.extra = {RECORD_KEY: pool_run.to_record()}
         if record is not None:
             work = asyncio.ensure_future(recovery.resume(supervisor, record))
         else:

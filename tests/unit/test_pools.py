@@ -1,0 +1,280 @@
+"""The work-pool poller against a faked API: the exact requests of Prefect's worker protocol
+(pool read and create, worker heartbeat, scheduled runs per queue), which runs it takes, what a
+pool run is made of, and the pool type's base job template."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pytest
+
+from agent import pool_template
+from agent.api import PrefectClient
+from agent.pools import PoolPoller
+from agent.settings import Settings, load_settings
+
+URL = "http://127.0.0.1:9/api"
+
+
+class PoolServer:
+    """Work pools, their scheduled runs, deployments and flows, as Prefect 3.8 answers them."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, dict[str, Any]] = {}
+        self.runs: dict[str, list[dict[str, Any]]] = {}
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.flows: dict[str, str] = {}
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def add_pool(self, name: str, pool_type: str, template: dict[str, Any] | None = None) -> None:
+        self.pools[name] = {
+            "id": str(uuid4()),
+            "name": name,
+            "type": pool_type,
+            "status": "NOT_READY",
+            "base_job_template": template or {},
+        }
+
+    def add_run(self, pool: str, deployment: dict[str, Any], **fields: Any) -> str:
+        run_id = str(uuid4())
+        self.deployments[deployment["id"]] = deployment
+        flow_run = {
+            "id": run_id,
+            "deployment_id": deployment["id"],
+            "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {}},
+            **fields,
+        }
+        item = {"work_pool_id": self.pools[pool]["id"], "work_queue_id": str(uuid4())}
+        self.runs.setdefault(pool, []).append({**item, "flow_run": flow_run})
+        return run_id
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api")
+        body: Any = json.loads(request.content) if request.content else None
+        self.requests.append((request.method, path, body))
+        parts = path.strip("/").split("/")
+        if request.method == "GET" and parts[0] == "work_pools":
+            pool = self.pools.get(parts[1])
+            return httpx.Response(200 if pool else 404, json=pool or {"detail": "not found"})
+        if request.method == "POST" and path == "/work_pools/":
+            self.add_pool(body["name"], body["type"], body["base_job_template"])
+            return httpx.Response(201, json=self.pools[body["name"]])
+        if path.endswith("/get_scheduled_flow_runs"):
+            return httpx.Response(200, json=self.runs.get(parts[1], [])[: body["limit"]])
+        if path.endswith("/workers/heartbeat"):
+            return httpx.Response(204)
+        if parts[0] == "deployments":
+            return httpx.Response(200, json=self.deployments[parts[1]])
+        if parts[0] == "flows":
+            return httpx.Response(200, json={"id": parts[1], "name": self.flows[parts[1]]})
+        return httpx.Response(404, json={"detail": f"not faked: {path}"})
+
+    def deployment(self, **fields: Any) -> dict[str, Any]:
+        flow_id = str(uuid4())
+        self.flows[flow_id] = "hello-flow"
+        return {"id": str(uuid4()), "name": "hello", "flow_id": flow_id, **fields}
+
+    def calls(self, suffix: str) -> list[Any]:
+        return [body for _, path, body in self.requests if path.endswith(suffix)]
+
+
+def settings_with(tmp_path: Path, pools: str, agent: str = "") -> Settings:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'{pools}\n[agent]\nname = "host-1"\nstate_dir = "{tmp_path}/state"\n{agent}\n'
+    )
+    config.chmod(0o600)
+    return load_settings(config, {})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def poll(
+    server: PoolServer, settings: Settings, free: int, clock: Clock | None = None
+) -> tuple[PoolPoller, list[Any]]:
+    client = PrefectClient(
+        settings.api, transport=httpx.MockTransport(server.handler), max_attempts=1
+    )
+    async with client:
+        poller = PoolPoller(client, lambda: settings, monotonic=clock or Clock())
+        found = await poller.runnable(free, skip=())
+        return poller, found
+
+
+async def test_a_missing_pool_is_created_with_this_hosts_template(tmp_path: Path) -> None:
+    server = PoolServer()
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\ncreate = true\n')
+    await poll(server, settings, free=4)
+    (created,) = server.calls("/work_pools/")
+    assert created == {
+        "name": "hosts",
+        "type": "runner-agent",
+        "description": "Runs flows in systemd scopes with cgroup limits (runner-agent).",
+        "base_job_template": pool_template.base_job_template(settings.agent.job_variables),
+    }
+    properties = created["base_job_template"]["variables"]["properties"]
+    assert sorted(properties) == ["cpu_quota", "env", "memory_max", "runtime_max", "tasks_max"]
+    assert created["base_job_template"]["job_configuration"]["memory_max"] == "{{ memory_max }}"
+    assert server.calls("/get_scheduled_flow_runs") == [
+        {
+            "scheduled_before": server.calls("/get_scheduled_flow_runs")[0]["scheduled_before"],
+            "limit": 4,
+        }
+    ]
+
+
+def test_the_template_offers_privileged_variables_only_where_the_host_allows_them() -> None:
+    allowed = ("env", "user", "working_dir")
+    properties = pool_template.base_job_template(allowed)["variables"]["properties"]
+    assert "user" in properties and "working_dir" in properties and "python" not in properties
+    assert all("default" not in spec for spec in properties.values())  # unset: the host's
+
+
+async def test_a_missing_pool_without_create_is_reported_once_and_not_polled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = PoolServer()
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')
+    caplog.set_level(logging.INFO, logger="agent.pools")
+    for _ in range(3):
+        _, found = await poll(server, settings, free=4)
+    assert found == [] and server.calls("/work_pools/") == []
+    assert server.calls("/get_scheduled_flow_runs") == []
+    assert _count(caplog, "does not exist; set create = true") == 3  # one poller per poll
+
+
+async def test_queues_free_slots_and_in_process_retries(tmp_path: Path) -> None:
+    server = PoolServer()
+    server.add_pool("hosts", "runner-agent")
+    deployment = server.deployment(entrypoint="flows/hello.py:hello", pull_steps=[{"x": {}}])
+    taken = server.add_run("hosts", deployment)
+    server.add_run(
+        "hosts",
+        deployment,
+        state={"type": "SCHEDULED", "name": "AwaitingRetry", "state_details": {}},
+        empirical_policy={"retry_type": "in_process"},
+    )
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\nqueues = ["high", "low"]')
+    _, found = await poll(server, settings, free=2)
+    assert [str(run.id) for run, _ in found] == [taken]
+    (body,) = server.calls("/get_scheduled_flow_runs")
+    assert body["work_queue_names"] == ["high", "low"] and body["limit"] == 2
+    before = datetime.fromisoformat(body["scheduled_before"])
+    assert before.tzinfo is not None and before > datetime.now(UTC)  # prefetch ahead
+
+
+async def test_a_full_host_still_polls_with_limit_zero(tmp_path: Path) -> None:
+    """What keeps the pool's queues READY in the UI while this host is busy."""
+    server = PoolServer()
+    server.add_pool("hosts", "runner-agent")
+    server.add_run("hosts", server.deployment(entrypoint="f.py:f"))
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')
+    _, found = await poll(server, settings, free=0)
+    assert found == [] and [b["limit"] for b in server.calls("/get_scheduled_flow_runs")] == [0]
+
+
+async def test_a_pool_run_is_made_from_its_deployment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = PoolServer()
+    template = {"variables": {"properties": {"env": {"default": {"A": "1"}}, "name": {}}}}
+    server.add_pool("hosts", "process", template)
+    with_steps = server.deployment(
+        entrypoint="flows/hello.py:hello",
+        pull_steps=[{"prefect.deployments.steps.git_clone": {"repository": "x"}}],
+        job_variables={"memory_max": "300M", "command": "x"},
+    )
+    with_path = server.deployment(entrypoint="flow.py:f", path="/srv/code")
+    relative = server.deployment(entrypoint="flow.py:f", path="code")
+    no_entrypoint = server.deployment(path="/srv/code")
+    for deployment in (with_steps, with_path, relative, no_entrypoint):
+        server.add_run("hosts", deployment)
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')
+    caplog.set_level(logging.INFO, logger="agent.pools")
+    _, found = await poll(server, settings, free=10)
+    runs = [pool_run for _, pool_run in found]
+    assert [(r.pull_steps, r.deployment.path) for r in runs] == [
+        (True, None),
+        (False, Path("/srv/code")),
+        (False, None),
+        (False, Path("/srv/code")),
+    ]
+    assert runs[0].deployment.key == "hello-flow/hello"
+    assert runs[0].pool_defaults == {"env": {"A": "1"}}
+    assert runs[0].deployment_job_variables == {"memory_max": "300M", "command": "x"}
+    assert runs[0].ignored == pool_template.PROCESS_ONLY
+    assert [r.problem for r in runs][:3] == [None, None, None]
+    assert runs[3].problem == "deployment 'hello' has no entrypoint, so no flow to run"
+    assert _count(caplog, "job variables command have no meaning here") == 1
+
+
+async def test_pools_of_other_types_are_not_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = PoolServer()
+    server.add_pool("k8s", "kubernetes")
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "k8s"\n')
+    caplog.set_level(logging.INFO, logger="agent.pools")
+    _, found = await poll(server, settings, free=4)
+    assert found == [] and server.calls("/get_scheduled_flow_runs") == []
+    assert _count(caplog, "is of type 'kubernetes'") == 1
+
+
+async def test_heartbeats_and_the_pool_is_reread_once_per_heartbeat_interval(
+    tmp_path: Path,
+) -> None:
+    server = PoolServer()
+    server.add_pool("hosts", "runner-agent")
+    settings = settings_with(
+        tmp_path, '[[work_pool]]\nname = "hosts"\n', agent='heartbeat_interval = "30s"'
+    )
+    clock = Clock()
+    client = PrefectClient(
+        settings.api, transport=httpx.MockTransport(server.handler), max_attempts=1
+    )
+    async with client:
+        poller = PoolPoller(client, lambda: settings, monotonic=clock)
+        await poller.heartbeat()
+        for step in (0.0, 10.0, 10.0, 15.0):
+            clock.now += step
+            await poller.runnable(4, skip=())
+    assert server.calls("/workers/heartbeat") == [
+        {"name": "host-1", "heartbeat_interval_seconds": 30}
+    ]
+    reads = [p for m, p, _ in server.requests if m == "GET" and p.startswith("/work_pools/")]
+    assert len(reads) == 2  # at 100 s and at 135 s
+    assert len(server.calls("/get_scheduled_flow_runs")) == 4
+
+
+@pytest.mark.parametrize(
+    ("pools", "problem"),
+    [
+        ('[[work_pool]]\nname = "a"\n[[work_pool]]\nname = "a"\n', "duplicate work pool 'a'"),
+        ('[[work_pool]]\nname = "a"\nqueues = ["q", "q"]\n', "queue 'q' is listed twice"),
+        ('[[work_pool]]\nname = "a"\ncreate = "yes"\n', "work_pool"),
+        ('[[work_pool]]\nqueues = ["q"]\n', "name"),
+        ("work_pool = 3\n", "expected [[work_pool]] tables"),
+    ],
+)
+def test_bad_work_pool_config_names_the_problem(tmp_path: Path, pools: str, problem: str) -> None:
+    from agent.settings import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        settings_with(tmp_path, pools)
+    assert problem in str(error.value)
+
+
+def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in record.getMessage() for record in caplog.records)

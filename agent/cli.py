@@ -196,9 +196,10 @@ def render_toml(settings: Settings) -> str:
             line = f"{_toml_key(key)} = {_toml_value(value)}"
             origin = settings.secret_sources.get(f"{section}.{key}")
             lines.append(f"{line}  # from {one_line(origin)}" if origin else line)
-    for deployment in data["deployment"]:
-        lines += ["", "[[deployment]]"]
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in deployment.items()]
+    for table in ("deployment", "work_pool"):
+        for item in data[table]:
+            lines += ["", f"[[{table}]]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
     return "\n".join(lines) + "\n"
 
 

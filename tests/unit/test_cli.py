@@ -99,6 +99,18 @@ def test_check_config_prints_the_effective_config_as_toml(config: Path) -> None:
     assert f"# Files read: {config}" in out
 
 
+def test_check_config_shows_the_work_pools(config: Path) -> None:
+    with config.open("a") as handle:
+        handle.write('\n[[work_pool]]\nname = "hosts"\nqueues = ["high"]\n')
+    status, out, err = cli("--config", str(config), "check-config")
+    assert (status, err) == (0, "")
+    assert tomllib.loads(out)["work_pool"] == [
+        {"name": "hosts", "queues": ["high"], "create": False}
+    ]
+    status, out, _ = cli("check-config", "--json", "--config", str(config))
+    assert json.loads(out)["config"]["work_pool"][0]["name"] == "hosts"
+
+
 def test_check_config_json(config: Path) -> None:
     status, out, _ = cli("check-config", "--json", "--config", str(config))
     assert status == 0

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -92,6 +93,9 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/flow_run_states/", "flow_run_states"),
     ("POST", r"/logs/", "logs"),
     ("POST", r"/events", "events"),
+    # A work pool that is always down (test_a_broken_work_pool_never_holds_up_the_configs_runs).
+    ("GET", r"/work_pools/[^/]+", "work_pool_read"),
+    ("POST", r"/work_pools/[^/]+/[a-z_/]+", "work_pool_call"),
 ]
 
 
@@ -203,6 +207,8 @@ class FakePrefect:
     def answer(self, endpoint: str, path: str, request: httpx.Request) -> httpx.Response:
         body: Any = json.loads(request.content) if request.content else None
         tail = path.rstrip("/").split("/")
+        if endpoint.startswith("work_pool"):
+            return httpx.Response(503, json={"detail": "pool service down"})
         if endpoint == "health":
             return httpx.Response(200, json=True)
         if endpoint == "flows":
@@ -1322,6 +1328,20 @@ async def test_claim_committed_after_its_read_back_is_not_left_pending(tmp_path:
     assert launcher.launched == [run_id] and server.accepted(run_id, "PENDING") == 1
     assert server.state_of(run_id) == "COMPLETED" and not server.deferred
     assert any("claim unanswered" in r.getMessage() for r in capture.records)
+
+
+async def test_a_broken_work_pool_never_holds_up_the_configs_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CONFIG", CONFIG + '[[work_pool]]\nname = "down"\n')
+    server = FakePrefect()
+    run_id = server.add_run(_registered(server, tmp_path))
+    launcher, capture, _ = await _run_once(
+        server, tmp_path, until=lambda lc: bool(lc.launched), what="the launch"
+    )
+    assert launcher.launched == [run_id] and server.state_of(run_id) == "COMPLETED"
+    assert "work_pool_call" in server.hits  # the heartbeat was tried
+    assert any(r.getMessage().startswith("work pool poll failed") for r in capture.records)
 
 
 async def test_up_to_date_deployment_is_left_alone(tmp_path: Path) -> None:

@@ -130,9 +130,12 @@ class PoolPoller:
         return dict(self._pools)
 
     async def heartbeat(self) -> None:
-        """One worker heartbeat per pool; a pool that cannot be reached is logged, not fatal."""
+        """One worker heartbeat per pool found on the server (missing ones were reported by the
+        poll); a failure is logged, not fatal."""
         agent = self._settings().agent
         for pool in self.configured:
+            if pool.name not in self._pools:
+                continue
             try:
                 await self._client.worker_heartbeat(pool.name, agent.name, agent.heartbeat_interval)
             except PrefectApiError as exc:

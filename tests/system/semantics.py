@@ -35,6 +35,7 @@ ZOMBIE_WITHIN = 90  # seconds, as in Prefect's "Detect zombie flows"
 # can land just after COMPLETED (seen with 180 s; docs/runs.md). That race is the engine's.
 LONG_RUN = 165
 AGENT_DOWN = 120  # seconds
+POOL = "system-pool"  # a work pool the agent creates (type runner-agent)
 
 FLOWS = textwrap.dedent(
     """
@@ -162,6 +163,7 @@ def installed_agent(c: Container, prefect_server: PrefectServer) -> Iterator[Bed
             },
             deployments(flows),
         )
+        config += f'\n[[work_pool]]\nname = "{POOL}"\ncreate = true\n'
         c.write_file(CONFIG, config, 0o600)
         c.exec(["runner-agent", "check-config"])
         c.systemctl("start", SERVICE)

@@ -31,6 +31,7 @@ from tests.system.semantics import (
     HOG_MEMORY,
     HOG_MEMORY_BYTES,
     LONG_RUN,
+    POOL,
     RUNTIMES,
     TASKS_MAX,
     ZOMBIE_WITHIN,
@@ -141,6 +142,40 @@ def test_job_variables_set_the_run_scope_limits_and_environment(agent: Bed) -> N
     assert enforced == str(300 << 20)
     assert environs and all(b"X=1" in environ for environ in environs), len(environs)
     assert agent.api.wait_final(run_id, timeout=120)["type"] == "COMPLETED"
+
+
+def test_a_work_pool_run_gets_its_deployments_limits_in_its_scope(agent: Bed) -> None:
+    """A deployment of a `runner-agent` work pool (as `prefect deploy` makes it, with
+    `job_variables: {memory_max: 300M}`): its run's scope carries MemoryMax=300M over the
+    host's 1G, in systemd and in the kernel's cgroup, and it completes."""
+    api = agent.api
+    agent.c.wait_for(
+        lambda: api.request("GET", f"/work_pools/{POOL}").status_code == 200,
+        60,
+        "the agent to create its work pool",
+    )
+    code = api.request("GET", f"/deployments/{agent.ids['long']}").json()["path"]
+    flow_id = api.request("POST", "/flows/", json={"name": "sem-pool"}).json()["id"]
+    body = {
+        "name": "pool-sleeper",
+        "flow_id": flow_id,
+        "entrypoint": "flows.py:sleeper",
+        "path": code,
+        "work_pool_name": POOL,
+        "job_variables": {"memory_max": "300M"},
+    }
+    deployment_id = api.request("POST", "/deployments/", json=body).json()["id"]
+    run_id = api.create_run(deployment_id, parameters={"seconds": 20})
+    unit = agent.wait_running(run_id, timeout=120)
+    shown = agent.c.show(unit, "MemoryMax", "ControlGroup")
+    group = agent.c.cgroup_dir("memory", shown["ControlGroup"])
+    enforced = (group / "memory.limit_in_bytes").read_text().strip()
+    print(f"{unit}: MemoryMax={shown['MemoryMax']}, memory.limit_in_bytes={enforced}")
+    assert shown["MemoryMax"] == str(300 << 20)
+    assert enforced == str(300 << 20)
+    assert agent.api.wait_final(run_id, timeout=120)["type"] == "COMPLETED"
+    pool = api.request("GET", f"/work_pools/{POOL}").json()
+    assert (pool["type"], pool["status"]) == ("runner-agent", "READY"), pool
 
 
 # -- b. cancellation ---------------------------------------------------------------------------

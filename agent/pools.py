@@ -126,15 +126,17 @@ class PoolPoller:
         return self._settings().work_pools
 
     def pools(self) -> dict[str, WorkPool]:
-        """The pools as last read from the server."""
-        return dict(self._pools)
+        """The configured pools as last read from the server (a reload may have dropped some)."""
+        names = {pool.name for pool in self.configured}
+        return {name: pool for name, pool in self._pools.items() if name in names}
 
     async def heartbeat(self) -> None:
         """One worker heartbeat per pool found on the server (missing ones were reported by the
         poll); a failure is logged, not fatal."""
         agent = self._settings().agent
+        found = self.pools()
         for pool in self.configured:
-            if pool.name not in self._pools:
+            if pool.name not in found:
                 continue
             try:
                 await self._client.worker_heartbeat(pool.name, agent.name, agent.heartbeat_interval)

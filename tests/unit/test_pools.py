@@ -281,3 +281,21 @@ def test_bad_work_pool_config_names_the_problem(tmp_path: Path, pools: str, prob
 
 def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_pool_dropped_by_a_reload_is_neither_watched_nor_beaten_for(
+    tmp_path: Path,
+) -> None:
+    server = PoolServer()
+    server.add_pool("hosts", "runner-agent")
+    current = [settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')]
+    client = PrefectClient(
+        current[0].api, transport=httpx.MockTransport(server.handler), max_attempts=1
+    )
+    async with client:
+        poller = PoolPoller(client, lambda: current[0], monotonic=Clock())
+        await poller.runnable(4, skip=())
+        assert list(poller.pools()) == ["hosts"]
+        current[0] = settings_with(tmp_path, "")
+        await poller.heartbeat()
+        assert poller.pools() == {} and server.calls("/workers/heartbeat") == []

@@ -22,9 +22,12 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
 def render_config(
-    sections: Mapping[str, Mapping[str, Any]], deployments: Sequence[Mapping[str, Any]]
+    sections: Mapping[str, Mapping[str, Any]],
+    deployments: Sequence[Mapping[str, Any]],
+    work_pools: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The agent's TOML: one table per section, then one `[[deployment]]` per deployment."""
+    """The agent's TOML: one table per section, then one `[[deployment]]` per deployment and one
+    `[[work_pool]]` per work pool."""
     # Imported here: the .deb build's unit tests import bench (which uses this module) in a venv
     # that has the runtime and packaging/test-requirements.txt only, not tomli_w.
     import tomli_w
@@ -32,6 +35,8 @@ def render_config(
     document: dict[str, Any] = {name: dict(values) for name, values in sections.items()}
     if deployments:
         document["deployment"] = [dict(deployment) for deployment in deployments]
+    if work_pools:
+        document["work_pool"] = [dict(pool) for pool in work_pools]
     return tomli_w.dumps(document)
 
 
@@ -47,6 +52,7 @@ class AgentProcess:
         agent: dict[str, Any] | None = None,
         flow_run: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        work_pools: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.workdir = workdir
         self.name = name
@@ -74,6 +80,7 @@ class AgentProcess:
                     "flow_run": flow_run_section,
                 },
                 deployments,
+                work_pools,
             )
         )
         self.config_path.chmod(0o600)

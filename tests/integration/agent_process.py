@@ -208,6 +208,27 @@ class Api:
             )
         )
 
+    def pool_deployment(
+        self,
+        pool: str,
+        flow_name: str,
+        name: str,
+        *,
+        pool_type: str = "runner-agent",
+        **fields: Any,
+    ) -> str:
+        """A deployment of work pool `pool` (made, of `pool_type`, when missing), as
+        `prefect deploy` makes one; its id."""
+        if self.request("GET", f"/work_pools/{pool}").status_code == 404:
+            made = self.request("POST", "/work_pools/", json={"name": pool, "type": pool_type})
+            made.raise_for_status()
+        flow = self.request("POST", "/flows/", json={"name": flow_name})
+        flow.raise_for_status()
+        body = {"name": name, "flow_id": flow.json()["id"], "work_pool_name": pool, **fields}
+        deployment = self.request("POST", "/deployments/", json=body)
+        deployment.raise_for_status()
+        return str(deployment.json()["id"])
+
     def create_run(self, deployment_id: str, **body: Any) -> str:
         """A new run of the deployment; the idempotency key makes a retried creation safe."""
         body.setdefault("idempotency_key", str(uuid.uuid4()))

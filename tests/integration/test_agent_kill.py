@@ -70,9 +70,17 @@ def flow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("point", list(CASES))
+# A work pool's run is rebuilt from its record, not from the config: the claim and a live run.
+SOURCES = [(point, "deployment") for point in CASES] + [
+    ("after-claim", "work pool"),
+    ("while-running", "work pool"),
+]
+
+
+@pytest.mark.parametrize(("point", "source"), SOURCES)
 def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
     point: str,
+    source: str,
     prefect_server: Any,
     flow_dir: Path,
     api: Api,
@@ -80,29 +88,31 @@ def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
 ) -> None:
     func, phase, final, phrase, recovered_by = CASES[point]
     marker, go = tmp_path / "executions.txt", tmp_path / "go"
-    name = f"kill-{point}"
+    name = f"kill-{point}" if source == "deployment" else f"kill-{point}-pool"
+    deployment: dict[str, Any] = {
+        "entrypoint": f"flows.py:{func}",
+        "path": str(flow_dir),
+        "parameters": {"marker": str(marker), "go": str(go)}
+        if func == "once"
+        else {"marker": str(marker)},
+    }
     common: dict[str, Any] = dict(
-        api_url=prefect_server.api_url,
-        python=prefect_server.python,
-        name=name,
-        deployments=[
-            {
-                "name": name,
-                "flow_name": f"kill-{func}",
-                "entrypoint": f"flows.py:{func}",
-                "path": str(flow_dir),
-                "parameters": {"marker": str(marker), "go": str(go)}
-                if func == "once"
-                else {"marker": str(marker)},
-            }
-        ],
+        api_url=prefect_server.api_url, python=prefect_server.python, name=name
     )
+    if source == "deployment":
+        common["deployments"] = [{"name": name, "flow_name": f"kill-{func}", **deployment}]
+    else:
+        common["deployments"] = []
+        common["work_pools"] = [{"name": name}]
     workdir = tmp_path / "agent"
     started = time.monotonic()
     first = AgentProcess(workdir, env={"RUNNER_AGENT_FAILPOINTS": f"{point}=kill"}, **common)
     first.start()
     try:
-        deployment_id = api.wait_deployment(f"kill-{func}", name)
+        if source == "deployment":
+            deployment_id = api.wait_deployment(f"kill-{func}", name)
+        else:
+            deployment_id = api.pool_deployment(name, f"kill-{func}", name, **deployment)
         run_id = api.create_run(deployment_id)
         assert first.proc is not None
         try:

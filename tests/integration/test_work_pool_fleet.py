@@ -51,16 +51,14 @@ def pool_deployment(api: Api, tmp_path: Path, pool: str, queues: dict[str, int])
     code = tmp_path / "code"
     code.mkdir()
     (code / "flows.py").write_text(FLOWS)
-    flow_id = ok(api.request("POST", "/flows/", json={"name": f"{pool}-flow"}))["id"]
-    body = {
-        "name": "note",
-        "flow_id": flow_id,
-        "entrypoint": "flows.py:note",
-        "path": str(code),
-        "work_pool_name": pool,
-        "parameters": {"out": str(tmp_path / "executions.log")},
-    }
-    return str(ok(api.request("POST", "/deployments/", json=body))["id"])
+    return api.pool_deployment(
+        pool,
+        f"{pool}-flow",
+        "note",
+        entrypoint="flows.py:note",
+        path=str(code),
+        parameters={"out": str(tmp_path / "executions.log")},
+    )
 
 
 def due_runs(api: Api, deployment_id: str, queue: str | None, count: int) -> list[str]:

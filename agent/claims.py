@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from agent import states
@@ -94,3 +95,60 @@ async def propose_claim(
             continue
         log.info("not claimed (%s): %s", result.status, result.details.reason or "no reason given")
         return False
+
+
+# A claim given back over a pool's concurrency limit is due again after this.
+SLOT_RETRY = timedelta(seconds=5)
+ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
+
+
+def within_pool_limit(active: list[FlowRun], flow_run_id: UUID, limit: int) -> bool:
+    """Whether our claim is one of the first `limit` of the pool's active runs. Runs past
+    PENDING come first, then claims by their time and id: every claimant ranks alike, and a
+    later claim sees every earlier one, so at most `limit` claims stand."""
+    oldest = datetime.min.replace(tzinfo=UTC)
+
+    def rank(run: FlowRun) -> tuple[bool, datetime, str]:
+        state = run.state
+        if state is None or state.type is not StateType.PENDING:
+            return (False, oldest, str(run.id))
+        return (True, state.timestamp or oldest, str(run.id))
+
+    ranked = [run.id for run in sorted(active, key=rank)]
+    # Not listed: the read missed our own claim; keep it rather than give back a slot we hold.
+    return flow_run_id not in ranked or ranked.index(flow_run_id) < limit
+
+
+async def hold_pool_slot(
+    client: PrefectClient,
+    reporter: Reporter,
+    flow_run_id: UUID,
+    *,
+    pool: str,
+    limit: int,
+    log: logging.LoggerAdapter[logging.Logger],
+) -> bool:
+    """After a won claim: keep it only within the pool's concurrency limit, else give it back
+    (SCHEDULED "AwaitingConcurrencySlot", due again in SLOT_RETRY). Prefect applies the limit
+    only when it lists runs, so agents polling at the same moment could exceed it together."""
+    body = {
+        "work_pools": {"name": {"any_": [pool]}},
+        "flow_runs": {"state": {"type": {"any_": list(ACTIVE)}}},
+        "limit": 200,
+    }
+    try:
+        active = await client.filter_flow_runs(body)
+    except PrefectApiError as exc:
+        log.warning(
+            "cannot check work pool %r's concurrency limit; keeping the claim: %s", pool, exc
+        )
+        return True
+    if within_pool_limit(active, flow_run_id, limit):
+        return True
+    message = f"Work pool {pool!r} is at its concurrency limit ({limit}); waiting for a slot"
+    due = datetime.now(UTC) + SLOT_RETRY
+    decision = await reporter.propose(
+        flow_run_id, states.awaiting_slot_state(due, message), force=True
+    )
+    log.info("gave the claim back (%s): %s", decision, message)
+    return False

@@ -47,6 +47,8 @@ class PoolRun:
     pull_steps: bool = False
     # Why the run cannot be launched (it is claimed and ends CRASHED with this), if it cannot.
     problem: str | None = None
+    # The pool's concurrency limit as last read (claims.hold_pool_slot keeps to it).
+    concurrency_limit: int | None = None
 
     @property
     def ignored(self) -> frozenset[str]:
@@ -64,6 +66,7 @@ class PoolRun:
             "deployment_job_variables": dict(self.deployment_job_variables),
             "pull_steps": self.pull_steps,
             "problem": self.problem,
+            "concurrency_limit": self.concurrency_limit,
         }
 
     @classmethod
@@ -86,10 +89,19 @@ class PoolRun:
                 deployment_job_variables=dict(data.get("deployment_job_variables") or {}),
                 pull_steps=bool(data.get("pull_steps")),
                 problem=str(data["problem"]) if data.get("problem") else None,
+                concurrency_limit=_count(data.get("concurrency_limit")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("a run record's work-pool entry is unreadable: %s", exc)
             return None
+
+
+def _count(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"not a count: {value!r}")
+    return value
 
 
 def _deployment(
@@ -201,6 +213,7 @@ class PoolPoller:
             deployment_job_variables=deployment.job_variables,
             pull_steps=pull_steps,
             problem=problem,
+            concurrency_limit=pool.concurrency_limit,
         )
 
     async def _pool(self, wanted: WorkPoolSettings) -> WorkPool | None:

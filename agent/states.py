@@ -15,12 +15,15 @@ import enum
 import signal
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from agent.schemas import FlowRun, State, StateType
 from agent.values import format_duration, format_size
 
 CANCELLED_MESSAGE = "Flow run was cancelled successfully."
+# A run that waits for a slot of a concurrency limit (Prefect's name, a SCHEDULED type).
+AWAITING_SLOT = "AwaitingConcurrencySlot"
 
 _FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
@@ -45,6 +48,13 @@ def _state(state_type: str, name: str, message: str | None) -> dict[str, Any]:
 
 def pending_state() -> dict[str, Any]:
     return _state("PENDING", "Pending", None)
+
+
+def awaiting_slot_state(scheduled_time: datetime, message: str) -> dict[str, Any]:
+    """SCHEDULED again, for a claim over a concurrency limit (Prefect's own name for it)."""
+    state = _state("SCHEDULED", AWAITING_SLOT, message)
+    state["state_details"]["scheduled_time"] = scheduled_time.isoformat()
+    return state
 
 
 def crashed_state(message: str) -> dict[str, Any]:

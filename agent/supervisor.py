@@ -96,6 +96,16 @@ class Supervisor(RunOutcomes):
         won = await claims.propose_claim(
             self.ctx.client, self.ctx.reporter, self.id, agent_name=agent_name, log=self.log
         )
+        pool = self.pool_run
+        if won and pool is not None and pool.concurrency_limit is not None:
+            won = await claims.hold_pool_slot(
+                self.ctx.client,
+                self.ctx.reporter,
+                self.id,
+                pool=pool.pool,
+                limit=pool.concurrency_limit,
+                log=self.log,
+            )
         if won:
             self.note(f"{claims.claim_message(agent_name)} on host {os.uname().nodename!r}")
             await self.ctx.failpoints.hit("after-claim")

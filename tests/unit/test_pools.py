@@ -9,14 +9,17 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
 
 from agent import pool_template
 from agent.api import PrefectClient
+from agent.claims import SLOT_RETRY, hold_pool_slot, within_pool_limit
 from agent.pools import PoolPoller
+from agent.reporting import Reporter
+from agent.schemas import FlowRun
 from agent.settings import Settings, load_settings
 
 URL = "http://127.0.0.1:9/api"
@@ -299,3 +302,65 @@ async def test_a_pool_dropped_by_a_reload_is_neither_watched_nor_beaten_for(
         current[0] = settings_with(tmp_path, "")
         await poller.heartbeat()
         assert poller.pools() == {} and server.calls("/workers/heartbeat") == []
+
+
+def _active(run_id: str, state_type: str, second: int) -> FlowRun:
+    when = datetime(2026, 12, 5, 8, 0, second, tzinfo=UTC).isoformat()
+    return FlowRun.model_validate({"id": run_id, "state": {"type": state_type, "timestamp": when}})
+
+
+def test_claims_within_a_pool_limit_are_ranked_alike_by_every_claimant() -> None:
+    ids = [str(uuid4()) for _ in range(5)]
+    active = [
+        _active(ids[0], "PENDING", 9),  # the latest claim
+        _active(ids[1], "RUNNING", 30),  # running: counted first, whatever its time
+        _active(ids[2], "PENDING", 1),
+        _active(ids[3], "CANCELLING", 40),
+        _active(ids[4], "PENDING", 5),
+    ]
+    kept = [run_id for run_id in ids if within_pool_limit(active, UUID(run_id), 4)]
+    assert kept == ids[1:]  # RUNNING, CANCELLING, then the claims at :01 and :05
+    assert within_pool_limit(active, uuid4(), 1)  # a claim the read missed is kept
+    assert not within_pool_limit(list(reversed(active)), UUID(ids[0]), 4)  # order-free
+
+
+async def test_a_claim_over_the_pool_limit_is_given_back_as_awaiting_a_slot(
+    tmp_path: Path,
+) -> None:
+    ours = str(uuid4())
+    others = [_active(str(uuid4()), "RUNNING", 1), _active(str(uuid4()), "PENDING", 2)]
+    seen: list[tuple[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.url.path, body))
+        if request.url.path.endswith("/flow_runs/filter"):
+            mine = _active(ours, "PENDING", 3).model_dump(mode="json")
+            return httpx.Response(200, json=[*(o.model_dump(mode="json") for o in others), mine])
+        return httpx.Response(201, json={"status": "ACCEPT", "state": body["state"]})
+
+    settings = settings_with(tmp_path, "")
+    client = PrefectClient(settings.api, transport=httpx.MockTransport(handler), max_attempts=1)
+    log = logging.LoggerAdapter(logging.getLogger("test"))
+    async with client:
+        kept = await hold_pool_slot(
+            client, Reporter(client), UUID(ours), pool="hosts", limit=2, log=log
+        )
+        assert not kept
+        assert await hold_pool_slot(
+            client, Reporter(client), UUID(ours), pool="hosts", limit=3, log=log
+        )
+    query = seen[0][1]
+    assert query == {
+        "work_pools": {"name": {"any_": ["hosts"]}},
+        "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}},
+        "limit": 200,
+    }
+    path, proposal = seen[1]
+    assert path.endswith(f"/flow_runs/{ours}/set_state") and proposal["force"] is True
+    state = proposal["state"]
+    assert (state["type"], state["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
+    assert "concurrency limit (2)" in state["message"]
+    due = datetime.fromisoformat(state["state_details"]["scheduled_time"])
+    assert datetime.now(UTC) < due <= datetime.now(UTC) + SLOT_RETRY
+    assert len(seen) == 3  # the second check kept the claim: no proposal

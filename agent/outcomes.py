@@ -320,7 +320,13 @@ class RunOutcomes:
         self.save_after_the_fact(
             self.record.phase, extra={**self.record.extra, "hooks_started": [*started, kind.value]}
         )
-        entrypoint = self.deployment.entrypoint if self.deployment is not None else None
+        # A pool run's flow is loaded as its engine loads it: from the deployment, through its
+        # pull steps (Prefect's Runner does the same for its hooks).
+        entrypoint = (
+            self.deployment.entrypoint
+            if self.deployment is not None and self.pool_run is None
+            else None
+        )
         outcome = await self.ctx.hooks.run(kind, request, entrypoint=entrypoint)
         if outcome.result is not HookResult.RAN:
             self.note(

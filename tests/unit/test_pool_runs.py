@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+from agent.hooks import HookKind
 from agent.launch.base import LaunchRequest
 from agent.pools import RECORD_KEY, PoolRun, _deployment
-from tests.unit.fakes import FakeHandle, FakeLauncher, FakePrefect
+from tests.unit.fakes import FakeHandle, FakeHooks, FakeLauncher, FakePrefect
 from tests.unit.supervision import make_settings, proposed_types, supervise
 
 
@@ -193,3 +194,21 @@ def test_a_pool_run_survives_its_record() -> None:
     junks: list[Any] = [None, [], {"pool": "x"}, {**run.to_record(), "pool_defaults": 7}]
     for junk in junks:
         assert PoolRun.from_record(junk) is None, junk
+
+
+async def test_a_pool_runs_crash_hooks_load_the_flow_as_its_engine_does(tmp_path: Path) -> None:
+    """Through the deployment and its pull steps (no entrypoint given), in the run's directory,
+    as Prefect's Runner loads the flow for its hooks."""
+    settings = make_settings(tmp_path)
+    server = FakePrefect(uuid4())
+    hooks = FakeHooks()
+
+    def engine() -> None:
+        server.state = {"type": "RUNNING", "name": "Running", "message": None}
+
+    launcher = FakeLauncher(status=3, engine=engine)
+    await supervise(settings, server, launcher, hooks=hooks, pool_run=pool_run())
+    assert hooks.kinds() == [HookKind.CRASHED]
+    _, request, entrypoint = hooks.ran[0]
+    assert entrypoint is None
+    assert request.working_dir == settings.agent.state_dir / "runs" / str(server.run_id) / "code"

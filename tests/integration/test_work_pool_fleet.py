@@ -22,16 +22,19 @@ from tests.integration.prefect_server import PrefectServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
+RUNS = 60
+POOL_LIMIT = 4
 CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 FLOWS = textwrap.dedent(
     """
-    import os
+    import os, time
     from prefect import flow
 
     @flow
     def note(out: str):
         with open(out, "a") as f:
             f.write(f"{os.environ['PREFECT__FLOW_RUN_ID']} {os.environ['POOL_AGENT']}\\n")
+        time.sleep(2)  # long enough for the runs of three agents to overlap
     """
 )
 
@@ -122,30 +125,72 @@ def test_runs_of_a_higher_priority_queue_go_first(
     assert set(order[:3]) == set(high), order
 
 
-def test_a_fleet_serving_one_pool_runs_each_run_once(
+def test_a_fleet_keeps_to_the_pools_concurrency_limit_and_runs_each_run_once(
     prefect_server: PrefectServer, tmp_path: Path, api: Api
 ) -> None:
-    deployment_id = pool_deployment(api, tmp_path, "fleet-pool", {})
-    agents = ("pool-a", "pool-b")
+    """Three agents (limit 4 each) serve one pool whose concurrency limit is 4, with a high and
+    a low priority queue, and 60 runs fall due at once. Prefect applies the pool's limit only
+    when it lists runs; the agents keep to it at the claim (claims.hold_pool_slot)."""
+    deployment_id = pool_deployment(api, tmp_path, "fleet-pool", {"high": 1, "low": 10})
+    patch = {"concurrency_limit": POOL_LIMIT}
+    api.request("PATCH", "/work_pools/fleet-pool", json=patch).raise_for_status()
+    agents = ("pool-a", "pool-b", "pool-c")
+    high = due_runs(api, deployment_id, "high", RUNS // 2)
+    low = due_runs(api, deployment_id, "low", RUNS // 2)
+    run_ids = high + low
     with ExitStack() as stack:
         for name in agents:
-            start_agent(stack, tmp_path, prefect_server, name, 2, "fleet-pool")
-        run_ids = due_runs(api, deployment_id, None, 16)
-        states = wait_all_final(api, run_ids, timeout=600)
+            start_agent(stack, tmp_path, prefect_server, name, 4, "fleet-pool")
+        states = wait_all_final(api, run_ids, timeout=900)
     assert set(states.values()) == {"COMPLETED"}, states
+    histories = {run_id: api.history(run_id) for run_id in run_ids}
     claimed_by = {}
-    for run_id in run_ids:
-        history = api.history(run_id)
+    for run_id, history in histories.items():
         types = [s["type"] for s in history]
-        assert (types.count("PENDING"), types.count("RUNNING")) == (1, 1), (run_id, types)
-        pending = next(s for s in history if s["type"] == "PENDING")
-        match = CLAIM.match(pending.get("message") or "")
-        assert match, pending
+        assert types.count("RUNNING") == 1, (run_id, types)
+        last_claim = [s for s in history if s["type"] == "PENDING"][-1]
+        match = CLAIM.match(last_claim.get("message") or "")
+        assert match, last_claim
         claimed_by[run_id] = match[1]
     ran = executions(tmp_path)
     assert collections.Counter(run_id for run_id, _ in ran) == collections.Counter(run_ids)
     assert dict(ran) == claimed_by  # the claimant's own flow body ran it
-    print(f"split: {collections.Counter(claimed_by.values())}")
+    peak, first = running_peak(histories), first_started(histories, POOL_LIMIT)
+    given_back = sum(
+        [s["name"] for s in h].count("AwaitingConcurrencySlot") for h in histories.values()
+    )
+    print(
+        f"{RUNS} runs: at most {peak} RUNNING at once (pool limit {POOL_LIMIT}); claims given "
+        f"back: {given_back}; split: {collections.Counter(claimed_by.values())}"
+    )
+    assert peak <= POOL_LIMIT, peak
+    assert set(first) <= set(high), first
     workers = api.request("POST", "/work_pools/fleet-pool/workers/filter", json={})
     workers.raise_for_status()
     assert set(agents) <= {worker["name"] for worker in workers.json()}, workers.json()
+
+
+def running_peak(histories: dict[str, list[dict[str, Any]]]) -> int:
+    """The most runs RUNNING at one moment, from each run's RUNNING to its final state."""
+    events: list[tuple[datetime, int]] = []
+    for history in histories.values():
+        running = next(s for s in history if s["type"] == "RUNNING")
+        final = next(s for s in history if s["type"] in FINAL)
+        events += [(stamp(final), -1), (stamp(running), 1)]
+    peak = current = 0
+    for _, step in sorted(events):  # an end before a start at the same instant
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def first_started(histories: dict[str, list[dict[str, Any]]], count: int) -> list[str]:
+    started = {
+        run_id: stamp(next(s for s in history if s["type"] == "RUNNING"))
+        for run_id, history in histories.items()
+    }
+    return sorted(started, key=started.__getitem__)[:count]
+
+
+def stamp(state: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(state["timestamp"]))

@@ -24,7 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from agent import pool_template
-from agent.api import PrefectApiError, PrefectClient
+from agent.api import ApiError, PrefectApiError, PrefectClient
 from agent.deployment_settings import DeploymentSettings
 from agent.schemas import Deployment, FlowRun, WorkPool
 from agent.settings import Settings, WorkPoolSettings
@@ -162,13 +162,25 @@ class PoolPoller:
         found: list[tuple[FlowRun, WorkPool]] = []
         before = datetime.now(UTC) + timedelta(seconds=self._settings().agent.prefetch)
         for pool_settings in self.configured:
-            pool = await self._pool(pool_settings)
-            if pool is None:
+            # One pool's trouble (an outage, a queue not created yet) holds up no other pool.
+            try:
+                pool = await self._pool(pool_settings)
+                if pool is None:
+                    continue
+                wanted = max(0, free - len(found))
+                runs = await self._client.get_pool_scheduled_runs(
+                    pool.name, pool_settings.queues, before, wanted
+                )
+            except ApiError as exc:
+                # Definite (a queue or the pool is missing): said once, the pool read again.
+                self._pools.pop(pool_settings.name, None)
+                self._say_once(
+                    pool_settings.name, str(exc), logging.WARNING, f"work pool poll failed: {exc}"
+                )
                 continue
-            wanted = max(0, free - len(found))
-            runs = await self._client.get_pool_scheduled_runs(
-                pool.name, pool_settings.queues, before, wanted
-            )
+            except PrefectApiError as exc:
+                log.warning("work pool %r poll failed: %s", pool_settings.name, exc)
+                continue
             found.extend((run, pool) for run in runs[:wanted])
         return found
 
@@ -273,13 +285,17 @@ class PoolPoller:
         set_here = {*defaults, *deployment.job_variables}
         ignored = sorted(set_here & pool_template.meaningless(pool.type))
         if ignored:
+            which = (
+                f"job variables {', '.join(ignored)} have no meaning here and are"
+                if len(ignored) > 1
+                else f"job variable {ignored[0]} has no meaning here and is"
+            )
             self._say_once(
                 f"{pool.name}/{deployment.id}",
                 "ignored",
                 logging.INFO,
                 f"work pool {pool.name!r} (type {pool.type}), deployment {deployment.name!r}: "
-                f"job variables {', '.join(ignored)} have no meaning here and are ignored "
-                "(the agent runs the engine in a systemd scope)",
+                f"{which} ignored (the agent runs the engine in a systemd scope)",
             )
 
     def _say_once(self, subject: str, what: str, level: int, message: str) -> None:

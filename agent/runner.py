@@ -242,15 +242,17 @@ class Runner:
             log.exception("%s failed unexpectedly", what)
 
     async def _poll_pools(self, group: asyncio.TaskGroup) -> None:
-        due = await self._pools.runnable(self._slots.free, skip=set(self._supervisors))
-        self._announce_watched()
-        now = self._monotonic()
-        # After the poll, which reads (or creates) the pools the heartbeats go to.
-        if self._pool_heartbeat_at is None or (
-            now - self._pool_heartbeat_at >= self._settings.agent.heartbeat_interval
-        ):
-            self._pool_heartbeat_at = now
-            await self._pools.heartbeat()
+        try:
+            due = await self._pools.runnable(self._slots.free, skip=set(self._supervisors))
+        finally:
+            self._announce_watched()
+            now = self._monotonic()
+            # After the poll, which reads (or creates) the pools the heartbeats go to.
+            if self._pool_heartbeat_at is None or (
+                now - self._pool_heartbeat_at >= self._settings.agent.heartbeat_interval
+            ):
+                self._pool_heartbeat_at = now
+                await self._pools.heartbeat()
         for flow_run, pool_run in due:
             self._start_pool_supervisor(group, flow_run, pool_run)
 

@@ -34,6 +34,7 @@ class PoolServer:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.flows: dict[str, str] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.missing_queue: set[str] = set()  # pools whose polls answer 404 (queue not found)
 
     def add_pool(self, name: str, pool_type: str, template: dict[str, Any] | None = None) -> None:
         self.pools[name] = {
@@ -68,6 +69,9 @@ class PoolServer:
         if request.method == "POST" and path == "/work_pools/":
             self.add_pool(body["name"], body["type"], body["base_job_template"])
             return httpx.Response(201, json=self.pools[body["name"]])
+        if path.endswith("/get_scheduled_flow_runs") and parts[1] in self.missing_queue:
+            detail = f"Work pool queue '{parts[1]}/missing' not found."
+            return httpx.Response(404, json={"detail": detail})
         if path.endswith("/get_scheduled_flow_runs"):
             return httpx.Response(200, json=self.runs.get(parts[1], [])[: body["limit"]])
         if path.endswith("/workers/heartbeat"):
@@ -220,7 +224,7 @@ async def test_a_pool_run_is_made_from_its_deployment(
     assert runs[0].ignored == pool_template.PROCESS_ONLY
     assert [r.problem for r in runs][:3] == [None, None, None]
     assert runs[3].problem == "deployment 'hello' has no entrypoint, so no flow to run"
-    assert _count(caplog, "job variables command have no meaning here") == 1
+    assert _count(caplog, "job variable command has no meaning here and is ignored") == 1
 
 
 async def test_pools_of_other_types_are_not_served(
@@ -364,3 +368,31 @@ async def test_a_claim_over_the_pool_limit_is_given_back_as_awaiting_a_slot(
     due = datetime.fromisoformat(state["state_details"]["scheduled_time"])
     assert datetime.now(UTC) < due <= datetime.now(UTC) + SLOT_RETRY
     assert len(seen) == 3  # the second check kept the claim: no proposal
+
+
+async def test_one_pools_trouble_holds_up_no_other_pool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue not created yet (404) in the first pool: the second is polled and beaten for
+    all the same, and the problem is said once, not at every poll."""
+    server = PoolServer()
+    server.add_pool("broken", "runner-agent")
+    server.add_pool("fine", "runner-agent")
+    server.missing_queue.add("broken")
+    run_id = server.add_run("fine", server.deployment(entrypoint="f.py:f"))
+    pools = '[[work_pool]]\nname = "broken"\nqueues = ["missing"]\n[[work_pool]]\nname = "fine"\n'
+    settings = settings_with(tmp_path, pools)
+    caplog.set_level(logging.INFO, logger="agent.pools")
+    client = PrefectClient(
+        settings.api, transport=httpx.MockTransport(server.handler), max_attempts=1
+    )
+    async with client:
+        poller = PoolPoller(client, lambda: settings, monotonic=Clock())
+        for _ in range(3):
+            found = await poller.runnable(4, skip=())
+            assert [str(run.id) for run, _ in found] == [run_id]
+        await poller.heartbeat()
+    assert [b["name"] for b in server.calls("/workers/heartbeat")] == ["host-1"]
+    heartbeats = [p for _, p, _ in server.requests if p.endswith("/workers/heartbeat")]
+    assert heartbeats == ["/work_pools/fine/workers/heartbeat"]
+    assert _count(caplog, "queue 'broken/missing' not found") == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench import pools
 from bench.imports import ImportStep
 from bench.procs import MIB
 from bench.scenarios import Burst, Cancellation, FootprintSeries, Idle, Sequential, percentile
@@ -40,6 +41,7 @@ class Report:
     agent: ContenderResult
     runner: ContenderResult
     footprint: FootprintSeries | None
+    pool: pools.PoolPickup | None
     imports: list[ImportStep]
     errors: list[str] = field(default_factory=list)
 
@@ -382,6 +384,7 @@ def render(report: Report) -> str:
             f"{fp.cancel_wall:.1f} s; {fp.leftovers} process(es) left to kill.",
         ]
     lines += [
+        *pools.section(report.pool),
         "",
         "## Import footprint",
         "",

@@ -9,9 +9,10 @@ From the repository root, in the agent's venv (which has runner-agent installed)
 partial report needs an explicit `--out` and never replaces BENCHMARKS.md by default.
 
 It starts its own Prefect server, runs every scenario against runner-agent, then against the
-Runner, and stops everything it started, also on failure and on Ctrl-C or SIGTERM. Exit status
-0 when every scenario was measured, 1 when one failed (the report then says which), 2 on bad
-usage. Not for CI: the test suite runs `--smoke` (tests/bench).
+Runner (`footprint` and `pool`, a work pool's pickup, are runner-agent's only), and stops
+everything it started, also on failure and on Ctrl-C or SIGTERM. Exit status 0 when every
+scenario was measured, 1 when one failed (the report then says which), 2 on bad usage. Not
+for CI: the test suite runs `--smoke` (tests/bench).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import NoReturn
 
 import httpx
 
-from bench import procs, scenarios, subjects
+from bench import pools, procs, scenarios, subjects
 from bench.api import BenchApi, BenchError
 from bench.imports import ImportStep
 from bench.imports import measure as measure_imports
@@ -59,7 +60,8 @@ class Plan:
         return (
             f"idle {self.idle:g} s; {self.sequential} sequential no-op runs; {self.bursts} "
             f"burst(s) of {self.burst_size} no-op runs; {self.cancellations} cancellation(s); "
-            f"footprint with {', '.join(map(str, self.footprint))} runs"
+            f"footprint with {', '.join(map(str, self.footprint))} runs; work-pool pickup: "
+            f"{self.sequential} pool and {self.sequential} config runs, alternating"
         )
 
 
@@ -76,7 +78,9 @@ SMOKE = Plan(
     idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1, footprint=(0, 4), settle=3
 )
 LIMIT = 4
-SCENARIOS = ("idle", "sequential", "bursts", "cancel", "footprint", "imports")
+SCENARIOS = ("idle", "sequential", "bursts", "cancel", "footprint", "pool", "imports")
+# What `Bench.contender` measures: neither contender is started when none of these is asked for.
+SIDE_BY_SIDE = frozenset({"idle", "sequential", "bursts", "cancel"})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -174,6 +178,8 @@ class Bench:
         self, api: BenchApi, start: Callable[[], subjects.Contender], result: ContenderResult
     ) -> None:
         plan, errors = self.plan, result.errors
+        if not self.args.scenarios & SIDE_BY_SIDE:
+            return
         contender = start()
         try:
             ids = {
@@ -214,6 +220,30 @@ class Bench:
                     _attempt(errors, what, step)
         except (BenchError, httpx.HTTPError) as exc:
             errors.append(f"start-up: {exc}; log tail:\n{contender.log_tail()}")
+        finally:
+            self.stop(contender)
+
+    def start_agent(
+        self, name: str, flows_dir: Path, pools: tuple[str, ...] = ()
+    ) -> subjects.Contender:
+        return subjects.start_agent(
+            agent_bin=self.agent_bin,
+            api_url=self.server.api_url,
+            workdir=self.workdir / name,
+            flows_dir=flows_dir,
+            flow_python=self.prefect_python,
+            tag=self.tag,
+            limit=LIMIT,
+            log_level=self.args.agent_log_level,
+            flow_env=self.flow_env,
+            work_pools=pools,
+        )
+
+    def pool(self, api: BenchApi, flows_dir: Path, result: pools.PoolPickup) -> None:
+        """A work pool's runs and a config deployment's, served by one agent (bench/pools.py)."""
+        contender = self.start_agent("pool", flows_dir, (pools.POOL,))
+        try:
+            pools.measure(api, contender, flows_dir, self.plan.sequential, result, self.plan.settle)
         finally:
             self.stop(contender)
 
@@ -279,22 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.spare_sessions = {s for p in procs.marked(tag) if (s := _session(p.pid))}
         api = BenchApi(server.api_url)
         flows_dir = subjects.write_flows(workdir / "flows")
-        bench.contender(
-            api,
-            lambda: subjects.start_agent(
-                agent_bin=bench.agent_bin,
-                api_url=server.api_url,
-                workdir=workdir / "agent",
-                flows_dir=flows_dir,
-                flow_python=bench.prefect_python,
-                tag=tag,
-                limit=LIMIT,
-                log_level=args.agent_log_level,
-                flow_env=bench.flow_env,
-            ),
-            agent,
-        )
-        bench.log("runner-agent: footprint with running runs")
+        bench.contender(api, lambda: bench.start_agent("agent", flows_dir), agent)
         footprint: scenarios.FootprintSeries | None = None
 
         def run_footprint() -> None:
@@ -302,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             footprint = bench.footprint(api, flows_dir) if api else None
 
         if "footprint" in args.scenarios:
+            bench.log("runner-agent: footprint with running runs")
             _attempt(errors, "runner-agent footprint", run_footprint)
+        pool = pools.PoolPickup() if "pool" in args.scenarios else None
+        if pool is not None and api is not None:
+            bench.log("runner-agent: work-pool pickup, beside a config deployment")
+            _attempt(errors, "work-pool pickup", lambda: bench.pool(api, flows_dir, pool))
         bench.contender(
             api,
             lambda: subjects.start_runner(
@@ -334,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             agent=agent,
             runner=runner,
             footprint=footprint,
+            pool=pool,
             imports=imports,
             errors=errors,
         )

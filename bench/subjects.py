@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,11 +108,13 @@ def agent_config(
     flow_env: Mapping[str, str],
     deployments: Mapping[str, tuple[str, str, str | None]],
     flows_dir: Path,
+    work_pools: Sequence[str] = (),
 ) -> str:
     """The agent's TOML: defaults everywhere except what the benchmark must pin.
 
-    `deployments` maps a deployment name to (flow name, entrypoint, python override or None).
-    poll_interval and prefetch are left at their defaults on purpose.
+    `deployments` maps a deployment name to (flow name, entrypoint, python override or None);
+    each of `work_pools` is served, and created if missing. poll_interval and prefetch are left
+    at their defaults on purpose.
     """
     sections: dict[str, dict[str, Any]] = {
         "api": {"url": api_url},
@@ -136,7 +138,7 @@ def agent_config(
         if python_override is not None:
             entry["python"] = python_override
         listed.append(entry)
-    return render_config(sections, listed)
+    return render_config(sections, listed, [{"name": n, "create": True} for n in work_pools])
 
 
 def base_env(tag: str) -> dict[str, str]:
@@ -186,8 +188,10 @@ def start_agent(
     log_level: str,
     fake_python: Path | None = None,
     flow_env: Mapping[str, str] | None = None,
+    work_pools: Sequence[str] = (),
 ) -> Contender:
-    """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake)."""
+    """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake),
+    and `work_pools`."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {procs.MARKER: tag, "PREFECT_HOME": str(workdir / "prefect-home")}
     env.update(flow_env or {})
@@ -211,6 +215,7 @@ def start_agent(
             flow_env=env,
             deployments=deployments,
             flows_dir=flows_dir,
+            work_pools=work_pools,
         )
     )
     config.chmod(0o600)

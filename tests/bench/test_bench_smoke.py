@@ -1,7 +1,8 @@
 """The benchmark keeps working (issue 8): `python -m bench.run --smoke` end to end.
 
 It starts its own Prefect server, runs every scenario once against runner-agent and Prefect's
-Runner, and must write a complete report and leave no process behind.
+Runner (and runner-agent's work-pool pickup beside a config deployment), and must write a
+complete report and leave no process behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import procs
+from bench import pools, procs
 from bench.imports import STEPS
 from bench.report import ROWS, TABLE_HEADER
 from tests.integration.prefect_server import VENV_ENV
@@ -123,6 +124,17 @@ def test_smoke_benchmark_writes_a_full_report(tmp_path: Path) -> None:
     assert [row[0] for row in footprint] == ["0", "4"]
     for row in footprint:
         assert all(NUMBER.match(cell) for cell in row[1:6]), row
+
+    # One agent served both: a run of the pool's deployment made through the API, and one of the
+    # config's, each picked up and COMPLETED.
+    pool = table(report, pools.TABLE_HEADER)
+    assert [row[0] for row in pool] == [pools.POOL_ROW, pools.CONFIG_ROW], pool
+    for label, runs, *latencies, not_completed in pool:
+        assert runs == "1", (label, runs)
+        for cell in latencies:
+            assert NUMBER.match(cell) and cell.endswith(" s"), (label, cell)
+        assert 0 < float(latencies[0].split()[0]) < 60, (label, latencies)
+        assert not_completed == "0 of 1", (label, not_completed)
 
     imports = table(report, "| import step (cumulative) | RSS | PSS | USS | +RSS |")
     assert [row[0] for row in imports] == [label for label, _ in STEPS]

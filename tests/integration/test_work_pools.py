@@ -319,3 +319,18 @@ def test_a_pool_with_a_missing_queue_holds_up_no_other_pool(
             raise AssertionError(f"{exc}; agent warnings: {warnings(agent)}") from None
         assert state["type"] == "COMPLETED", (state, warnings(agent))
         assert seen(out)["marker"] == "ran"
+        assert worker_status(api, "wp-fine", "wp-isolated") == "ONLINE"
+    # Stopped, it sends no heartbeats: Prefect marks it OFFLINE as it does its own workers
+    # (after 3 missed heartbeats, at its foreman's next round).
+    wait_for(
+        lambda: worker_status(api, "wp-fine", "wp-isolated") == "OFFLINE",
+        WAIT,
+        what="the stopped agent to be OFFLINE",
+    )
+
+
+def worker_status(api: Api, pool: str, worker: str) -> str | None:
+    response = api.request("POST", f"/work_pools/{pool}/workers/filter", json={})
+    response.raise_for_status()
+    found = [w for w in response.json() if w["name"] == worker]
+    return str(found[0]["status"]) if found else None

@@ -1341,7 +1341,7 @@ async def test_a_broken_work_pool_never_holds_up_the_configs_runs(
     )
     assert launcher.launched == [run_id] and server.state_of(run_id) == "COMPLETED"
     assert "work_pool_read" in server.hits  # the pool was tried, every poll
-    assert any(r.getMessage().startswith("work pool poll failed") for r in capture.records)
+    assert any(r.getMessage().startswith("work pool 'down' poll failed") for r in capture.records)
 
 
 async def test_up_to_date_deployment_is_left_alone(tmp_path: Path) -> None:

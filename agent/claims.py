@@ -99,13 +99,16 @@ async def propose_claim(
 
 # A claim given back over a pool's concurrency limit is due again after this.
 SLOT_RETRY = timedelta(seconds=5)
-ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
+# What occupies a pool's slot for the server (WORK_POOL_SLOT_OCCUPYING_STATES): not CANCELLING,
+# or a run stuck there would make every claim be given back while the server offers more.
+ACTIVE = ("PENDING", "RUNNING")
 
 
 def within_pool_limit(active: list[FlowRun], flow_run_id: UUID, limit: int) -> bool:
     """Whether our claim is one of the first `limit` of the pool's active runs. Runs past
     PENDING come first, then claims by their time and id: every claimant ranks alike, and a
-    later claim sees every earlier one, so at most `limit` claims stand."""
+    later claim sees every earlier one. (Timestamps are taken when a request arrives, not when it
+    commits, so a slow commit can still let one more through; the server's own check narrows it.)"""
     oldest = datetime.min.replace(tzinfo=UTC)
 
     def rank(run: FlowRun) -> tuple[bool, datetime, str]:
@@ -126,11 +129,16 @@ async def hold_pool_slot(
     *,
     pool: str,
     limit: int,
+    agent_name: str,
     log: logging.LoggerAdapter[logging.Logger],
 ) -> bool:
     """After a won claim: keep it only within the pool's concurrency limit, else give it back
     (SCHEDULED "AwaitingConcurrencySlot", due again in SLOT_RETRY). Prefect applies the limit
-    only when it lists runs, so agents polling at the same moment could exceed it together."""
+    only when it lists runs, so agents polling at the same moment could exceed it together.
+
+    The give-back is not forced: a run cancelled meanwhile is not made SCHEDULED again. When it
+    is refused, the run as the server has it decides: our claim still standing is kept (over
+    the limit, rather than stuck in PENDING); a cancellation is settled as CANCELLED."""
     body = {
         "work_pools": {"name": {"any_": [pool]}},
         "flow_runs": {"state": {"type": {"any_": list(ACTIVE)}}},
@@ -148,7 +156,15 @@ async def hold_pool_slot(
     message = f"Work pool {pool!r} is at its concurrency limit ({limit}); waiting for a slot"
     due = datetime.now(UTC) + SLOT_RETRY
     decision = await reporter.propose(
-        flow_run_id, states.awaiting_slot_state(due, message), force=True
+        flow_run_id, states.awaiting_slot_state(due, message), force=False
     )
-    log.info("gave the claim back (%s): %s", decision, message)
-    return False
+    if decision == "ACCEPT":
+        log.info("gave the claim back: %s", message)
+        return False
+    current = await reporter.read_run(flow_run_id, retry=True)
+    if current is not None and current.state_type is StateType.CANCELLING:
+        await reporter.propose(flow_run_id, states.cancelled_state(), force=True)
+        return False
+    kept = current is not None and is_our_claim(current, agent_name)
+    log.info("could not give the claim back (%s); %s", decision, "kept" if kept else "lost")
+    return kept

@@ -30,6 +30,30 @@ from agent.run_settings import FLOW_RUN_KEYS, FlowRunSettings
 # honoured by default.
 PRIVILEGED = frozenset({"user", "python", "working_dir"})
 ALLOW_KEY = "agent.job_variables"
+# Environment names a job variable may not set: the run's environment also reaches processes
+# that run as the agent's user before the privilege drop (systemd-run, systemd-cat, the wrapper's
+# shell, setpriv), and these change what those load or whom they talk to. The host's own
+# [flow_run] env may set them.
+LOADER_VARIABLES = frozenset(
+    {
+        "PATH",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "PS4",
+        "GCONV_PATH",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+    }
+)
+LOADER_PREFIXES = ("LD_", "MALLOC_", "SYSTEMD_", "DBUS_", "PREFECT__", "GLIBC_")
 # The directory a run starts in (work pools): a workspace matter, not a run setting.
 WORKING_DIR = "working_dir"
 # The layer of a work pool's template defaults: set by the pool's admin for the whole fleet.
@@ -172,9 +196,19 @@ def _env_table(value: Any, origin: str) -> dict[str, str]:
         )
     table: dict[str, str] = {}
     for name, item in value.items():
+        if item is None:
+            continue  # unset, as a process pool's template has it (Prefect drops it too)
         if not isinstance(name, str) or not isinstance(item, str | int | float | bool):
             raise JobVariablesError(
                 "env", f"expected names and string values, got {show({name: item})}", origin
+            )
+        if name in LOADER_VARIABLES or name.startswith(LOADER_PREFIXES):
+            raise JobVariablesError(
+                "env",
+                f"{name!r} is not allowed: it changes which programs and libraries the agent's "
+                "own helpers (systemd-run, the run's wrapper, which run as the agent's user) "
+                "load; set it in [flow_run] env on the host if the flow needs it",
+                origin,
             )
         table[name] = str(item).lower() if isinstance(item, bool) else str(item)
     return table

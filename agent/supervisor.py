@@ -104,6 +104,7 @@ class Supervisor(RunOutcomes):
                 self.id,
                 pool=pool.pool,
                 limit=pool.concurrency_limit,
+                agent_name=agent_name,
                 log=self.log,
             )
         if won:

@@ -67,3 +67,34 @@ def test_ignored_keys_are_dropped() -> None:
         ignored={"stream_output"},
     )
     assert merged.tasks_max == 7
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "SYSTEMD_LOG_LEVEL",
+        "DBUS_SYSTEM_BUS_ADDRESS",
+        "BASH_ENV",
+        "PREFECT__FLOW_RUN_ID",
+        "GCONV_PATH",
+    ],
+)
+def test_env_names_that_steer_the_agents_own_helpers_are_refused(name: str) -> None:
+    """The run's environment reaches systemd-run, systemd-cat and the wrapper's shell, which run
+    as the agent's user: a job variable must not choose what they load or talk to."""
+    with pytest.raises(JobVariablesError) as error:
+        apply_job_variables(
+            FlowRunSettings(), [Layer("flow run", {"env": {name: "/tmp/x"}})], allowed=ALLOWED
+        )
+    assert (error.value.key, error.value.origin) == ("env", "flow run")
+    assert repr(name) in str(error.value) and "[flow_run] env" in str(error.value)
+
+
+def test_null_env_values_are_unset_and_ordinary_names_pass() -> None:
+    base = FlowRunSettings(env={"KEEP": "1"})
+    layer = Layer("work pool", {"env": {"A": "1", "GONE": None, "PYTHONPATH": "/srv/lib"}})
+    merged = apply_job_variables(base, [layer], allowed=ALLOWED)
+    assert merged.env == {"KEEP": "1", "A": "1", "PYTHONPATH": "/srv/lib"}

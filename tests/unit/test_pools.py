@@ -319,11 +319,11 @@ def test_claims_within_a_pool_limit_are_ranked_alike_by_every_claimant() -> None
         _active(ids[0], "PENDING", 9),  # the latest claim
         _active(ids[1], "RUNNING", 30),  # running: counted first, whatever its time
         _active(ids[2], "PENDING", 1),
-        _active(ids[3], "CANCELLING", 40),
+        _active(ids[3], "RUNNING", 40),
         _active(ids[4], "PENDING", 5),
     ]
     kept = [run_id for run_id in ids if within_pool_limit(active, UUID(run_id), 4)]
-    assert kept == ids[1:]  # RUNNING, CANCELLING, then the claims at :01 and :05
+    assert kept == ids[1:]  # the two RUNNING, then the claims at :01 and :05
     assert within_pool_limit(active, uuid4(), 1)  # a claim the read missed is kept
     assert not within_pool_limit(list(reversed(active)), UUID(ids[0]), 4)  # order-free
 
@@ -348,20 +348,20 @@ async def test_a_claim_over_the_pool_limit_is_given_back_as_awaiting_a_slot(
     log = logging.LoggerAdapter(logging.getLogger("test"))
     async with client:
         kept = await hold_pool_slot(
-            client, Reporter(client), UUID(ours), pool="hosts", limit=2, log=log
+            client, Reporter(client), UUID(ours), pool="hosts", limit=2, agent_name="a", log=log
         )
         assert not kept
         assert await hold_pool_slot(
-            client, Reporter(client), UUID(ours), pool="hosts", limit=3, log=log
+            client, Reporter(client), UUID(ours), pool="hosts", limit=3, agent_name="a", log=log
         )
     query = seen[0][1]
     assert query == {
         "work_pools": {"name": {"any_": ["hosts"]}},
-        "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}},
+        "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
         "limit": 200,
     }
     path, proposal = seen[1]
-    assert path.endswith(f"/flow_runs/{ours}/set_state") and proposal["force"] is True
+    assert path.endswith(f"/flow_runs/{ours}/set_state") and proposal["force"] is False
     state = proposal["state"]
     assert (state["type"], state["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
     assert "concurrency limit (2)" in state["message"]
@@ -396,3 +396,42 @@ async def test_one_pools_trouble_holds_up_no_other_pool(
     heartbeats = [p for _, p, _ in server.requests if p.endswith("/workers/heartbeat")]
     assert heartbeats == ["/work_pools/fine/workers/heartbeat"]
     assert _count(caplog, "queue 'broken/missing' not found") == 1
+
+
+@pytest.mark.parametrize(
+    ("now", "kept", "proposed"),
+    [
+        ({"type": "PENDING", "message": "Claimed by runner-agent 'a'"}, True, ["SCHEDULED"]),
+        ({"type": "PENDING", "message": "Claimed by runner-agent 'b'"}, False, ["SCHEDULED"]),
+        ({"type": "CANCELLING", "message": None}, False, ["SCHEDULED", "CANCELLED"]),
+    ],
+)
+async def test_a_refused_give_back_is_settled_by_the_run_as_the_server_has_it(
+    tmp_path: Path, now: dict[str, Any], kept: bool, proposed: list[str]
+) -> None:
+    ours = str(uuid4())
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/flow_runs/filter"):
+            full = [_active(str(uuid4()), "RUNNING", 1), _active(ours, "PENDING", 3)]
+            return httpx.Response(200, json=[r.model_dump(mode="json") for r in full])
+        if path.endswith("/set_state"):
+            body = json.loads(request.content)
+            seen.append(body)
+            if body["state"]["type"] == "SCHEDULED":  # a cancellation came first
+                return httpx.Response(201, json={"status": "REJECT", "state": now})
+            return httpx.Response(201, json={"status": "ACCEPT", "state": body["state"]})
+        return httpx.Response(200, json={"id": ours, "state": now})
+
+    settings = settings_with(tmp_path, "")
+    client = PrefectClient(settings.api, transport=httpx.MockTransport(handler), max_attempts=1)
+    log = logging.LoggerAdapter(logging.getLogger("test"))
+    async with client:
+        result = await hold_pool_slot(
+            client, Reporter(client), UUID(ours), pool="hosts", limit=1, agent_name="a", log=log
+        )
+    assert result is kept
+    assert [b["state"]["type"] for b in seen] == proposed
+    assert all(b["force"] is (b["state"]["type"] == "CANCELLED") for b in seen)

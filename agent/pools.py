@@ -9,7 +9,8 @@ concurrency limits. Each run found becomes a `PoolRun`: what the supervisor need
 
 Everything after that is the same as for a config deployment's run: the claim, the scope and
 its limits, exit reasons, cancellation, hooks, recovery. The engine runs the deployment's pull
-steps itself (`git_clone`, `set_working_directory`, ...), in a fresh directory per run.
+steps itself (`git_clone`, `set_working_directory`, ...), or copies its `path`, in a fresh
+directory per run. A claim over the pool's concurrency limit is given back (claims.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from agent.settings import Settings, WorkPoolSettings
 log = logging.getLogger("agent.pools")
 
 RECORD_KEY = "pool_run"
+# The most runs the server lists at once (its LimitBody).
+MAX_LISTED = 200
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ class PoolPoller:
         names = {pool.name for pool in self.configured}
         return {name: pool for name, pool in self._pools.items() if name in names}
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, every: float) -> None:
         """One worker heartbeat per pool found on the server (missing ones were reported by the
         poll); a failure is logged, not fatal."""
         agent = self._settings().agent
@@ -151,7 +154,7 @@ class PoolPoller:
             if pool.name not in found:
                 continue
             try:
-                await self._client.worker_heartbeat(pool.name, agent.name, agent.heartbeat_interval)
+                await self._client.worker_heartbeat(pool.name, agent.name, every)
             except PrefectApiError as exc:
                 log.warning("worker heartbeat to pool %r failed: %s", pool.name, exc)
 
@@ -161,69 +164,98 @@ class PoolPoller:
         pool's queues READY while this host is busy."""
         found: list[tuple[FlowRun, WorkPool]] = []
         before = datetime.now(UTC) + timedelta(seconds=self._settings().agent.prefetch)
+        # One pool's trouble (an outage, a queue not created yet) holds up no other pool.
         for pool_settings in self.configured:
-            # One pool's trouble (an outage, a queue not created yet) holds up no other pool.
+            name = pool_settings.name
             try:
                 pool = await self._pool(pool_settings)
-                if pool is None:
-                    continue
-                wanted = max(0, free - len(found))
+            except PrefectApiError as exc:
+                self._pools.pop(name, None)
+                self._poll_failed(name, exc)
+                continue
+            if pool is None:
+                continue
+            wanted = min(MAX_LISTED, max(0, free - len(found)))
+            try:
                 runs = await self._client.get_pool_scheduled_runs(
                     pool.name, pool_settings.queues, before, wanted
                 )
-            except ApiError as exc:
-                # Definite (a queue or the pool is missing): said once, the pool read again.
-                self._pools.pop(pool_settings.name, None)
-                self._say_once(
-                    pool_settings.name, str(exc), logging.WARNING, f"work pool poll failed: {exc}"
-                )
-                continue
             except PrefectApiError as exc:
-                log.warning("work pool %r poll failed: %s", pool_settings.name, exc)
+                self._poll_failed(name, exc)  # the pool exists: its heartbeats go on
                 continue
             found.extend((run, pool) for run in runs[:wanted])
         return found
 
+    def _poll_failed(self, pool: str, exc: PrefectApiError) -> None:
+        if isinstance(exc, ApiError):  # definite (a missing queue): said once, not every poll
+            self._say_once(
+                pool, str(exc), logging.WARNING, f"work pool {pool!r} poll failed: {exc}"
+            )
+        else:
+            log.warning("work pool %r poll failed: %s", pool, exc)
+
     async def runnable(self, free: int, *, skip: Collection[UUID]) -> list[tuple[FlowRun, PoolRun]]:
-        """The due runs this host may take now (not `skip`, no in-process retry), each with
-        what running it takes."""
-        found: list[tuple[FlowRun, PoolRun]] = []
+        """The due runs this host may take now (not `skip`, no in-process retry, each once),
+        each with what running it takes. A run whose deployment cannot be run is taken too: it
+        is claimed and ends CRASHED naming why, as under Prefect's workers, rather than block
+        its queue for ever."""
+        found: dict[UUID, tuple[FlowRun, PoolRun]] = {}
         for flow_run, pool in await self.due_runs(free):
             # An in-process retry belongs to the live engine that will re-run it.
-            if flow_run.id in skip or flow_run.retrying_in_process:
+            if flow_run.id in skip or flow_run.id in found or flow_run.retrying_in_process:
                 continue
             try:
-                found.append((flow_run, await self.pool_run(flow_run, pool)))
-            except ValueError as exc:
+                found[flow_run.id] = (flow_run, await self.pool_run(flow_run, pool))
+            except PrefectApiError as exc:  # an outage: this run waits for a later poll
                 log.warning(
-                    "run %s of work pool %r cannot be run here: %s",
+                    "cannot read the deployment of run %s (work pool %r): %s",
                     flow_run.id,
                     pool.name,
                     exc,
                     extra={"flow_run_id": str(flow_run.id)},
                 )
-        return found
+        return list(found.values())
 
     async def pool_run(self, flow_run: FlowRun, pool: WorkPool) -> PoolRun:
-        """What running `flow_run` takes, from its deployment on the server; raises
-        PrefectApiError, or ValueError for a run without a deployment."""
-        if flow_run.deployment_id is None:
-            raise ValueError("the run has no deployment, so nothing tells what code to run")
-        deployment = await self._client.read_deployment(flow_run.deployment_id)
-        problem = None
-        if not deployment.entrypoint:
-            problem = f"deployment {deployment.name!r} has no entrypoint, so no flow to run"
+        """What running `flow_run` takes, from its deployment on the server (with a `problem`
+        when it cannot be run); raises PrefectApiError but for a deployment that is gone."""
+        try:
+            if flow_run.deployment_id is None:
+                raise LookupError("the run has no deployment, so nothing tells what code to run")
+            deployment = await self._client.read_deployment(flow_run.deployment_id)
+        except (ApiError, LookupError) as exc:
+            if isinstance(exc, ApiError) and exc.status != 404:
+                raise
+            gone = (
+                str(exc)
+                if isinstance(exc, LookupError)
+                else f"its deployment {flow_run.deployment_id} does not exist (deleted?)"
+            )
+            return self._unrunnable(pool, str(flow_run.deployment_id), gone)
+        problem = (
+            None
+            if deployment.entrypoint
+            else f"deployment {deployment.name!r} has no entrypoint, so no flow to run"
+        )
         flow_name = await self._flow_name(deployment)
-        pull_steps = bool(deployment.pull_steps)
-        path = code_path(deployment, pull_steps)
         self._say_ignored(pool, deployment)
         return PoolRun(
             pool=pool.name,
             pool_type=pool.type,
-            deployment=_deployment(deployment.name, flow_name, deployment.entrypoint or "", path),
+            deployment=_deployment(deployment.name, flow_name, deployment.entrypoint or "", None),
             pool_defaults=pool_template.template_defaults(pool.base_job_template),
             deployment_job_variables=deployment.job_variables,
-            pull_steps=pull_steps,
+            pull_steps=bool(deployment.pull_steps),
+            problem=problem,
+            concurrency_limit=pool.concurrency_limit,
+        )
+
+    @staticmethod
+    def _unrunnable(pool: WorkPool, name: str, problem: str) -> PoolRun:
+        return PoolRun(
+            pool=pool.name,
+            pool_type=pool.type,
+            deployment=_deployment(name, "unknown", "", None),
             problem=problem,
             concurrency_limit=pool.concurrency_limit,
         )
@@ -302,12 +334,3 @@ class PoolPoller:
         if (subject, what) not in self._said:
             self._said.add((subject, what))
             log.log(level, message)
-
-
-def code_path(deployment: Deployment, pull_steps: bool) -> Path | None:
-    """Where a pool run starts, before job variables: the deployment's absolute `path` unless
-    it has pull steps (those run in a fresh directory of the run's own); None when nothing
-    says where its code is."""
-    if not pull_steps and deployment.path and Path(deployment.path).is_absolute():
-        return Path(deployment.path)
-    return None

@@ -252,9 +252,16 @@ class Runner:
                 now - self._pool_heartbeat_at >= self._settings.agent.heartbeat_interval
             ):
                 self._pool_heartbeat_at = now
-                await self._pools.heartbeat()
+                await self._pools.heartbeat(every=self._pool_heartbeat_every())
         for flow_run, pool_run in due:
             self._start_pool_supervisor(group, flow_run, pool_run)
+
+    def _pool_heartbeat_every(self) -> float:
+        """The heartbeat interval the pools are told: heartbeats ride on the poll loop, so
+        they come no more often than the slowest jittered poll (Prefect marks a worker
+        OFFLINE after three missed ones)."""
+        agent = self._settings.agent
+        return max(agent.heartbeat_interval, agent.poll_interval * (1 + POLL_JITTER))
 
     def _announce_watched(self) -> None:
         watched = sorted(

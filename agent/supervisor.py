@@ -120,23 +120,28 @@ class Supervisor(RunOutcomes):
 
     def _code_source(self) -> tuple[DeploymentSettings, bool]:
         """The deployment with the directory the run starts in, and whether that is a fresh
-        directory of the run's own (a work pool's deployment with pull steps)."""
+        directory of the run's own: a work pool's run starts there (the engine runs its pull
+        steps or copies its `path` in, as under Prefect's process worker) unless an allowed
+        `working_dir` job variable says otherwise."""
         deployment = self.deployment
         assert deployment is not None
-        if self.pool_run is not None and self.pool_run.problem is not None:
-            raise LaunchError(self.pool_run.problem)
-        if self.working_dir is not None:
-            return deployment.model_copy(update={"path": self.working_dir, "git": None}), False
         pool = self.pool_run
-        if pool is not None and pool.pull_steps:
-            return deployment, True
-        if deployment.path is None and deployment.git is None:
+        if pool is not None and pool.problem is not None:
+            raise LaunchError(pool.problem)
+        if self.working_dir is None:
+            return deployment, pool is not None
+        if pool is None:
             raise LaunchError(
-                f"deployment {deployment.key!r} has no pull steps and no absolute path, so "
-                "nothing tells where its code is; give it pull steps (prefect.yaml `pull:`) "
-                "or a working_dir job variable"
+                "the job variable 'working_dir' applies to work-pool runs only; a "
+                "[[deployment]]'s code is its path or git source"
             )
-        return deployment, False
+        agent = self.ctx.settings.agent
+        if any(self.working_dir.is_relative_to(d) for d in (agent.state_dir, agent.runtime_dir)):
+            raise LaunchError(
+                f"the job variable 'working_dir' ({self.working_dir}) is inside the agent's own "
+                "state or runtime directory"
+            )
+        return deployment.model_copy(update={"path": self.working_dir}), False
 
     def build_request(self, ws: Workspace, control_env: dict[str, str]) -> LaunchRequest:
         settings, flow_run = self.ctx.settings, self.flow_run_settings

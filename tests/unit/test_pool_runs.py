@@ -82,15 +82,17 @@ async def test_pull_steps_run_in_a_fresh_directory_removed_after_the_run(tmp_pat
     assert supervisor.record.extra[RECORD_KEY]["pool"] == "hosts"
 
 
-async def test_without_pull_steps_the_run_starts_in_the_deployments_path(tmp_path: Path) -> None:
+async def test_without_pull_steps_the_run_still_starts_in_a_fresh_directory(
+    tmp_path: Path,
+) -> None:
+    """The engine copies the deployment's `path` in, as under Prefect's process worker: the
+    server's `path` never chooses where the run starts (that is the privileged working_dir)."""
     settings = make_settings(tmp_path)
     server = FakePrefect(uuid4())
     launcher = DirLauncher()
-    code = tmp_path / "project"
-    code.mkdir()
-    await supervise(settings, server, launcher, pool_run=pool_run(path=code, pull_steps=False))
-    assert [r.working_dir for r in launcher.requests] == [code]
-    assert code.is_dir()  # the deployment's own directory is never removed
+    await supervise(settings, server, launcher, pool_run=pool_run(pull_steps=False))
+    code = settings.agent.state_dir / "runs" / str(server.run_id) / "code"
+    assert [r.working_dir for r in launcher.requests] == [code] and launcher.existed == [True]
 
 
 async def test_a_process_pools_own_variables_are_ignored_and_its_env_applies(
@@ -155,16 +157,21 @@ async def test_a_working_dir_that_is_not_a_normalised_absolute_path_is_refused(
         assert "'working_dir' (from the flow run)" in crash_message(server), value
 
 
-async def test_a_deployment_without_code_location_is_crashed_naming_the_fix(
+async def test_working_dir_is_for_pool_runs_and_never_the_agents_own_directories(
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(tmp_path)
-    server = FakePrefect(uuid4())
-    launcher = DirLauncher()
-    await supervise(settings, server, launcher, pool_run=pool_run(pull_steps=False))
-    assert launcher.requests == []
-    message = crash_message(server)
-    assert "no pull steps and no absolute path" in message and "working_dir" in message
+    settings = make_settings(tmp_path, 'job_variables = ["working_dir"]')
+    cases = [
+        (None, str(tmp_path), "applies to work-pool runs only"),
+        (pool_run(), str(settings.agent.state_dir / "storage"), "state or runtime directory"),
+        (pool_run(), str(settings.agent.runtime_dir), "state or runtime directory"),
+    ]
+    for run, value, problem in cases:
+        server = FakePrefect(uuid4(), job_variables={"working_dir": value})
+        launcher = DirLauncher()
+        await supervise(settings, server, launcher, pool_run=run)
+        assert launcher.requests == [], value
+        assert problem in crash_message(server), value
 
 
 async def test_a_pool_run_with_a_problem_is_claimed_crashed_and_never_launched(

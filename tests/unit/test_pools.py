@@ -77,7 +77,8 @@ class PoolServer:
         if path.endswith("/workers/heartbeat"):
             return httpx.Response(204)
         if parts[0] == "deployments":
-            return httpx.Response(200, json=self.deployments[parts[1]])
+            found = self.deployments.get(parts[1])
+            return httpx.Response(200 if found else 404, json=found or {"detail": "not found"})
         if parts[0] == "flows":
             return httpx.Response(200, json={"id": parts[1], "name": self.flows[parts[1]]})
         return httpx.Response(404, json={"detail": f"not faked: {path}"})
@@ -212,11 +213,12 @@ async def test_a_pool_run_is_made_from_its_deployment(
     caplog.set_level(logging.INFO, logger="agent.pools")
     _, found = await poll(server, settings, free=10)
     runs = [pool_run for _, pool_run in found]
+    # Every pool run starts in a fresh directory of its own; the engine pulls or copies.
     assert [(r.pull_steps, r.deployment.path) for r in runs] == [
         (True, None),
-        (False, Path("/srv/code")),
         (False, None),
-        (False, Path("/srv/code")),
+        (False, None),
+        (False, None),
     ]
     assert runs[0].deployment.key == "hello-flow/hello"
     assert runs[0].pool_defaults == {"env": {"A": "1"}}
@@ -253,10 +255,10 @@ async def test_heartbeats_and_the_pool_is_reread_once_per_heartbeat_interval(
     )
     async with client:
         poller = PoolPoller(client, lambda: settings, monotonic=clock)
-        await poller.heartbeat()  # the pool has not been read yet: nothing to beat for
+        await poller.heartbeat(every=30.0)  # the pool has not been read yet: nothing to beat for
         assert server.calls("/workers/heartbeat") == []
         await poller.runnable(4, skip=())
-        await poller.heartbeat()
+        await poller.heartbeat(every=30.0)
         for step in (10.0, 10.0, 15.0):
             clock.now += step
             await poller.runnable(4, skip=())
@@ -304,7 +306,7 @@ async def test_a_pool_dropped_by_a_reload_is_neither_watched_nor_beaten_for(
         await poller.runnable(4, skip=())
         assert list(poller.pools()) == ["hosts"]
         current[0] = settings_with(tmp_path, "")
-        await poller.heartbeat()
+        await poller.heartbeat(every=30.0)
         assert poller.pools() == {} and server.calls("/workers/heartbeat") == []
 
 
@@ -373,8 +375,8 @@ async def test_a_claim_over_the_pool_limit_is_given_back_as_awaiting_a_slot(
 async def test_one_pools_trouble_holds_up_no_other_pool(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A queue not created yet (404) in the first pool: the second is polled and beaten for
-    all the same, and the problem is said once, not at every poll."""
+    """A queue not created yet (404) in the first pool: the second is polled all the same, and
+    the problem is said once, not at every poll."""
     server = PoolServer()
     server.add_pool("broken", "runner-agent")
     server.add_pool("fine", "runner-agent")
@@ -391,10 +393,13 @@ async def test_one_pools_trouble_holds_up_no_other_pool(
         for _ in range(3):
             found = await poller.runnable(4, skip=())
             assert [str(run.id) for run, _ in found] == [run_id]
-        await poller.heartbeat()
-    assert [b["name"] for b in server.calls("/workers/heartbeat")] == ["host-1"]
+        await poller.heartbeat(every=30.0)
+    # Both exist: both hear from their worker (Prefect's workers heartbeat whatever the poll).
     heartbeats = [p for _, p, _ in server.requests if p.endswith("/workers/heartbeat")]
-    assert heartbeats == ["/work_pools/fine/workers/heartbeat"]
+    assert heartbeats == [
+        "/work_pools/broken/workers/heartbeat",
+        "/work_pools/fine/workers/heartbeat",
+    ]
     assert _count(caplog, "queue 'broken/missing' not found") == 1
 
 
@@ -435,3 +440,23 @@ async def test_a_refused_give_back_is_settled_by_the_run_as_the_server_has_it(
     assert result is kept
     assert [b["state"]["type"] for b in seen] == proposed
     assert all(b["force"] is (b["state"]["type"] == "CANCELLED") for b in seen)
+
+
+async def test_a_run_whose_deployment_is_gone_is_taken_to_be_crashed_not_left_blocking(
+    tmp_path: Path,
+) -> None:
+    """As under Prefect's workers: a run at the head of the queue that cannot be run must not
+    hold up the runs behind it for ever. Listed twice, it is taken once."""
+    server = PoolServer()
+    server.add_pool("hosts", "runner-agent")
+    gone = server.deployment(entrypoint="f.py:f")
+    orphan = server.add_run("hosts", gone)
+    del server.deployments[gone["id"]]
+    server.runs["hosts"].append(server.runs["hosts"][0])  # a hostile answer lists it twice
+    fine = server.add_run("hosts", server.deployment(entrypoint="f.py:f"))
+    settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')
+    _, found = await poll(server, settings, free=4)
+    assert [str(run.id) for run, _ in found] == [orphan, fine]
+    problem = found[0][1].problem
+    assert problem is not None and "does not exist (deleted?)" in problem
+    assert found[1][1].problem is None

@@ -140,6 +140,10 @@ class PoolPoller:
     def configured(self) -> tuple[WorkPoolSettings, ...]:
         return self._settings().work_pools
 
+    def flow_names(self) -> dict[UUID, str]:
+        """The flows of the pool deployments seen so far (heartbeat events name them)."""
+        return dict(self._flow_names)
+
     def pools(self) -> dict[str, WorkPool]:
         """The configured pools as last read from the server (a reload may have dropped some)."""
         names = {pool.name for pool in self.configured}

@@ -114,7 +114,8 @@ class Runner:
         return self._supervisors
 
     def flow_names(self) -> dict[UUID, str]:
-        return {reg.flow_id: reg.flow_name for reg in self._registered.values()}
+        registered = {reg.flow_id: reg.flow_name for reg in self._registered.values()}
+        return {**self._pools.flow_names(), **registered}
 
     def wake(self) -> None:
         """Poll now instead of at the next interval (an event announced a due run)."""

@@ -211,8 +211,9 @@ async def test_a_pool_run_is_made_from_its_deployment(
         server.add_run("hosts", deployment)
     settings = settings_with(tmp_path, '[[work_pool]]\nname = "hosts"\n')
     caplog.set_level(logging.INFO, logger="agent.pools")
-    _, found = await poll(server, settings, free=10)
+    poller, found = await poll(server, settings, free=10)
     runs = [pool_run for _, pool_run in found]
+    assert set(poller.flow_names().values()) == {"hello-flow"}  # for heartbeat events
     # Every pool run starts in a fresh directory of its own; the engine pulls or copies.
     assert [(r.pull_steps, r.deployment.path) for r in runs] == [
         (True, None),

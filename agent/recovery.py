@@ -17,6 +17,7 @@ from pathlib import Path
 from uuid import UUID
 
 from agent import claims
+from agent.claims import Verdict
 from agent.launch.wrapper import read_exit_record, read_pid_record
 from agent.processes import process_alive, wrapper_start_time
 from agent.records import RunRecord
@@ -154,6 +155,24 @@ async def _resume(sup: Supervisor, record: RunRecord) -> None:
             sup.workspace = None
         sup.note("Launching a run that was claimed before an agent restart")
         await sup.launch_and_follow()
+        return
+    if (
+        launched is None
+        and record.phase == "claiming"
+        and sup.deployment is not None
+        and claims.verdict(current) is Verdict.CLAIMABLE
+    ):
+        # The claim of the process that died may still be committed by a busy server after
+        # this read: claim anew rather than drop the run. Ours lands, or theirs does and
+        # carries our name; either way the run is ours (claims.propose_claim).
+        sup.note("Claiming again a run whose claim was in flight at an agent restart")
+        if await sup.claim():
+            if sup.cancel_requested:
+                await sup.finish_cancellation(launched=False)
+            else:
+                await sup.launch_and_follow()
+            return
+        await sup.finish()
         return
     state_type = current.state.type if current.state else None
     if (record.phase == "running" or launched is not None) and not (

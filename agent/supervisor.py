@@ -43,7 +43,7 @@ class Supervisor(RunOutcomes):
     async def run(self) -> None:
         try:
             await self._wait_for_start()
-            if await self._claim():
+            if await self.claim():
                 if self.cancel_requested:
                     # Cancelled while we were claiming: never launch it.
                     await self.finish_cancellation(launched=False)
@@ -67,7 +67,7 @@ class Supervisor(RunOutcomes):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cancel_requested.wait(), timeout=delay)
 
-    async def _claim(self) -> bool:
+    async def claim(self) -> bool:
         """Propose PENDING; True when this agent won the run."""
         self.phase = Phase.CLAIMING
         current = await self.ctx.reporter.read_run(self.id, retry=False)

@@ -160,6 +160,21 @@ async def test_recovery_launches_a_run_claimed_but_never_started(settings: Any) 
     assert "status 0" in server.proposals[0]["state"]["message"]
 
 
+async def test_recovery_claims_anew_a_run_whose_claim_was_in_flight(settings: Any) -> None:
+    """Killed while its claim was in flight, and the server still shows SCHEDULED: that claim
+    may yet be committed (a busy server commits late), so the run is claimed anew, not dropped
+    to be left PENDING by the late commit."""
+    run_id = uuid4()
+    server = FakePrefect(run_id, state="SCHEDULED")
+    record = RunRecord(flow_run_id=str(run_id), deployment="hello", phase="claiming")
+    launcher = FakeLauncher(status=0)
+    _, records = await supervise(settings, server, launcher, record=record)
+    assert len(launcher.requests) == 1
+    assert proposed_types(server) == ["PENDING", "CRASHED"]  # exit 0 without a final state
+    assert server.proposals[0]["state"]["message"] == "Claimed by runner-agent 'unit-agent'"
+    assert records.all() == []
+
+
 async def test_recovery_does_not_launch_someone_elses_claim(settings: Any) -> None:
     run_id = uuid4()
     server = FakePrefect(run_id, state="PENDING")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +142,10 @@ class TomlFilesSource(PydanticBaseSettingsSource):
                 self.origins.value(path, value, source)
 
     def _add_deployments(self, items: Any, source: str) -> None:
-        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-            raise ConfigError(source, "deployment", "expected [[deployment]] tables")
-        existing: list[dict[str, Any]] = self.data.setdefault("deployment", [])
-        self.origins.table(("deployment",), source)
         seen: set[tuple[Any, str]] = set()
-        for item in items:
+        for item in self._tables("deployment", items, source):
             name = item.get("name")
-            index = len(existing)
+            identity = None
             if isinstance(name, str):
                 # Prefect's identity: FLOW/NAME (flow_name defaults to name).
                 flow_name = item.get("flow_name", name)
@@ -164,28 +160,17 @@ class TomlFilesSource(PydanticBaseSettingsSource):
                         f"(both [[deployment]]s have flow_name {identity[0]!r})",
                     )
                 seen.add(identity)
-                # A later file's deployment of the same identity replaces the earlier one.
-                index = next(
-                    (
-                        i
-                        for i, d in enumerate(existing)
-                        if (d.get("flow_name", d.get("name")), d.get("name")) == identity
-                    ),
-                    index,
-                )
-            if index == len(existing):
-                existing.append(item)
-            else:
-                existing[index] = item
-            self.origins.value(("deployment", index), item, source)
+            self._put(
+                "deployment",
+                item,
+                identity,
+                lambda d: (d.get("flow_name", d.get("name")), d.get("name")),
+                source,
+            )
 
     def _add_work_pools(self, items: Any, source: str) -> None:
-        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-            raise ConfigError(source, "work_pool", "expected [[work_pool]] tables")
-        existing: list[dict[str, Any]] = self.data.setdefault("work_pool", [])
-        self.origins.table(("work_pool",), source)
-        seen: set[Any] = set()
-        for item in items:
+        seen: set[str] = set()
+        for item in self._tables("work_pool", items, source):
             name = item.get("name")
             if isinstance(name, str):
                 if name in seen:
@@ -193,16 +178,40 @@ class TomlFilesSource(PydanticBaseSettingsSource):
                         source, f"work_pool[{name}]", f"duplicate work pool {name!r} in one file"
                     )
                 seen.add(name)
-            # A later file's pool of the same name replaces the earlier one (as deployments do).
-            index = next(
-                (i for i, p in enumerate(existing) if p.get("name") == item.get("name")),
-                len(existing),
-            )
-            if index == len(existing):
-                existing.append(item)
-            else:
-                existing[index] = item
-            self.origins.value(("work_pool", index), item, source)
+            identity = name if isinstance(name, str) else None
+            self._put("work_pool", item, identity, lambda p: p.get("name"), source)
+
+    def _tables(self, top: str, items: Any, source: str) -> list[dict[str, Any]]:
+        """A file's `[[top]]` array, which must hold tables only."""
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ConfigError(source, top, f"expected [[{top}]] tables")
+        self.origins.table((top,), source)
+        return items
+
+    def _put(
+        self,
+        top: str,
+        item: dict[str, Any],
+        identity: Hashable | None,
+        identity_of: Callable[[dict[str, Any]], Hashable],
+        source: str,
+    ) -> None:
+        """`item` into the merged `[[top]]` array: in place of an earlier file's table of the
+        same identity, else (or without one) at the end."""
+        existing: list[dict[str, Any]] = self.data.setdefault(top, [])
+        index = next(
+            (
+                i
+                for i, table in enumerate(existing)
+                if identity is not None and identity_of(table) == identity
+            ),
+            len(existing),
+        )
+        if index == len(existing):
+            existing.append(item)
+        else:
+            existing[index] = item
+        self.origins.value((top, index), item, source)
 
 
 class EnvironmentSource(EnvSettingsSource):

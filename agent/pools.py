@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -46,7 +45,8 @@ class PoolRun:
     deployment: DeploymentSettings
     pool_defaults: Mapping[str, Any] = field(default_factory=dict)
     deployment_job_variables: Mapping[str, Any] = field(default_factory=dict)
-    # The engine runs them in a fresh directory of the run's own (Workspaces.prepare).
+    # Whether the engine pulls the code (else it copies the deployment's path); both happen in
+    # a fresh directory of the run's own (Workspaces.prepare).
     pull_steps: bool = False
     # Why the run cannot be launched (it is claimed and ends CRASHED with this), if it cannot.
     problem: str | None = None
@@ -64,7 +64,6 @@ class PoolRun:
             "name": self.deployment.name,
             "flow_name": self.deployment.flow_name,
             "entrypoint": self.deployment.entrypoint,
-            "path": str(self.deployment.path) if self.deployment.path else None,
             "pool_defaults": dict(self.pool_defaults),
             "deployment_job_variables": dict(self.deployment_job_variables),
             "pull_steps": self.pull_steps,
@@ -78,7 +77,6 @@ class PoolRun:
         if not isinstance(data, Mapping):
             return None
         try:
-            path = data.get("path")
             return cls(
                 pool=str(data["pool"]),
                 pool_type=str(data["pool_type"]),
@@ -86,7 +84,6 @@ class PoolRun:
                     str(data["name"]),
                     str(data["flow_name"]),
                     str(data["entrypoint"]),
-                    Path(path) if path else None,
                 ),
                 pool_defaults=dict(data.get("pool_defaults") or {}),
                 deployment_job_variables=dict(data.get("deployment_job_variables") or {}),
@@ -107,15 +104,10 @@ def _count(value: Any) -> int | None:
     return value
 
 
-def _deployment(
-    name: str, flow_name: str, entrypoint: str, path: Path | None
-) -> DeploymentSettings:
+def _deployment(name: str, flow_name: str, entrypoint: str) -> DeploymentSettings:
     # Not validated as the config is: the server's entrypoint may be a module path, which the
-    # engine loads after its pull steps; the path is the engine's business too.
-    fields: dict[str, Any] = {"name": name, "flow_name": flow_name, "entrypoint": entrypoint}
-    if path is not None:
-        fields["path"] = path
-    return DeploymentSettings.model_construct(**fields)
+    # engine loads after its pull steps. No path: the engine pulls or copies the code itself.
+    return DeploymentSettings.model_construct(name=name, flow_name=flow_name, entrypoint=entrypoint)
 
 
 class PoolPoller:
@@ -242,12 +234,13 @@ class PoolPoller:
             else f"deployment {deployment.name!r} has no entrypoint, so no flow to run"
         )
         flow_name = await self._flow_name(deployment)
-        self._say_ignored(pool, deployment)
+        defaults = pool_template.template_defaults(pool.base_job_template)
+        self._say_ignored(pool, deployment, defaults)
         return PoolRun(
             pool=pool.name,
             pool_type=pool.type,
-            deployment=_deployment(deployment.name, flow_name, deployment.entrypoint or "", None),
-            pool_defaults=pool_template.template_defaults(pool.base_job_template),
+            deployment=_deployment(deployment.name, flow_name, deployment.entrypoint or ""),
+            pool_defaults=defaults,
             deployment_job_variables=deployment.job_variables,
             pull_steps=bool(deployment.pull_steps),
             problem=problem,
@@ -259,7 +252,7 @@ class PoolPoller:
         return PoolRun(
             pool=pool.name,
             pool_type=pool.type,
-            deployment=_deployment(name, "unknown", "", None),
+            deployment=_deployment(name, "unknown", ""),
             problem=problem,
             concurrency_limit=pool.concurrency_limit,
         )
@@ -316,8 +309,9 @@ class PoolPoller:
             self._flow_names[deployment.flow_id] = name
         return name
 
-    def _say_ignored(self, pool: WorkPool, deployment: Deployment) -> None:
-        defaults = pool_template.template_defaults(pool.base_job_template)
+    def _say_ignored(
+        self, pool: WorkPool, deployment: Deployment, defaults: Mapping[str, Any]
+    ) -> None:
         set_here = {*defaults, *deployment.job_variables}
         ignored = sorted(set_here & pool_template.meaningless(pool.type))
         if ignored:

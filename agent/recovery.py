@@ -167,10 +167,7 @@ async def _resume(sup: Supervisor, record: RunRecord) -> None:
         # carries our name; either way the run is ours (claims.propose_claim).
         sup.note("Claiming again a run whose claim was in flight at an agent restart")
         if await sup.claim():
-            if sup.cancel_requested:
-                await sup.finish_cancellation(launched=False)
-            else:
-                await sup.launch_and_follow()
+            await sup.launch_claimed()
             return
         await sup.finish()
         return

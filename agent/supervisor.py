@@ -44,11 +44,7 @@ class Supervisor(RunOutcomes):
         try:
             await self._wait_for_start()
             if await self.claim():
-                if self.cancel_requested:
-                    # Cancelled while we were claiming: never launch it.
-                    await self.finish_cancellation(launched=False)
-                    return
-                await self.launch_and_follow()
+                await self.launch_claimed()
             else:
                 self.ctx.records.remove(self.id)
         finally:
@@ -113,6 +109,13 @@ class Supervisor(RunOutcomes):
         return won
 
     # -- launch and follow -------------------------------------------------------------------
+
+    async def launch_claimed(self) -> None:
+        """A run this agent has just claimed: launch it, unless it was cancelled meanwhile."""
+        if self.cancel_requested:
+            await self.finish_cancellation(launched=False)  # never launched
+        else:
+            await self.launch_and_follow()
 
     async def launch_and_follow(self) -> None:
         status, result = await self._launch_and_wait()

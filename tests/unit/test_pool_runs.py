@@ -30,7 +30,6 @@ class DirLauncher(FakeLauncher):
 
 def pool_run(
     *,
-    path: Path | None = None,
     pull_steps: bool = True,
     pool_type: str = "runner-agent",
     pool_defaults: dict[str, Any] | None = None,
@@ -40,7 +39,7 @@ def pool_run(
     return PoolRun(
         pool="hosts",
         pool_type=pool_type,
-        deployment=_deployment("hello", "hello-flow", "flows/hello.py:hello", path),
+        deployment=_deployment("hello", "hello-flow", "flows/hello.py:hello"),
         pool_defaults=pool_defaults or {},
         deployment_job_variables=job_variables or {},
         pull_steps=pull_steps,
@@ -189,7 +188,6 @@ async def test_a_pool_run_with_a_problem_is_claimed_crashed_and_never_launched(
 
 def test_a_pool_run_survives_its_record() -> None:
     run = pool_run(
-        path=Path("/srv/code"),
         pull_steps=False,
         pool_type="process",
         pool_defaults={"env": {"A": "1"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import httpx
 from tests.integration.server_http import server_client
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+# A claim's PENDING message (agent.claims.claim_message); group 1 is the agent's name.
+CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 
 
 def render_config(

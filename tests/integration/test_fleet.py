@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent_process import FINAL, AgentProcess, Api, running_agent, wait_for
+from tests.integration.agent_process import CLAIM, FINAL, AgentProcess, Api, running_agent, wait_for
 
 # The whole test is bounded only by pytest's guard for a hang; the wait below fails first.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -35,7 +35,6 @@ LIMIT = 4
 RUNS = 100
 # Longer than an engine's longest API back-off (2 + 4 + ... + 128 s with 7 retries).
 STALL = 330.0
-CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 
 FLOWS = textwrap.dedent(
     """

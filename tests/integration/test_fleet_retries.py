@@ -9,14 +9,13 @@ the run must be claimed once.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
+from tests.integration.agent_process import CLAIM, AgentProcess, Api, running_agent, wait_for
 from tests.integration.prefect_server import PrefectServer
 from tests.integration.run_story import MARKERS, marks, wait_story_done
 
@@ -36,7 +35,6 @@ def flaky():
         raise RuntimeError(f"attempt {attempt} fails on purpose")
 """
 )
-CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 
 
 def synced(agent: AgentProcess) -> bool:

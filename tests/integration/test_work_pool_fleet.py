@@ -8,7 +8,6 @@ and `prefect work-queue create` make them; the agents only serve the pool.
 from __future__ import annotations
 
 import collections
-import re
 import textwrap
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -17,14 +16,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent_process import FINAL, AgentProcess, Api, running_agent, wait_for
+from tests.integration.agent_process import CLAIM, FINAL, AgentProcess, Api, running_agent, wait_for
 from tests.integration.prefect_server import PrefectServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 RUNS = 60
 POOL_LIMIT = 4
-CLAIM = re.compile(r"^Claimed by runner-agent '([^']+)'$")
 FLOWS = textwrap.dedent(
     """
     import os, time

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,31 @@ def test_bad_work_pool_config_names_the_problem(tmp_path: Path, pools: str, prob
     assert problem in str(error.value)
 
 
+async def hold(
+    tmp_path: Path,
+    handler: Callable[[httpx.Request], httpx.Response],
+    flow_run_id: UUID,
+    limits: list[int],
+) -> list[bool]:
+    """`hold_pool_slot` for agent 'a' in pool "hosts" against `handler`, once per limit."""
+    settings = settings_with(tmp_path, "")
+    client = PrefectClient(settings.api, transport=httpx.MockTransport(handler), max_attempts=1)
+    log = logging.LoggerAdapter(logging.getLogger("test"))
+    async with client:
+        return [
+            await hold_pool_slot(
+                client,
+                Reporter(client),
+                flow_run_id,
+                pool="hosts",
+                limit=limit,
+                agent_name="a",
+                log=log,
+            )
+            for limit in limits
+        ]
+
+
 def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in record.getMessage() for record in caplog.records)
 
@@ -346,17 +372,7 @@ async def test_a_claim_over_the_pool_limit_is_given_back_as_awaiting_a_slot(
             return httpx.Response(200, json=[*(o.model_dump(mode="json") for o in others), mine])
         return httpx.Response(201, json={"status": "ACCEPT", "state": body["state"]})
 
-    settings = settings_with(tmp_path, "")
-    client = PrefectClient(settings.api, transport=httpx.MockTransport(handler), max_attempts=1)
-    log = logging.LoggerAdapter(logging.getLogger("test"))
-    async with client:
-        kept = await hold_pool_slot(
-            client, Reporter(client), UUID(ours), pool="hosts", limit=2, agent_name="a", log=log
-        )
-        assert not kept
-        assert await hold_pool_slot(
-            client, Reporter(client), UUID(ours), pool="hosts", limit=3, agent_name="a", log=log
-        )
+    assert await hold(tmp_path, handler, UUID(ours), [2, 3]) == [False, True]
     query = seen[0][1]
     assert query == {
         "work_pools": {"name": {"any_": ["hosts"]}},
@@ -431,14 +447,7 @@ async def test_a_refused_give_back_is_settled_by_the_run_as_the_server_has_it(
             return httpx.Response(201, json={"status": "ACCEPT", "state": body["state"]})
         return httpx.Response(200, json={"id": ours, "state": now})
 
-    settings = settings_with(tmp_path, "")
-    client = PrefectClient(settings.api, transport=httpx.MockTransport(handler), max_attempts=1)
-    log = logging.LoggerAdapter(logging.getLogger("test"))
-    async with client:
-        result = await hold_pool_slot(
-            client, Reporter(client), UUID(ours), pool="hosts", limit=1, agent_name="a", log=log
-        )
-    assert result is kept
+    assert await hold(tmp_path, handler, UUID(ours), [1]) == [kept]
     assert [b["state"]["type"] for b in seen] == proposed
     assert all(b["force"] is (b["state"]["type"] == "CANCELLED") for b in seen)
 

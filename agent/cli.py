@@ -23,6 +23,7 @@ from uuid import UUID
 from agent import __version__, status
 from agent.config_sources import one_line
 from agent.settings import ConfigError, Settings, load_settings
+from agent.warm.memory import collect_templates
 
 EX_OK = 0
 EX_USAGE = 2
@@ -106,8 +107,13 @@ def status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def status_command(ctx: Context) -> int:
-    runs = status.collect(ctx.load_settings())
-    ctx.stdout.write(status.render_json(runs) if ctx.args.json else status.render_table(runs))
+    settings = ctx.load_settings()
+    runs = status.collect(settings)
+    templates = collect_templates(settings.agent.runtime_dir)
+    if ctx.args.json:
+        ctx.stdout.write(status.render_json(runs, templates))
+    else:
+        ctx.stdout.write(status.render_table(runs) + status.render_templates(templates))
     ctx.stdout.flush()
     return EX_OK
 

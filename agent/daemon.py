@@ -31,13 +31,19 @@ from agent.flowinfo import FlowInspector
 from agent.flowlogs import FlowRunLogs
 from agent.heartbeats import Heartbeats
 from agent.launch.auto import select_launcher
+from agent.launch.base import Launcher
+from agent.launch.systemd import SystemdLauncher
 from agent.logs import LogSetup, configure_logging
 from agent.notify import Liveness, Notifier, run_watchdog
 from agent.reporting import Reporter
 from agent.runner import Runner
-from agent.settings import ConfigError, Settings, load_settings
+from agent.settings import ConfigError, FlowRunSettings, Settings, load_settings
 from agent.storage import Storage
 from agent.subscription import EventSubscription
+from agent.warm.launcher import WarmLauncher
+from agent.warm.memory import WARM_DIRECTORY
+from agent.warm.pool import UNIT_PREFIX as WARM_UNIT_PREFIX
+from agent.warm.pool import WarmPool
 
 log = logging.getLogger("agent.daemon")
 
@@ -50,6 +56,24 @@ SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
 
 class StartupError(Exception):
     """A host problem found before start (exit 78: restarting would not help)."""
+
+
+def warm_pool(launcher: Launcher, settings: Settings) -> WarmPool:
+    directory = settings.agent.runtime_dir / WARM_DIRECTORY
+    if isinstance(launcher, SystemdLauncher):
+        systemd = launcher
+        return WarmPool(
+            directory,
+            prefix=systemd.template_prefix,
+            extra_env=systemd.manager_env,
+            # Templates die with the agent; a leftover scope (a crash of systemd-run) does not.
+            before_first_start=lambda: systemd.stop_units(f"{WARM_UNIT_PREFIX}*.scope"),
+        )
+    return WarmPool(directory)
+
+
+def warm_candidates(settings: Settings) -> list[FlowRunSettings]:
+    return [d.flow_run_settings(settings.flow_run) for d in settings.deployments]
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -136,6 +160,7 @@ class Daemon:
         self.notifier = Notifier(environ)
         self.liveness = Liveness()
         self._runner: Runner | None = None
+        self._warm: WarmLauncher | None = None
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -151,7 +176,7 @@ class Daemon:
 
     async def _serve(self, stop: asyncio.Event) -> int:
         settings = self.settings
-        launcher = select_launcher(
+        configured = select_launcher(
             settings.agent.launcher, slice=settings.agent.slice, is_root=os.geteuid() == 0
         )
         token = settings.api.key.get_secret_value() if settings.api.key else None
@@ -169,6 +194,10 @@ class Daemon:
             flow_logs = await stack.enter_async_context(FlowRunLogs(client.create_logs))
             # Entered after the client, before the runs: it lives longer than they do.
             control = await stack.enter_async_context(ControlChannel())
+            # Templates outlive the runner (they stop after it), and die with this process.
+            pool = await stack.enter_async_context(warm_pool(configured, settings))
+            launcher = self._warm = WarmLauncher(configured, pool)
+            launcher.keep_warm(warm_candidates(settings))
             reporter = Reporter(client)
             # One Storage: the schema helper's lease on a checkout must be seen by the runs' gc.
             storage = Storage(
@@ -312,6 +341,8 @@ class Daemon:
         self.settings = new
         if self._runner is not None:
             self._runner.apply(new)
+        if self._warm is not None:
+            self._warm.keep_warm(warm_candidates(new))
         log.info("reloaded the config (%d deployments)", len(new.deployments))
         with contextlib.suppress(Exception):
             self.notifier.ready()

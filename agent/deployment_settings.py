@@ -83,6 +83,7 @@ class DeploymentSettings(ConfigModel):
     runtime_max: RuntimeLimit = None
     user: Annotated[str, BeforeValidator(values.validate_user)] | None = None
     env: dict[EnvName, str] = Field(default_factory=dict)
+    engine: Literal["cold", "warm"] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -7,6 +7,7 @@ recovery, `runner-agent status` and adoption check both before they trust a pid.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,18 +48,39 @@ def wrapper_start_time(pid: int, run_dir: Path) -> float | None:
     The wrapper's argv is `sh -c WRAPPER runner-agent-run <run_dir> <python> ...` (the exec
     chain of both launchers keeps it), and a run directory belongs to exactly one run, so a
     recycled pid cannot pass for it.
+    A warm run's supervisor (agent/warm) has the template's argv; it holds `run_dir` open for
+    its life instead, which a recycled pid cannot do either.
     """
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         argv = proc.cmdline()
-        at = argv.index(WRAPPER_NAME)
-        if argv[at + 1 : at + 2] != [str(run_dir)]:
+        if WRAPPER_NAME in argv:
+            at = argv.index(WRAPPER_NAME)
+            if argv[at + 1 : at + 2] != [str(run_dir)]:
+                return None
+        elif not holds_open(pid, run_dir):
             return None
         return float(proc.create_time())
-    except (psutil.Error, ValueError):
+    except psutil.Error:
         return None
+
+
+def holds_open(pid: int, directory: Path) -> bool:
+    """Whether `pid` has `directory` open (psutil's open_files lists regular files only)."""
+    wanted = {str(directory), os.path.realpath(directory)}
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if str(fd.readlink()) in wanted:
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
 
 
 @dataclass(frozen=True)

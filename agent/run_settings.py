@@ -106,7 +106,15 @@ class ConfigModel(BaseModel):
 
 
 JobVariable = Literal[
-    "env", "memory_max", "cpu_quota", "tasks_max", "runtime_max", "user", "python", "working_dir"
+    "env",
+    "memory_max",
+    "cpu_quota",
+    "tasks_max",
+    "runtime_max",
+    "user",
+    "python",
+    "working_dir",
+    "engine",
 ]
 DEFAULT_JOB_VARIABLES: tuple[JobVariable, ...] = (
     "env",
@@ -125,6 +133,8 @@ class FlowRunSettings(ConfigModel):
     runtime_max: RuntimeLimit = 6 * 3600.0
     user: Annotated[str, BeforeValidator(values.validate_user)] = ""
     env: dict[EnvName, str] = Field(default_factory=dict)
+    # "warm": fork the engine from a template that has imported Prefect (docs/warm-engine.md).
+    engine: Literal["cold", "warm"] = "cold"
 
 
 FLOW_RUN_KEYS = tuple(FlowRunSettings.model_fields)

@@ -24,6 +24,7 @@ from agent.processes import Usage, process_usage
 from agent.records import RunRecord, RunRecords
 from agent.settings import FlowRunSettings, Settings
 from agent.values import format_count, format_cpu_quota, format_duration, format_size
+from agent.warm.memory import TemplateStatus
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -174,8 +175,36 @@ def render_table(runs: Sequence[RunStatus]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_json(runs: Sequence[RunStatus]) -> str:
-    return json.dumps({"runs": [asdict(r) for r in runs]}, indent=2) + "\n"
+def render_templates(templates: Sequence[TemplateStatus]) -> str:
+    """The warm templates section (none: nothing, as for a host without warm deployments)."""
+    if not templates:
+        return ""
+    rows = [("WARM TEMPLATE", "PID", "PYTHON", "FORKS", "RSS", "PSS", "USS", "UNIT")]
+    for t in templates:
+        pid = "-" if t.pid is None else f"{t.pid}{'' if t.alive else ' (gone)'}"
+        rows.append(
+            (
+                t.key,
+                pid,
+                t.python,
+                str(t.forks),
+                human_bytes(t.rss_bytes),
+                human_bytes(t.pss_bytes),
+                human_bytes(t.uss_bytes),
+                t.unit,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def render_json(runs: Sequence[RunStatus], templates: Sequence[TemplateStatus] = ()) -> str:
+    document = {"runs": [asdict(r) for r in runs], "warm_templates": [asdict(t) for t in templates]}
+    return json.dumps(document, indent=2) + "\n"
 
 
 # -- the run's output --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from agent.records import RecordError
 from agent.settings import DeploymentSettings
 from agent.storage import StorageError
 from agent.values import format_duration
+from agent.warm.launcher import WarmHandle
 from agent.workspace import Workspace, engine_environment, limits_text
 
 __all__ = ["CRITICAL_PHASES", "Phase", "RunContext", "Supervisor"]
@@ -169,6 +170,7 @@ class Supervisor(RunOutcomes):
             env={**env, **control_env},
             run_dir=ws.run_dir,
             slice=settings.agent.slice,
+            engine=flow_run.engine,
         )
 
     def rebuild_request(self) -> LaunchRequest | None:
@@ -218,8 +220,9 @@ class Supervisor(RunOutcomes):
         )
         self.mark_running()
         where = handle.unit or f"process {handle.pid}"
+        how = ", forked from a warm engine template" if isinstance(handle, WarmHandle) else ""
         self.note(
-            f"Launched in {where} via the {self.ctx.launcher.name} launcher "
+            f"Launched in {where} via the {self.ctx.launcher.name} launcher{how} "
             f"({limits_text(flow_run)}; {self.engine.describe()})"
         )
         await self.ctx.failpoints.hit("while-running")

@@ -43,6 +43,8 @@ class LaunchRequest:
     # The engine's output goes to the journal (or output.log); a hook's comes back on a pipe
     # (RunHandle.output), to be posted to the run's Prefect logs.
     capture_output: bool = False
+    # "warm": started from a warm template when one is ready (agent/warm), else as "cold".
+    engine: str = "cold"
 
     @property
     def command(self) -> list[str]:

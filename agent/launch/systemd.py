@@ -42,6 +42,10 @@ START_TIMEOUT = 60.0  # systemd-run waits for the manager's job; a hung bus must
 STARTED_POLL = 0.05  # how often to look for the wrapper's pid record while it starts
 SYSTEMCTL_TIMEOUT = 30.0
 _GONE = ("not loaded", "not found", "does not exist")
+# A warm template's scope (agent/warm): one Prefect import (~90 MiB) and the runs' supervisors
+# between their fork and their move into the run's scope.
+TEMPLATE_MEMORY_MAX = "1G"
+TEMPLATE_TASKS_MAX = 64
 
 
 def unit_name(flow_run_id: UUID, kind: str = "run") -> str:
@@ -104,6 +108,59 @@ def systemd_run_argv(
     return argv + wrapped_command(req.run_dir, req.command, privilege_drop=privilege_drop)
 
 
+INFINITY = 2**64 - 1  # "infinity" on the bus
+
+
+def start_transient_scope_argv(
+    req: LaunchRequest, pids: Sequence[int], *, user_manager: bool, slice: str = ""
+) -> list[str]:
+    """`busctl call ... StartTransientUnit` that puts existing `pids` into the run's scope with
+    the limits `systemd_run_argv` gives a cold run, in the bus's units (bytes, tasks, CPU
+    microseconds per second, runtime microseconds). For warm starts (agent/warm)."""
+    props: list[str] = [
+        "PIDs",
+        "au",
+        str(len(pids)),
+        *map(str, pids),
+        "Slice",
+        "s",
+        req.slice or slice,
+        "Description",
+        "s",
+        description(req),
+        "CollectMode",
+        "s",
+        "inactive-or-failed",  # --collect
+        "MemoryMax",
+        "t",
+        str(req.memory_max if req.memory_max is not None else INFINITY),
+        "TasksMax",
+        "t",
+        str(req.tasks_max if req.tasks_max is not None else INFINITY),
+    ]
+    if req.cpu_quota is not None:
+        props += ["CPUQuotaPerSecUSec", "t", str(req.cpu_quota * 10_000)]
+    if req.runtime_max:
+        props += ["RuntimeMaxUSec", "t", str(round(req.runtime_max * 1_000_000))]
+    count = 6 + (req.cpu_quota is not None) + bool(req.runtime_max)
+    return [
+        "busctl",
+        *(["--user"] if user_manager else []),
+        "call",
+        "--quiet",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        unit_name(req.flow_run_id, req.kind),
+        "fail",
+        str(count),
+        *props,
+        "0",
+    ]
+
+
 def systemctl_argv(user_manager: bool, *args: str, systemctl: str = "systemctl") -> list[str]:
     return [systemctl, *(["--user"] if user_manager else []), *args]
 
@@ -138,6 +195,11 @@ class SystemdLauncher:
             else ({"XDG_RUNTIME_DIR": f"/run/user/{os.geteuid()}"} if user_manager else {})
         )
         self._start_timeout = start_timeout
+
+    @property
+    def manager_env(self) -> dict[str, str]:
+        """What systemd-run and systemctl need to find the manager (also in the run's env)."""
+        return dict(self._manager_env)
 
     async def launch(self, req: LaunchRequest) -> RunHandle:
         check_request(req)
@@ -202,8 +264,43 @@ class SystemdLauncher:
     def _unit(self, handle: RunHandle) -> str:
         return handle.unit or unit_name(handle.flow_run_id)
 
+    def template_prefix(self, unit: str, what: str) -> list[str]:
+        """`systemd-run --scope` for a warm template (agent/warm): a scope of its own in the
+        flows' slice, never the agent's cgroup, with room for the runs' supervisors it forks."""
+        return [
+            "systemd-run",
+            *(["--user"] if self.user_manager else []),
+            "--scope",
+            "--quiet",
+            "--collect",
+            "--no-ask-password",
+            f"--unit={unit}",
+            f"--slice={self.slice}",
+            f"--description={what}",
+            "-p",
+            f"MemoryMax={TEMPLATE_MEMORY_MAX}",
+            "-p",
+            f"TasksMax={TEMPLATE_TASKS_MAX}",
+            "--",
+        ]
+
+    async def move_into_scope(self, req: LaunchRequest, pid: int) -> None:
+        """Put the running `pid` into the run's new scope, with the run's limits."""
+        argv = start_transient_scope_argv(
+            req, [pid], user_manager=self.user_manager, slice=self.slice
+        )
+        code, _, err = await self._call(argv)
+        if code != 0:
+            raise LaunchError(f"StartTransientUnit for {unit_name(req.flow_run_id)} failed: {err}")
+
+    async def stop_units(self, pattern: str) -> None:
+        """Stop every loaded unit matching `pattern` (leftovers of a previous agent)."""
+        await self._quietly("stop", pattern)
+
     async def _systemctl(self, *args: str) -> tuple[int, str, str]:
-        argv = systemctl_argv(self.user_manager, *args)
+        return await self._call(systemctl_argv(self.user_manager, *args))
+
+    async def _call(self, argv: list[str]) -> tuple[int, str, str]:
         env = base_environment("", extra=self._manager_env)
         process = await asyncio.create_subprocess_exec(
             *argv,

@@ -49,9 +49,14 @@ def wrapped_command(
 def privilege_drop(entry: pwd.struct_passwd) -> list[str]:
     """setpriv's argv prefix that becomes `entry`'s user: uid, gid and exactly its groups (real,
     effective and saved alike). Numeric ids: nothing is looked up again at exec time."""
-    groups = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    uid, gid, groups = user_ids(entry)
     supplementary = f"--groups={','.join(str(g) for g in groups)}" if groups else "--clear-groups"
-    return [SETPRIV, f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", supplementary, "--"]
+    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", supplementary, "--"]
+
+
+def user_ids(entry: pwd.struct_passwd) -> tuple[int, int, list[int]]:
+    """uid, gid and exactly the user's groups: what a run's engine becomes (cold or warm)."""
+    return entry.pw_uid, entry.pw_gid, sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
 
 
 def read_exit_record(run_dir: Path) -> int | None:

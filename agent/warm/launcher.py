@@ -1,0 +1,266 @@
+"""Warm starts: a run's engine forked from a template instead of a cold `python -m prefect.engine`.
+
+`WarmLauncher` wraps the configured launcher (systemd or process) and has its interface. A run
+whose settings say `engine = "warm"` is handed to its template when one is ready; in every other
+case, and on any refusal or error before the run starts, the wrapped launcher starts it cold and
+the reason is logged. Stopping, killing and the unit's result are the wrapped launcher's: a warm
+run has the same unit, process group and records as a cold one. docs/warm-engine.md.
+
+The hand-over (one JSON object per line, agent/warm/template.py):
+  connect -> the template forks W -> {"spec"} -> W answers {"pid"} -> the agent opens a pidfd of W
+  and, under systemd, puts W into the run's scope -> {"go"} -> W records its pid, forks the engine.
+Before `go` nothing was started: a failure there is a cold start. After it the run has started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from agent.launch.base import (
+    DEFAULT_PATH,
+    Launcher,
+    LaunchError,
+    LaunchRequest,
+    RunHandle,
+    base_environment,
+    changes_user,
+    check_request,
+    find_user,
+)
+from agent.launch.systemd import SystemdLauncher, identifier, unit_name
+from agent.launch.wrapper import OUTPUT_LOG, read_exit_record, user_ids
+from agent.run_settings import FlowRunSettings
+from agent.warm.pool import Template, WarmPool, connect_path, template_key
+
+log = logging.getLogger("agent.warm")
+
+HANDOVER_TIMEOUT = 5.0  # connect and W's pid answer; slower means the template is in trouble
+ENGINE_ANSWER_TIMEOUT = 10.0
+MAX_ANSWER = 64 * 1024
+SIGKILL_STATUS = 128 + signal.SIGKILL
+
+
+class WarmRefused(Exception):
+    """Nothing was started: start the run cold. str() says why."""
+
+
+class WarmHandle:
+    """A warm run. `pid` is W's, which records the exit status as the cold wrapper does; W is
+    the template's child, so its end is seen through a pidfd, not wait()."""
+
+    warm = True
+
+    def __init__(
+        self, flow_run_id: UUID, unit: str | None, pid: int, pidfd: int, run_dir: Path
+    ) -> None:
+        self.flow_run_id = flow_run_id
+        self.unit = unit
+        self.pid: int | None = pid
+        self.output: asyncio.StreamReader | None = None
+        self.run_dir = run_dir
+        self._pidfd = pidfd
+
+    async def wait(self) -> int:
+        if self._pidfd >= 0:
+            loop = asyncio.get_running_loop()
+            ended: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self._pidfd, _settle, ended)
+            try:
+                await ended
+            finally:
+                loop.remove_reader(self._pidfd)
+                os.close(self._pidfd)
+                self._pidfd = -1
+        status = read_exit_record(self.run_dir)
+        # No record: W itself was SIGKILLed (the whole run killed, or the OOM killer chose it),
+        # which is what a cold run's wait() reports when its wrapper is.
+        return status if status is not None else SIGKILL_STATUS
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def wants_warm(req: LaunchRequest) -> bool:
+    return req.engine == "warm" and req.kind == "run" and not req.capture_output
+
+
+def resolve_python(python: str, env: dict[str, str]) -> str | None:
+    if "/" in python:
+        return python if Path(python).is_absolute() else None
+    return shutil.which(python, path=env.get("PATH", DEFAULT_PATH))
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class WarmLauncher:
+    """The configured launcher, with warm starts for the runs that ask for them."""
+
+    def __init__(self, inner: Launcher, pool: WarmPool) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self.pool = pool
+        self._systemd = inner if isinstance(inner, SystemdLauncher) else None
+        self._directory_fd: int | None = None
+
+    def keep_warm(self, flow_runs: Iterable[FlowRunSettings]) -> None:
+        """Start (and keep) the templates of the deployments configured with engine "warm"."""
+        keys = set()
+        for flow_run in flow_runs:
+            if flow_run.engine != "warm":
+                continue
+            env = base_environment("", extra=flow_run.env)
+            python = resolve_python(flow_run.python, env)
+            if python is not None:
+                keys.add(template_key(python, env))
+        self.pool.keep(keys)
+
+    async def launch(self, req: LaunchRequest) -> RunHandle:
+        if not wants_warm(req):
+            return await self.inner.launch(req)
+        check_request(req)
+        try:
+            return await self._launch_warm(req)
+        except WarmRefused as exc:
+            log.info(
+                "warm start unavailable for run %s: %s; starting it cold",
+                req.flow_run_id,
+                exc,
+                extra={"flow_run_id": str(req.flow_run_id)},
+            )
+        return await self.inner.launch(req)
+
+    async def terminate(self, handle: RunHandle) -> None:
+        await self.inner.terminate(handle)
+
+    async def kill(self, handle: RunHandle) -> None:
+        await self.inner.kill(handle)
+
+    async def unit_result(self, handle: RunHandle) -> str | None:
+        return await self.inner.unit_result(handle)
+
+    # -- the hand-over -------------------------------------------------------------------------
+
+    def _environment(self, req: LaunchRequest) -> dict[str, str]:
+        """Exactly what the wrapped launcher gives a cold run's processes."""
+        extra = dict(req.env)
+        if self._systemd is not None:
+            extra = {**self._systemd.manager_env, **extra}
+        return base_environment(req.user, extra=extra)
+
+    def _spec(self, req: LaunchRequest, env: dict[str, str]) -> dict[str, Any]:
+        user = None
+        if changes_user(req.user):
+            uid, gid, groups = user_ids(find_user(req.user))
+            user = {"uid": uid, "gid": gid, "groups": groups}
+        if self._systemd is not None:
+            output = {"journal": identifier(req.flow_run_id, req.kind)}
+        else:
+            output = {"file": str(req.run_dir / OUTPUT_LOG)}
+        return {
+            "env": env,
+            "cwd": str(req.working_dir),
+            "run_dir": str(req.run_dir),
+            "umask": current_umask(),
+            "user": user,
+            "output": output,
+            "scope": unit_name(req.flow_run_id, req.kind) if self._systemd else None,
+        }
+
+    async def _launch_warm(self, req: LaunchRequest) -> RunHandle:
+        env = self._environment(req)
+        python = resolve_python(req.python, env)
+        if python is None:
+            raise WarmRefused(f"{req.python} is not an absolute path")
+        template = self.pool.take(template_key(python, env))
+        if isinstance(template, str):
+            raise WarmRefused(template)
+        spec = self._spec(req, env)
+        pid, pidfd = await self._hand_over(template, req, spec)
+        unit = unit_name(req.flow_run_id, req.kind) if self._systemd else None
+        return WarmHandle(req.flow_run_id, unit, pid, pidfd, req.run_dir)
+
+    def _connect_path(self, template: Template) -> str:
+        if self._directory_fd is None and len(str(template.socket_path)) > 100:
+            self._directory_fd = os.open(self.pool.directory, os.O_RDONLY | os.O_DIRECTORY)
+        return connect_path(template.socket_path, self._directory_fd)
+
+    async def _hand_over(
+        self, template: Template, req: LaunchRequest, spec: dict[str, Any]
+    ) -> tuple[int, int]:
+        """W's pid and a pidfd of it, once W was told to go; WarmRefused before that."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self._connect_path(template), limit=MAX_ANSWER),
+                timeout=HANDOVER_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise WarmRefused(f"its template did not answer: {exc!r}") from None
+        pidfd = -1
+        moved = False
+        go = False
+        try:
+            writer.write(json.dumps({"spec": spec}).encode() + b"\n")
+            await writer.drain()
+            answer = await _answer(reader, HANDOVER_TIMEOUT)
+            if "pid" not in answer:
+                raise WarmRefused(str(answer.get("error") or "its template gave no answer"))
+            pid = int(answer["pid"])
+            # W waits for `go`, so it is alive now: the pidfd cannot name a reused pid.
+            pidfd = os.pidfd_open(pid)
+            if self._systemd is not None:
+                moved = True
+                await self._systemd.move_into_scope(req, pid)
+            go = True
+            writer.write(b'{"go": true}\n')
+            await writer.drain()
+        except (OSError, TimeoutError, ValueError, LaunchError, WarmRefused) as exc:
+            # A `go` that could not be written never reached W (the connection is broken): W
+            # exits having started nothing, and the run starts cold.
+            await self._abandon(req, writer, pidfd, moved)
+            if isinstance(exc, WarmRefused):
+                raise
+            raise WarmRefused(f"the hand-over failed: {exc!r}") from None
+        except BaseException:
+            if not go:  # cancelled (the agent stops): W sees EOF and starts nothing
+                await self._abandon(req, writer, pidfd, moved)
+            raise
+        # The run has started. The engine's pid is only reported; its absence changes nothing.
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            await _answer(reader, ENGINE_ANSWER_TIMEOUT)
+        writer.close()
+        return pid, pidfd
+
+    async def _abandon(
+        self, req: LaunchRequest, writer: asyncio.StreamWriter, pidfd: int, moved: bool
+    ) -> None:
+        writer.close()
+        if pidfd >= 0:
+            os.close(pidfd)
+        if moved and self._systemd is not None:
+            # The scope may hold W until it exits; a cold start must be free to use the name.
+            await self._systemd.stop_units(unit_name(req.flow_run_id, req.kind))
+
+
+async def _answer(reader: asyncio.StreamReader, within: float) -> dict[str, Any]:
+    async with asyncio.timeout(within):
+        line = await reader.readline()
+    if not line:
+        return {}
+    message = json.loads(line)
+    return message if isinstance(message, dict) else {}

@@ -134,9 +134,8 @@ class WarmPool:
         clock: Callable[[], float] = time.monotonic,
         program: Path = PROGRAM,
     ) -> None:
-        """`prefix(unit, description)`: the argv in front of the template's (systemd-run
-        --scope under systemd); `before_first_start`: a coroutine function run once, before the
-        first template starts (stops leftovers of an earlier agent)."""
+        """`prefix(unit, description)`: argv in front of the template's (systemd-run --scope);
+        `before_first_start`: run once before the first template starts (stops leftovers)."""
         self.directory = directory
         self._prefix = prefix
         self._extra_env = dict(extra_env or {})
@@ -148,7 +147,9 @@ class WarmPool:
         self._kept: set[TemplateKey] = set()
         self._generation = 0
         self._group: asyncio.TaskGroup | None = None
-        self._first_start: asyncio.Task[None] | None = None
+        self._first_start: asyncio.Future[Any] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def __aenter__(self) -> WarmPool:
         self._group = asyncio.TaskGroup()
@@ -156,9 +157,12 @@ class WarmPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        group, self._group = self._group, None
+        self._closing = True
         for template in list(self._templates.values()):
             self._terminate(template)
+        for task in self._restarts:
+            task.cancel()
+        group, self._group = self._group, None
         if group is not None:
             await group.__aexit__(None, None, None)
         self._templates.clear()
@@ -214,9 +218,6 @@ class WarmPool:
         template.forks += 1
         return template
 
-    def templates(self) -> list[Template]:
-        return list(self._templates.values())
-
     # -- a template's life ---------------------------------------------------------------------
 
     def _socket_path(self, key: TemplateKey, generation: int) -> Path:
@@ -249,9 +250,19 @@ class WarmPool:
                 del self._templates[key]
                 if not ended_by_us:
                     self._retry_at[key] = self._clock() + RETRY_AFTER
+                    if key in self._kept and self._group is not None and not self._closing:
+                        restart = self._group.create_task(self._restart_later(key))
+                        self._restarts.add(restart)
+                        restart.add_done_callback(self._restarts.discard)
             with contextlib.suppress(OSError):
                 template.socket_path.unlink()
             self._write_state()
+
+    async def _restart_later(self, key: TemplateKey) -> None:
+        """A kept template that died comes back after the pause, not at the next run."""
+        await asyncio.sleep(RETRY_AFTER)
+        if key in self._kept:
+            self.ensure(key)
 
     async def _start(self, template: Template) -> None:
         if self._before_first_start is not None and self._first_start is None:

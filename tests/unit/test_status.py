@@ -206,7 +206,7 @@ def test_status_table(config: Path, busy_process: subprocess.Popen[bytes]) -> No
 def test_status_without_runs(config: Path) -> None:
     assert main(config, "status") == (0, "no flow runs on this host\n", "")
     code, out, _ = main(config, "status", "--json")
-    assert (code, json.loads(out)) == (0, {"runs": []})
+    assert (code, json.loads(out)) == (0, {"runs": [], "warm_templates": []})
 
 
 def test_status_with_a_bad_config_exits_78(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: the real Prefect server and the older-engine venv."""
+"""Session-wide fixtures: the real Prefect server and the older-engine venv; the `engine`
+parameter of the run-semantics tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.engines import ENGINES
 from tests.integration.prefect_server import PrefectServer, PrefectServerError, prefect_venv
 
 
@@ -58,3 +60,11 @@ def prefect_old_venv() -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(problem, pytrace=False)
     pytest.skip(problem)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """`[flow_run] engine` of the agent a run-semantics test runs: each test (or module-scoped
+    fixture) that asks for it runs once per engine, with the ids `cold` and `warm`
+    (docs/warm-engine.md). Module scope, so module-scoped agents and beds can take it too."""
+    return str(request.param)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,8 +75,7 @@ def template_key(python: str, env: Mapping[str, str]) -> TemplateKey:
 
 
 def _fingerprint(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
-    """Stats that change when the venv does: pip adds and removes dist-info directories, so
-    site-packages' mtime moves with every install, upgrade or removal."""
+    """Stats that move with the venv: pip adds and removes dist-info directories."""
     stamps = []
     for path in paths:
         try:
@@ -359,7 +359,9 @@ class WarmPool:
         with contextlib.suppress(OSError):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(data))
             tmp.replace(path)
 
 

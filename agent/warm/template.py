@@ -27,8 +27,7 @@ Protocol, one JSON object per line (the agent's side: agent/warm/pool.py, launch
 Stdlib only, Python 3.9 or newer: it runs in the flow's venv.
 """
 
-# Process plumbing next to fork/dup2/setresuid: os-level calls on purpose.
-# ruff: noqa: PTH100, PTH105, PTH112, PTH118, PTH208
+# ruff: noqa: PTH100, PTH101, PTH105, PTH112, PTH118, PTH208
 
 from __future__ import annotations
 
@@ -41,6 +40,7 @@ if __name__ == "__main__":
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -366,6 +366,7 @@ def main(argv: list[str]) -> tuple[Spec, socket.socket, Start]:
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(argv[1])
+    os.chmod(argv[1], 0o600)  # the agent's alone, like every file in its runtime directory
     listener.listen(64)
     ready = {
         "ready": os.getpid(),
@@ -381,7 +382,6 @@ def main(argv: list[str]) -> tuple[Spec, socket.socket, Start]:
 
 def load_turn() -> Any:
     """E's half (turn.py), loaded by path (this directory is not on sys.path), before forks."""
-    import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "turn.py")  # noqa: PTH120
     spec = importlib.util.spec_from_file_location("runner_agent_warm_turn", path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,6 +76,9 @@ class AgentProcess:
         agent_section.update(agent or {})
         flow_run_section: dict[str, Any] = {"python": python}
         flow_run_section.update(flow_run or {})
+        # `[flow_run] engine` (docs/warm-engine.md); "warm" runs need their templates ready.
+        self.engine = str(flow_run_section.get("engine", "cold"))
+        self.pythons = sorted({str(d.get("python", python)) for d in deployments})
         self.config_path.write_text(
             render_config(
                 {
@@ -141,12 +145,46 @@ class AgentProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def warm_ready(self, python: str) -> bool:
+        """Whether the agent said that its warm template for `python` is ready; raises when it
+        said that the template cannot serve (refused, could not start, exited)."""
+        for record in self.records():
+            message = str(record.get("message", ""))
+            if not message.startswith("warm template ") or f" for {python} " not in message:
+                continue
+            if " is ready " in message:
+                return True
+            if any(w in message for w in ("refused to serve", "could not start", "exited")):
+                raise AssertionError(f"the warm template of {python} cannot serve: {message}")
+        return False
+
+    def wait_warm(self, timeout: float = 240) -> None:
+        """With engine "warm": until the templates of the deployments' pythons are ready.
+
+        A run never waits for a template (one that is still importing means a cold start), so
+        a test of warm runs creates them only after this. Pythons that do not exist have no
+        template (their runs start cold and crash as they would). Cold: returns at once.
+        """
+        if self.engine != "warm":
+            return
+        pythons = [p for p in self.pythons if Path(p).exists()]
+        try:
+            wait_for(
+                lambda: all(self.warm_ready(p) for p in pythons),
+                timeout,
+                interval=1.0,
+                what=f"the warm templates of {pythons}",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the agent's log: {self.log_text()[-3000:]}") from None
+
 
 @contextmanager
 def running_agent(*args: Any, **kwargs: Any) -> Iterator[AgentProcess]:
     agent = AgentProcess(*args, **kwargs)
     agent.start()
     try:
+        agent.wait_warm()
         yield agent
     finally:
         agent.stop()
@@ -155,10 +193,17 @@ def running_agent(*args: Any, **kwargs: Any) -> Iterator[AgentProcess]:
 
 
 def kill_process_groups_under(workdir: Path) -> None:
-    """Kill processes whose cwd or command line points into the test's directory."""
+    """Kill the processes of the test's directory, and all their descendants.
+
+    A process is the test's when its cwd, its command line or its TMPDIR points into the
+    directory, or when it holds a file there open: a warm run's supervisor holds its run
+    directory open, and its engine, a descendant, shows the template's argv and environment
+    (docs/warm-engine.md), so only the descendants rule finds it.
+    """
     import psutil
 
     marker = str(workdir)
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline", "cwd", "environ"]):
         try:
             info = proc.info
@@ -167,11 +212,29 @@ def kill_process_groups_under(workdir: Path) -> None:
                 marker in " ".join(info.get("cmdline") or [])
                 or marker in (info.get("cwd") or "")
                 or marker in environ.get("TMPDIR", "")
+                or _holds_open_under(proc.pid, marker)
             )
             if mine and proc.pid != os.getpid():
-                proc.kill()
+                found[proc.pid] = proc
+                found.update((child.pid, child) for child in proc.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    for proc in found.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+
+
+def _holds_open_under(pid: int, marker: str) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = str(fd.readlink())
+            if link == marker or link.startswith(f"{marker}/"):
+                return True
+    return False
 
 
 def wait_for(

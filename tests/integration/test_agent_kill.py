@@ -24,6 +24,7 @@ from tests.integration.agent_process import (
     running_agent,
     wait_for,
 )
+from tests.integration.engines import WARM_NOTE, run_supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -75,12 +76,22 @@ SOURCES = [(point, "deployment") for point in CASES] + [
     ("after-claim", "work pool"),
     ("while-running", "work pool"),
 ]
+# Warm runs (docs/warm-engine.md) where the first agent launches the run: the second then adopts
+# a warm supervisor that outlived its template (killed with the agent), or reads its records.
+# Not after-claim: the second agent launches the claimed run at its start, before any template
+# of its own is ready (a run never waits for one), so it would start cold; nor the pool runs,
+# whose templates start at their first claim, not with the agent.
+WARM = ["during-launch", "while-running", "after-exit"]
+MATRIX = [(point, source, "cold") for point, source in SOURCES] + [
+    (point, "deployment", "warm") for point in WARM
+]
 
 
-@pytest.mark.parametrize(("point", "source"), SOURCES)
+@pytest.mark.parametrize(("point", "source", "engine"), MATRIX)
 def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
     point: str,
     source: str,
+    engine: str,
     prefect_server: Any,
     flow_dir: Path,
     api: Api,
@@ -97,7 +108,10 @@ def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
         else {"marker": str(marker)},
     }
     common: dict[str, Any] = dict(
-        api_url=prefect_server.api_url, python=prefect_server.python, name=name
+        api_url=prefect_server.api_url,
+        python=prefect_server.python,
+        name=name,
+        flow_run={"engine": engine},
     )
     if source == "deployment":
         common["deployments"] = [{"name": name, "flow_name": f"kill-{func}", **deployment}]
@@ -109,6 +123,7 @@ def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
     first = AgentProcess(workdir, env={"RUNNER_AGENT_FAILPOINTS": f"{point}=kill"}, **common)
     first.start()
     try:
+        first.wait_warm()  # the first agent launches warm runs warm
         if source == "deployment":
             deployment_id = api.wait_deployment(f"kill-{func}", name)
         else:
@@ -127,6 +142,14 @@ def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
 
         with running_agent(workdir, **common) as second:
             wait_for(lambda: recovered_by in second.log_text(), 60, what=recovered_by)
+            if func == "once":
+                # The run waits for `go`: its live supervisor (the pid record's process, the
+                # one the second agent adopted or launched) shows the engine that started it.
+                run_dir = workdir / "run" / "runs" / run_id
+                supervisor = wait_for(
+                    lambda: run_supervisor(run_dir), 60, what=f"the supervisor of {run_id}"
+                )
+                assert supervisor[0] == engine, supervisor
             go.touch()
             state = api.wait_final(run_id, timeout=90)
             # The story is finished when the second agent forgets the run's record; a crash
@@ -153,3 +176,9 @@ def test_agent_killed_at_each_step_finishes_the_run_exactly_once(
     # ... and by the path this case is about.
     assert f"recovering run {run_id} (left in phase {phase})" in log, log[-3000:]
     assert recovered_by in log, log[-3000:]
+    # ... and with the engine of the case: no cold fallback, and the launch note (logged before
+    # the kill, except at during-launch) names a warm start exactly for warm.
+    # (Both agents log into the same file, so `log` holds the first one's too.)
+    assert f"warm start unavailable for run {run_id}" not in log, log[-3000:]
+    if point != "during-launch":
+        assert (WARM_NOTE in log) == (engine == "warm"), log[-3000:]

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
+from tests.integration.engines import engine_of, launches
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,9 @@ FLOWS = textwrap.dedent(
 )
 
 
-def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix: str) -> Any:
+def start_agent(
+    prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix: str, engine: str = "cold"
+) -> Any:
     """Deployments get per-test flow names, so no run is created from another test's config."""
     flows = tmp_path / "flows"
     flows.mkdir()
@@ -72,6 +75,7 @@ def start_agent(prefect_server: Any, tmp_path: Path, *, websocket: bool, suffix:
             "prefetch": "15s",
             "heartbeat_interval": "2s",
         },
+        flow_run={"engine": engine},
     )
     return agent, markers
 
@@ -118,6 +122,9 @@ def cancel_running_sleeper(
     wait_for(marker.exists, 90, what="the sleeper to start its grandchild")
     pids = [int(p) for p in marker.read_text().split()]
     assert all(psutil.pid_exists(p) for p in pids)
+    # The flow's engine (pids[0]) is the configured one: its parent is the sh wrapper, or a
+    # warm supervisor.
+    assert engine_of(pids[0]) == agent.engine, (pids, agent.engine)
     cancel(api, run_id)
     state = wait_cancelled(api, run_id)
     assert state["type"] == "CANCELLED", (state, agent.log_text()[-3000:])
@@ -129,6 +136,7 @@ def cancel_running_sleeper(
     cancelled = next(s for s in history if s["type"] == "CANCELLED")["timestamp"]
     latency = datetime.fromisoformat(cancelled) - datetime.fromisoformat(cancelling)
     print(f"cancellation latency CANCELLING -> CANCELLED: {latency.total_seconds():.2f}s")
+    assert launches(api, run_id) == [agent.engine]
     return run_id, pids
 
 
@@ -146,12 +154,15 @@ def assert_gone(pids: list[int]) -> None:
 
 
 def test_cancel_kills_the_whole_run_via_websocket(
-    prefect_server: Any, api: Api, tmp_path: Path
+    prefect_server: Any, api: Api, tmp_path: Path, engine: str
 ) -> None:
     since = datetime.now(UTC) - timedelta(seconds=5)
-    agent_cm, markers = start_agent(prefect_server, tmp_path, websocket=True, suffix="ws")
+    suffix = f"ws-{engine}"
+    agent_cm, markers = start_agent(
+        prefect_server, tmp_path, websocket=True, suffix=suffix, engine=engine
+    )
     with agent_cm as agent:
-        run_id, pids = cancel_running_sleeper(api, agent, markers, "ws")
+        run_id, pids = cancel_running_sleeper(api, agent, markers, suffix)
         assert_gone(pids)
 
         def cancelled_event() -> list[dict[str, Any]]:

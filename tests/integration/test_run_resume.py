@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
+from tests.integration.engines import launches
 from tests.integration.prefect_server import PrefectServer
 from tests.integration.run_story import MARKERS, agent_says, marks, prefect_python, wait_story_done
 
@@ -102,6 +103,7 @@ def setup(
     api: Api,
     tmp_path: Path,
     flow_dir_factory: Callable[[str], Path],
+    engine: str,
 ) -> Iterator[Setup]:
     flow_dir = flow_dir_factory(FLOWS)
     markers = tmp_path / "markers"
@@ -127,6 +129,7 @@ def setup(
         python=prefect_server.python,
         deployments=deployments,
         name="resume",
+        flow_run={"engine": engine},
     ) as agent:
         yield Setup(agent, markers, api, prefect_server)
 
@@ -162,6 +165,8 @@ def test_suspended_run_resumes_and_completes(setup: Setup) -> None:
     assert len(before) == 2 and before[0] == first and before[1][0] != first[0], before
     assert setup.marks(run_id, "task") == [[first[0]]]
     assert setup.marks(run_id, "after") == [[before[1][0], "41"]]
+    # Both processes were started by the configured engine.
+    assert launches(setup.api, run_id, 2) == [setup.agent.engine] * 2
 
 
 def test_paused_run_resumes_in_its_process(setup: Setup) -> None:
@@ -181,6 +186,7 @@ def test_paused_run_resumes_in_its_process(setup: Setup) -> None:
     ], types
     [before] = setup.marks(run_id, "before")
     assert setup.marks(run_id, "after") == [[before[0]]]
+    assert launches(setup.api, run_id) == [setup.agent.engine]
 
 
 def test_run_suspended_after_an_in_process_retry_resumes(setup: Setup) -> None:
@@ -199,3 +205,4 @@ def test_run_suspended_after_an_in_process_retry_resumes(setup: Setup) -> None:
     assert attempts[0][0] == attempts[1][0] != attempts[2][0], attempts
     assert setup.marks(run_id, "after") == [[attempts[2][0]]]
     assert "CRASHED" not in " ".join(types), types
+    assert launches(setup.api, run_id, 2) == [setup.agent.engine] * 2

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
+from tests.integration.engines import engine_of, launches
 from tests.integration.prefect_server import PrefectServer
 from tests.integration.run_story import (
     MARKERS,
@@ -87,11 +88,14 @@ class Setup:
         return self.api.create_run(deployment_id)
 
     def wait_started(self, run_id: str) -> list[str]:
+        """The flow body's "started" mark: the engine's pid first. The engine is the agent's
+        configured one (its parent is the sh wrapper, or a warm supervisor)."""
         line = wait_for(
             lambda: marks(self.markers, run_id, "started"),
             ENGINE_START,
             what=f"the flow body of {run_id}",
         )
+        assert engine_of(int(line[0][0])) == self.agent.engine, (line, self.agent.engine)
         return list(line[0])
 
     def marks(self, run_id: str, name: str) -> list[list[str]]:
@@ -105,6 +109,7 @@ def setup(
     api: Api,
     tmp_path: Path,
     flow_dir_factory: Callable[[str], Path],
+    engine: str,
 ) -> Iterator[Setup]:
     flow_dir = flow_dir_factory(FLOWS)
     markers = tmp_path / "markers"
@@ -127,6 +132,7 @@ def setup(
         deployments=deployments,
         name="semantics",
         agent={"cancel_grace": "5s"},
+        flow_run={"engine": engine},
     ) as agent:
         yield Setup(agent, markers, api)
 
@@ -154,6 +160,7 @@ def check_cancelled(setup: Setup, run_id: str, since: datetime, pids: list[int])
         f"{cancelling_to_cancelled(history):.2f}s"
     )
     assert types[-1] == "CANCELLED", types
+    assert launches(api, run_id) == [setup.agent.engine]
     # The agent ran the flow's on_cancellation hooks exactly once, in a hook process of its
     # own, with the state Prefect's Runner gives them; the engine ran none of them.
     hooks = setup.marks(run_id, "on_cancellation")
@@ -224,10 +231,15 @@ def test_crash_the_engine_cannot_report_runs_on_crashed_once(setup: Setup) -> No
     assert setup.marks(run_id, "on_cancellation") == []
     types = [s["type"] for s in setup.api.history(run_id)]
     assert types.count("CRASHED") == 1, types
+    assert launches(setup.api, run_id) == [setup.agent.engine]
 
 
 def test_hook_that_hangs_is_killed_at_its_time_limit(
-    prefect_server: PrefectServer, api: Api, tmp_path: Path, flow_dir_factory: Callable[[str], Path]
+    prefect_server: PrefectServer,
+    api: Api,
+    tmp_path: Path,
+    flow_dir_factory: Callable[[str], Path],
+    engine: str,
 ) -> None:
     flow_dir = flow_dir_factory(FLOWS)
     markers = tmp_path / "markers"
@@ -239,6 +251,7 @@ def test_hook_that_hangs_is_killed_at_its_time_limit(
         deployments=[deployment("hang-hook", "hard_exit_hanging_hook", flow_dir, markers)],
         name="semantics-hang",
         agent={"hook_timeout": HANG_HOOK_TIMEOUT},
+        flow_run={"engine": engine},
     ) as agent:
         setup = Setup(agent, markers, api)
         run_id = setup.start("hang-hook")
@@ -257,3 +270,4 @@ def test_hook_that_hangs_is_killed_at_its_time_limit(
         wait_gone([int(hung[0][0])])
         # The run keeps its final state.
         assert api.state(run_id)["type"] == "CRASHED"
+        assert launches(api, run_id) == [engine]

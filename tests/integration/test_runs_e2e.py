@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.agent_process import AgentProcess, Api, running_agent, wait_for
+from tests.integration.engines import launches
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +69,9 @@ def deployment(name: str, flow_dir: Path, func: str, **extra: Any) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def basic_agent(
-    prefect_server: Any, flow_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_server: Any, flow_dir: Path, tmp_path_factory: pytest.TempPathFactory, engine: str
 ) -> Iterator[AgentProcess]:
+    """One agent per engine for the tests of a single run (so they run once per engine)."""
     deployments = [
         deployment("hello", flow_dir, "hello"),
         deployment("boom", flow_dir, "boom"),
@@ -82,6 +84,7 @@ def basic_agent(
         python=prefect_server.python,
         deployments=deployments,
         name="e2e-basic",
+        flow_run={"engine": engine},
     ) as agent:
         yield agent
 
@@ -92,6 +95,7 @@ def test_scheduled_run_completes(basic_agent: AgentProcess, api: Api) -> None:
     state = api.wait_final(run_id)
     assert state["type"] == "COMPLETED", (state, basic_agent.log_text()[-3000:])
     api.wait_logs(run_id, "Claimed by runner-agent 'e2e-basic'", "Launched in process")
+    assert launches(api, run_id) == [basic_agent.engine]
     types = [s["type"] for s in api.history(run_id)]
     assert types.count("PENDING") == 1 and types.count("RUNNING") == 1, types
 
@@ -110,6 +114,7 @@ def test_failing_flow_stays_failed(basic_agent: AgentProcess, api: Api) -> None:
     )
     assert api.state(run_id)["type"] == "FAILED"
     assert "CRASHED" not in [s["type"] for s in api.history(run_id)]
+    assert launches(api, run_id) == [basic_agent.engine]
 
 
 def test_hard_exit_is_crashed_with_status(basic_agent: AgentProcess, api: Api) -> None:
@@ -118,9 +123,12 @@ def test_hard_exit_is_crashed_with_status(basic_agent: AgentProcess, api: Api) -
     state = api.wait_final(run_id)
     assert state["type"] == "CRASHED", state
     assert "status 3" in state["message"], state
+    assert launches(api, run_id) == [basic_agent.engine]
 
 
 def test_bad_interpreter_is_crashed_with_reason(basic_agent: AgentProcess, api: Api) -> None:
+    # With engine "warm" too: a python that does not exist has no template, so the run is
+    # started cold, and crashes with the same reason.
     deployment_id = api.wait_deployment("e2e-bad-python", "bad-python")
     run_id = api.create_run(deployment_id)
     state = api.wait_final(run_id)
@@ -139,7 +147,7 @@ def overlaps(intervals: list[tuple[float, float]]) -> int:
 
 
 def test_limit_is_never_exceeded(
-    prefect_server: Any, flow_dir: Path, api: Api, tmp_path: Path
+    prefect_server: Any, flow_dir: Path, api: Api, tmp_path: Path, engine: str
 ) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -156,11 +164,13 @@ def test_limit_is_never_exceeded(
         deployments=deployments,
         name="e2e-limit",
         agent={"limit": 2},
+        flow_run={"engine": engine},
     ) as agent:
         deployment_id = api.wait_deployment("e2e-limited", "limited")
         run_ids = [api.create_run(deployment_id) for _ in range(6)]
         states = [api.wait_final(run_id, timeout=180) for run_id in run_ids]
         assert all(s["type"] == "COMPLETED" for s in states), (states, agent.log_text()[-3000:])
+    assert [launches(api, run_id) for run_id in run_ids] == [[engine]] * 6
     intervals = [tuple(json.loads(p.read_text())[:2]) for p in markers.iterdir()]
     assert len(intervals) == 6
     peak = overlaps(intervals)

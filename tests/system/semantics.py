@@ -20,7 +20,14 @@ from typing import Any
 from tests.integration.agent_process import Api, render_config
 from tests.integration.prefect_server import PrefectServer
 from tests.system.conftest import REPO
-from tests.system.test_agent_service import CONFIG, SERVICE, SLICE, Bed, container_time
+from tests.system.test_agent_service import (
+    CONFIG,
+    SERVICE,
+    SLICE,
+    STOP_SCOPES,
+    Bed,
+    container_time,
+)
 from tests.system.testbed import CACHE, Container, install_agent, install_units
 
 MARKERS = "/var/tmp/ra-hook-markers"  # inside the container; the flows run as root
@@ -92,7 +99,9 @@ FLOWS = textwrap.dedent(
 
     @flow(**HOOKS)
     def sleeper(seconds: float = 60.0):
-        print(f"sleeping {seconds}s", flush=True)
+        # X: what the engine itself sees of a job variable's env (a warm engine's
+        # /proc/<pid>/environ is its template's).
+        print(f"sleeping {seconds}s, X={os.environ.get('X')}", flush=True)
         time.sleep(seconds)
 
     @flow(**HOOKS)
@@ -129,8 +138,11 @@ def deployments(flows: Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def installed_agent(c: Container, prefect_server: PrefectServer) -> Iterator[Bed]:
-    """The agent installed as `runner-agent.service`, its deployments registered, stopped."""
+def installed_agent(
+    c: Container, prefect_server: PrefectServer, engine: str = "cold"
+) -> Iterator[Bed]:
+    """The agent installed as `runner-agent.service`, its deployments registered, stopped;
+    its runs start with `engine` (`[flow_run] engine`)."""
     # The flows must be visible inside: under the test cache, which is bound at the same path.
     flows = Path(tempfile.mkdtemp(prefix="system-semantics-flows-", dir=CACHE))
     api = Api(prefect_server.api_url)
@@ -159,6 +171,7 @@ def installed_agent(c: Container, prefect_server: PrefectServer) -> Iterator[Bed
                     "tasks_max": TASKS_MAX,
                     "runtime_max": "10m",
                     "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"},
+                    "engine": engine,
                 },
             },
             deployments(flows),
@@ -171,14 +184,14 @@ def installed_agent(c: Container, prefect_server: PrefectServer) -> Iterator[Bed
             d["name"]: api.wait_deployment(d["flow_name"], d["name"]) for d in deployments(flows)
         }
         c.systemctl("stop", SERVICE)
-        yield Bed(c, api, ids)
+        yield Bed(c, api, ids, engine)
     finally:
         c.systemctl("stop", SERVICE, check=False)
         c.exec(
             [
                 "sh",
                 "-c",
-                "systemctl stop 'runner-agent-run-*' 'runner-agent-hook-*'; systemctl reset-failed",
+                f"systemctl stop {STOP_SCOPES} 'runner-agent-hook-*'; systemctl reset-failed",
             ],
             check=False,
         )
@@ -213,9 +226,7 @@ def started_agent(bed: Bed) -> Iterator[Bed]:
         print(f"--- agent journal since {since}:")
         print(bed.journal_since(since, SERVICE, "-o", "short-precise", "-n", "200"))
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(
-            ["sh", "-c", "systemctl stop 'runner-agent-run-*' 'runner-agent-hook-*'"], check=False
-        )
+        c.exec(["sh", "-c", f"systemctl stop {STOP_SCOPES} 'runner-agent-hook-*'"], check=False)
         c.wait_for(lambda: not unit_list(c), 30, "run and hook scopes to go")
         c.exec(["systemctl", "reset-failed"], check=False)
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.integration.agent_process import Api, render_config
+from tests.integration.engines import argv_engine, launches
 from tests.integration.prefect_server import PrefectServer
 from tests.integration.test_cancellation_e2e import cancel
 from tests.system.conftest import REPO
@@ -32,6 +33,9 @@ SERVICE = "runner-agent.service"
 SLICE = "runner-agent-flows.slice"
 CONFIG = "/etc/runner-agent/agent.toml"
 DROP_IN = "/etc/systemd/system/runner-agent.service.d/50-system-test.conf"
+ENGINE_DROP_IN = "/etc/runner-agent/agent.d/50-engine.toml"
+# What a test leaves behind is stopped: run scopes, and warm templates (they die with the agent).
+STOP_SCOPES = "'runner-agent-run-*' 'runner-agent-warm-*'"
 NOBODY = 65534
 
 FLOWS = textwrap.dedent(
@@ -106,15 +110,56 @@ class Bed:
     c: Container
     api: Api
     ids: dict[str, str]  # deployment name -> id
+    engine: str = "cold"  # the agent's `[flow_run] engine` (docs/warm-engine.md)
 
     def run(self, deployment: str, **parameters: Any) -> str:
         return self.api.create_run(self.ids[deployment], parameters=parameters)
 
     def start_agent(self) -> float:
-        """`systemctl start`; returns how long it took (it returns after READY=1)."""
+        """`systemctl start`; returns how long it took (it returns after READY=1). With engine
+        "warm", then waits until the warm templates are ready (not counted)."""
         started = time.monotonic()
         self.c.systemctl("start", SERVICE)
-        return time.monotonic() - started
+        took = time.monotonic() - started
+        self.wait_warm()
+        return took
+
+    def use_engine(self, engine: str) -> None:
+        """Sets `[flow_run] engine` by a drop-in, from the next start of the agent on."""
+        self.engine = engine
+        if engine == "cold":
+            self.c.exec(["rm", "-f", ENGINE_DROP_IN])
+        else:
+            self.c.write_file(ENGINE_DROP_IN, f'[flow_run]\nengine = "{engine}"\n', 0o600)
+
+    def warm_templates(self) -> list[dict[str, Any]]:
+        """The warm templates `runner-agent status --json` lists."""
+        status = json.loads(self.c.exec(["runner-agent", "status", "--json"]).stdout)
+        return list(status.get("warm_templates", []))
+
+    def wait_warm(self, timeout: float = 180) -> None:
+        """With engine "warm": until the agent's warm templates are ready (listed, alive).
+
+        A run never waits for a template (one that is still importing means a cold start), so
+        warm runs are created only after this. Cold: returns at once.
+        """
+        if self.engine != "warm":
+            return
+        try:
+            self.c.wait_for(
+                lambda: (found := self.warm_templates()) and all(t["alive"] for t in found),
+                timeout,
+                "the agent's warm templates to be ready",
+            )
+        except TestBedError as exc:
+            journal = self.c.journal(SERVICE, "-o", "cat", "-n", "60")
+            raise AssertionError(f"{exc}; the agent's journal:\n{journal}") from None
+
+    def scope_engine(self, unit: str) -> str | None:
+        """Which engine runs in the run's scope, by the argv of its processes ("cold": the sh
+        wrapper and `python -m prefect.engine`; "warm": W and E, with the template's argv)."""
+        kinds = {argv_engine(self.process(pid)[0]) for pid in self.scope_pids(unit)} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
 
     def service(self, *props: str) -> dict[str, str]:
         return self.c.show(SERVICE, *props)
@@ -233,9 +278,7 @@ def bed(host_container: Container, prefect_server: PrefectServer) -> Iterator[Be
         yield Bed(c, api, ids)
     finally:
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(
-            ["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"], check=False
-        )
+        c.exec(["sh", "-c", f"systemctl stop {STOP_SCOPES}; systemctl reset-failed"], check=False)
         c.exec(
             [
                 "rm",
@@ -267,11 +310,20 @@ def agent(bed: Bed) -> Iterator[Bed]:
         print(f"--- agent journal since {since}:")
         print(bed.journal_since(since, SERVICE, "-o", "short-precise", "-n", "150"))
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(["sh", "-c", "systemctl stop 'runner-agent-run-*'"], check=False)
+        c.exec(["sh", "-c", f"systemctl stop {STOP_SCOPES}"], check=False)
         c.wait_for(
             lambda: not [u for u in bed.run_scopes() if bed.active(u)], 30, "run scopes to go"
         )
         c.exec(["systemctl", "reset-failed"], check=False)
+        bed.use_engine("cold")
+
+
+@pytest.fixture
+def engine_agent(agent: Bed, engine: str) -> Bed:
+    """`agent` whose runs start with `engine` (once per engine): for the tests of a run's
+    semantics. The drop-in goes with the test."""
+    agent.use_engine(engine)
+    return agent
 
 
 # -- 1. readiness ------------------------------------------------------------------------------
@@ -332,7 +384,8 @@ def test_watchdog_restarts_a_hung_agent(agent: Bed) -> None:
 # -- 3. scope properties, and `runner-agent status` ------------------------------------------
 
 
-def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> None:
+def test_run_executes_in_its_scope_with_the_configured_limits(engine_agent: Bed) -> None:
+    agent = engine_agent
     c = agent.c
     agent.start_agent()
     run_id = agent.run("sleeper", seconds=15)
@@ -359,8 +412,9 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
     assert int((c.cgroup_dir("memory", group) / "memory.limit_in_bytes").read_text()) == 768 << 20
     assert (c.cgroup_dir("cpu", group) / "cpu.cfs_quota_us").read_text().strip() == "150000"
     assert (c.cgroup_dir("pids", group) / "pids.max").read_text().strip() == "200"
+    # The run's processes are the configured engine's (their argv says which).
     pids = agent.scope_pids(unit)
-    assert any("prefect.engine" in agent.process(pid)[0] for pid in pids), pids
+    assert agent.scope_engine(unit) == agent.engine, [agent.process(pid)[0] for pid in pids]
 
     status = json.loads(c.exec(["runner-agent", "status", "--json"]).stdout)["runs"]
     mine = [r for r in status if r["flow_run_id"] == run_id]
@@ -373,7 +427,10 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
         "running",
         True,
     )
-    assert row["rss_bytes"] > 20 << 20 and row["cpu_seconds"] > 0.5, row
+    # A warm engine imported Prefect in its template: the run itself used far less CPU
+    # (docs/warm-engine.md: 0.46 CPU-s for a whole no-op run).
+    busy = 0.5 if agent.engine == "cold" else 0.1
+    assert row["rss_bytes"] > 20 << 20 and row["cpu_seconds"] > busy, row
     assert row["limits"] == {
         "memory_max": "768M",
         "cpu_quota": "150%",
@@ -385,6 +442,7 @@ def test_run_executes_in_its_scope_with_the_configured_limits(agent: Bed) -> Non
     table = c.exec(["runner-agent", "status"]).stdout
     assert run_id in table and "mem=768M cpu=150% tasks=200 runtime=10m" in table, table
     assert agent.api.wait_final(run_id)["type"] == "COMPLETED"
+    assert launches(agent.api, run_id) == [agent.engine]
 
 
 # -- 4. memory limit ---------------------------------------------------------------------------
@@ -440,7 +498,8 @@ def test_cancellation_kills_the_scope_with_its_grandchildren(agent: Bed) -> None
 # -- 7. journal ---------------------------------------------------------------------------------
 
 
-def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) -> None:
+def test_journal_has_structured_agent_records_and_the_flow_output(engine_agent: Bed) -> None:
+    agent = engine_agent
     c = agent.c
     agent.start_agent()
     run_id = agent.run("hello", word="journal")
@@ -477,7 +536,9 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
     assert launched[0]["UNIT"] == scope(run_id)
     assert launched[0]["DEPLOYMENT"] == "sys-hello/hello"  # FLOW/NAME
     assert json.loads(launched[0]["MESSAGE"])["flow_run_id"] == run_id
-    # The flow's own output, through the run scope's journal, after the run has ended.
+    assert launches(agent.api, run_id) == [agent.engine]
+    # The flow's own output, through the run scope's journal, after the run has ended (a warm
+    # run's supervisor opens its stream to the journal itself, from inside the scope).
     c.exec(["journalctl", "--sync"], check=False)
     output = c.exec(["runner-agent", "logs", run_id]).stdout
     assert "hello journal from the flow" in output, output
@@ -488,13 +549,16 @@ def test_journal_has_structured_agent_records_and_the_flow_output(agent: Bed) ->
 # -- 8. restart adoption -----------------------------------------------------------------------
 
 
-def test_runs_survive_agent_restarts_and_their_outcome_is_reported(agent: Bed) -> None:
+def test_runs_survive_agent_restarts_and_their_outcome_is_reported(engine_agent: Bed) -> None:
+    agent = engine_agent
     c = agent.c
     agent.start_agent()
     sleepers = [agent.run("sleeper", seconds=30) for _ in range(3)]
     exit3 = agent.run("exit3", seconds=15)
     units = {run_id: agent.wait_running(run_id, timeout=90) for run_id in [*sleepers, exit3]}
     pids = {run_id: agent.scope_pids(unit) for run_id, unit in units.items()}
+    engines = {run_id: agent.scope_engine(unit) for run_id, unit in units.items()}
+    assert set(engines.values()) == {agent.engine}, engines
 
     started = time.monotonic()
     c.systemctl("restart", SERVICE)
@@ -523,6 +587,7 @@ def test_runs_survive_agent_restarts_and_their_outcome_is_reported(agent: Bed) -
         assert final["type"] == "COMPLETED", (run_id, final)
         types = [s["type"] for s in agent.api.history(run_id)]
         assert types.count("PENDING") == 1 and types.count("RUNNING") == 1, types
+        assert launches(agent.api, run_id) == [agent.engine]
 
 
 # -- 9. clean stop -----------------------------------------------------------------------------
@@ -550,23 +615,27 @@ def test_stop_returns_quickly_and_leaves_runs_alone(agent: Bed) -> None:
 # -- flows as another user (issue 9) ------------------------------------------------------------
 
 
-def test_flow_processes_run_as_the_configured_user(agent: Bed) -> None:
+def test_flow_processes_run_as_the_configured_user(engine_agent: Bed) -> None:
+    agent = engine_agent
     agent.start_agent()
     run_id = agent.run("whoami", seconds=10)
     unit = agent.wait_running(run_id)
-    seen = []
-    for pid in agent.scope_pids(unit):
-        cmdline, status = agent.process(pid)
-        if not cmdline:
-            continue  # ended meanwhile
-        uids, gids = status["Uid"].split(), status["Gid"].split()
-        seen.append((cmdline, uids, gids))
-        # The wrapper (sh) stays root to write its records; setpriv execs the engine at once.
-        engine = not cmdline.startswith(("/bin/sh ", "/usr/bin/setpriv "))
-        if "prefect.engine" in cmdline and engine:
-            assert set(uids) == {str(NOBODY)} and set(gids) == {str(NOBODY)}, (cmdline, status)
-    print(f"processes of {unit}: {[(cmd[:50], u, g) for cmd, u, g in seen]}")
-    assert any("prefect.engine" in cmdline for cmdline, _u, _g in seen), seen
+    found = {pid: agent.process(pid) for pid in agent.scope_pids(unit)}
+    processes = {pid: (cmd, st) for pid, (cmd, st) in found.items() if cmd}  # not ended meanwhile
+    # The supervisor (the sh wrapper, or a warm run's W) stays root to write its records; the
+    # engine is its child (setpriv execs the cold engine at once). A warm run's W and E both
+    # show the template's argv, so they are told apart by who is whose parent.
+    supervisors = [pid for pid, (_cmd, st) in processes.items() if int(st["PPid"]) not in found]
+    engines = [pid for pid, (_cmd, st) in processes.items() if int(st["PPid"]) in supervisors]
+    seen = [(cmd[:50], st["Uid"].split(), st["Gid"].split()) for cmd, st in processes.values()]
+    print(f"processes of {unit}: {seen}")
+    assert len(supervisors) == 1 and len(engines) == 1, seen
+    assert agent.scope_engine(unit) == agent.engine, seen
+    supervisor, engine = processes[supervisors[0]][1], processes[engines[0]][1]
+    assert set(supervisor["Uid"].split()) == {"0"}, supervisor
+    assert set(engine["Uid"].split()) == {str(NOBODY)}, engine
+    assert set(engine["Gid"].split()) == {str(NOBODY)}, engine
     assert agent.api.wait_final(run_id)["type"] == "COMPLETED"
+    assert launches(agent.api, run_id) == [agent.engine]
     output = agent.c.exec(["runner-agent", "logs", run_id]).stdout
     assert f"uid={NOBODY} gid={NOBODY}" in output, output

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.engines import launches
 from tests.integration.prefect_server import PrefectServer
 from tests.system.semantics import (
     AGENT_DOWN,
@@ -54,8 +55,9 @@ from tests.system.testbed import Container
 
 
 @pytest.fixture(scope="module")
-def bed(host_container: Container, prefect_server: PrefectServer) -> Iterator[Bed]:
-    with installed_agent(host_container, prefect_server) as installed:
+def bed(host_container: Container, prefect_server: PrefectServer, engine: str) -> Iterator[Bed]:
+    """The installed agent, once per engine: every test of this module runs with each."""
+    with installed_agent(host_container, prefect_server, engine) as installed:
         yield installed
 
 
@@ -87,6 +89,7 @@ def test_oom_kill_runs_on_crashed_once_in_a_hook_scope_with_the_run_limits(agent
     assert "CANCELLED" not in history(agent.api, run_id)
     assert agent.api.state(run_id)["type"] == "CRASHED"
     assert hook_scope(run_id) not in unit_list(agent.c)
+    assert launches(agent.api, run_id) == [agent.engine]
 
 
 @pytest.mark.parametrize("deployment", sorted(RUNTIMES))
@@ -119,6 +122,7 @@ def test_runtime_limit_runs_on_crashed_once(agent: Bed, deployment: str) -> None
     final = agent.api.state(run_id)
     assert final["type"] == "CRASHED" and f"RuntimeMaxSec={runtime}" in final["message"]
     assert not {"COMPLETED", "CANCELLED"} & {s["type"] for s in states}, states
+    assert launches(agent.api, run_id) == [agent.engine]
 
 
 def test_job_variables_set_the_run_scope_limits_and_environment(agent: Bed) -> None:
@@ -140,8 +144,16 @@ def test_job_variables_set_the_run_scope_limits_and_environment(agent: Bed) -> N
     print(f"{unit}: MemoryMax={shown['MemoryMax']}, memory.limit_in_bytes={enforced}")
     assert shown["MemoryMax"] == str(300 << 20)
     assert enforced == str(300 << 20)
-    assert environs and all(b"X=1" in environ for environ in environs), len(environs)
+    assert agent.scope_engine(unit) == agent.engine
+    if agent.engine == "cold":
+        # A warm run's W and E show their template's environment there (docs/warm-engine.md);
+        # what the engine itself sees is checked below, for both.
+        assert environs and all(b"X=1" in environ for environ in environs), len(environs)
     assert agent.api.wait_final(run_id, timeout=120)["type"] == "COMPLETED"
+    assert launches(agent.api, run_id) == [agent.engine]
+    agent.c.exec(["journalctl", "--sync"], check=False)
+    output = agent.c.exec(["runner-agent", "logs", run_id]).stdout
+    assert "sleeping 20.0s, X=1" in output, output
 
 
 def test_a_work_pool_run_gets_its_deployments_limits_in_its_scope(agent: Bed) -> None:
@@ -174,6 +186,8 @@ def test_a_work_pool_run_gets_its_deployments_limits_in_its_scope(agent: Bed) ->
     assert shown["MemoryMax"] == str(300 << 20)
     assert enforced == str(300 << 20)
     assert agent.api.wait_final(run_id, timeout=120)["type"] == "COMPLETED"
+    # A pool run takes the host's [flow_run] engine too (the template the deployments keep).
+    assert launches(api, run_id) == [agent.engine]
     pool = api.request("GET", f"/work_pools/{POOL}").json()
     assert (pool["type"], pool["status"]) == ("runner-agent", "READY"), pool
 
@@ -197,6 +211,7 @@ def test_cancel_has_no_crash_runs_on_cancellation_once_and_leaves_no_process(
         return found if len(found) == 2 else {}
 
     pids = c.wait_for(grandchildren, 60, "the flow to start both grandchildren")
+    assert agent.scope_engine(unit) == agent.engine
     sessions = {
         name: c.exec(["ps", "-o", "sid=", "-p", str(pid)]).stdout.strip()
         for name, pid in pids.items()
@@ -217,6 +232,7 @@ def test_cancel_has_no_crash_runs_on_cancellation_once_and_leaves_no_process(
     assert seen[0]["unit"] == hook_scope(run_id), seen
     assert seen[0]["state"] == "CANCELLING", seen
     assert not [e["id"] for e in events(agent.api, "prefect.flow-run.Crashed", run_id)]
+    assert launches(agent.api, run_id) == [agent.engine]
     # Nothing of the run is left: not the scope, not its cgroup, not either grandchild.
     c.wait_for(lambda: unit not in unit_list(c), 30, f"{unit} to go")
     left = c.exec(["pgrep", "-f", "^sleep 301[12]$"], check=False)
@@ -261,6 +277,7 @@ def test_run_outlives_a_stopped_agent_under_the_zombie_automation(agent: Bed) ->
         assert final["type"] == "COMPLETED", final
         assert "CRASHED" not in types, types
         assert not events(api, "prefect.flow-run.Crashed", run_id)
+        assert launches(api, run_id) == [agent.engine]
 
         # The automation was live all along: the control run, silent, was crashed by it.
         control_state = api.wait_final(control, timeout=ZOMBIE_WITHIN + 240)

@@ -17,8 +17,10 @@ base64url and hex).
 
 The one place the API key is expected: the environment of a run's own processes (the engine
 needs PREFECT_API_KEY; `/proc/<pid>/environ` is readable by root and the process's own user
-only). The git token is expected in no process's environment at all: git's askpass helper reads
-it from the token file.
+only). With engine "warm" not even there: a warm run's W and E show their template's
+environment, which holds no run's data (the key is in E's os.environ, its memory); the module
+runs once per engine. The git token is expected in no process's environment at all: git's
+askpass helper reads it from the token file.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ from typing import Any
 import pytest
 
 from tests.integration.agent_process import Api, render_config
+from tests.integration.engines import argv_engine, launches
 from tests.integration.gitserver import GitHttpServer, make_bare_repo
 from tests.integration.prefect_server import PrefectServer
 from tests.system.conftest import REPO
-from tests.system.test_agent_service import Bed, container_time
+from tests.system.test_agent_service import STOP_SCOPES, Bed, container_time
 from tests.system.testbed import CACHE, Container, install_agent, install_units
 
 SERVICE = "runner-agent.service"
@@ -140,7 +143,8 @@ class ProcessSampler(threading.Thread):
     /proc/<pid>/environ of every process in the container, until stopped.
 
     `cmdline_hits` must stay empty; `environ_hits` lists (where, cgroup, cmdline) for the test to
-    judge; `seen` keeps every distinct command line, to prove the scan saw what it had to.
+    judge; `seen` keeps every distinct command line, and `in_runs` those of the processes in the
+    runs' scopes, to prove the scan saw what it had to.
     """
 
     def __init__(self, secrets_: list[Secret], container: str, ignore_pids: set[int]) -> None:
@@ -152,6 +156,7 @@ class ProcessSampler(threading.Thread):
         self.cmdline_hits: list[str] = []
         self.environ_hits: list[tuple[str, str, str]] = []
         self.seen: set[str] = set()
+        self.in_runs: set[str] = set()
         self.passes = 0
 
     def run(self) -> None:
@@ -174,6 +179,8 @@ class ProcessSampler(threading.Thread):
         shown = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
         if len(self.seen) < 20000:
             self.seen.add(shown[:300])
+        if "/runner-agent-run-" in cgroup and len(self.in_runs) < 20000:
+            self.in_runs.add(shown[:300])
         self.cmdline_hits += hits(cmdline, f"cmdline of pid {pid} ({shown[:120]!r})", self.secrets)
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -210,6 +217,10 @@ class SecurityBed:
     @property
     def secrets(self) -> list[Secret]:
         return [self.key, self.token]
+
+    @property
+    def engine(self) -> str:
+        return self.bed.engine
 
 
 def deployments(flows: Path, git_url: str) -> list[dict[str, Any]]:
@@ -256,7 +267,9 @@ def sec(
     host_container: Container,
     prefect_server: PrefectServer,
     tmp_path_factory: pytest.TempPathFactory,
+    engine: str,
 ) -> Iterator[SecurityBed]:
+    """The bed, once per engine: every test of this module runs with each."""
     c = host_container
     key = Secret("API key", f"ra-apikey-{secrets.token_hex(20)}")
     token = Secret("git token", f"ra-gittoken-{secrets.token_hex(20)}")
@@ -292,6 +305,7 @@ def sec(
                         "memory_max": "1G",
                         "runtime_max": "10m",
                         "env": {"PREFECT_HOME": "/var/tmp/ra-prefect-root"},
+                        "engine": engine,
                     },
                 },
                 deployments(flows, git.url("flows.git")),
@@ -302,12 +316,12 @@ def sec(
                 d["name"]: api.wait_deployment(d["flow_name"], d["name"])
                 for d in deployments(flows, git.url("flows.git"))
             }
-            yield SecurityBed(Bed(c, api, ids), key, token, git)
+            bed = Bed(c, api, ids, engine)
+            bed.wait_warm()  # warm runs only once the template is ready (else they start cold)
+            yield SecurityBed(bed, key, token, git)
     finally:
         c.systemctl("stop", SERVICE, check=False)
-        c.exec(
-            ["sh", "-c", "systemctl stop 'runner-agent-run-*'; systemctl reset-failed"], check=False
-        )
+        c.exec(["sh", "-c", f"systemctl stop {STOP_SCOPES}; systemctl reset-failed"], check=False)
         c.exec(
             [
                 "rm",
@@ -341,6 +355,8 @@ class Observed:
     # deployment -> (command line, /proc/<pid>/status) of every process in the run's scope
     processes: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)
     output: dict[str, str] = field(default_factory=dict)  # deployment -> the flow's output
+    # deployment -> the pid its `<run_dir>/pid` record names (the sh wrapper, or a warm W)
+    pid_records: dict[str, int] = field(default_factory=dict)
 
 
 def show_all(c: Container, unit: str) -> bytes:
@@ -374,7 +390,8 @@ def wait_all_running(bed: Bed, runs: dict[str, str], since: str) -> dict[str, st
 def observed(sec: SecurityBed) -> Observed:
     bed, c = sec.bed, sec.c
     since = container_time(c)
-    # A canary proves the sampler finds what it looks for: its basic-auth form in an argv.
+    # A canary proves the sampler finds what it looks for: its basic-auth form in an argv, and
+    # itself in an environment.
     canary = Secret("canary", f"ra-canary-{secrets.token_hex(20)}")
     sampler = ProcessSampler([*sec.secrets, canary], c.name, ignore_pids={os.getpid()})
     sampler.start()
@@ -389,6 +406,7 @@ def observed(sec: SecurityBed) -> Observed:
                 "--quiet",
                 "--collect",
                 "--unit=ra-canary.service",
+                f"--setenv=RA_CANARY={canary.value}",
                 "--",
                 "sh",
                 "-c",
@@ -400,6 +418,10 @@ def observed(sec: SecurityBed) -> Observed:
         listing = c.exec(["find", STATE, RUNTIME, "-printf", r"%m %u %g %y %p\n"]).stdout
         seen.modes = [tuple(line.split(" ", 4)) for line in listing.splitlines()]  # type: ignore[misc]
         seen.processes = {name: scope_processes(bed, unit) for name, unit in units.items()}
+        seen.pid_records = {
+            name: int(c.read_file(f"{RUNTIME}/runs/{run_id}/pid"))
+            for name, run_id in seen.runs.items()
+        }
         # Not what flows write into their own TMPDIR (their bytecode cache is most of it).
         seen.texts["files under the state and runtime directories"] = exec_bytes(
             c, ["tar", "-cf", "-", f"--exclude={STATE}/runs/*/tmp/*", STATE, RUNTIME]
@@ -459,6 +481,7 @@ def test_runs_completed_with_code_from_git_behind_the_token(
 ) -> None:
     for name, state in observed.final.items():
         assert state["type"] == "COMPLETED", (name, state, observed.output.get(name))
+        assert launches(sec.bed.api, observed.runs[name]) == [sec.engine], name
     # The git server refused anonymous requests and served the agent's authenticated ones.
     log = sec.git.requests()
     assert any(line.endswith(" 401") for line in log), log
@@ -474,10 +497,11 @@ def test_no_secret_in_any_command_line_during_the_runs(
         f"sampler: {sampler.passes} passes over /proc, {len(sampler.seen)} distinct command "
         f"lines in the container"
     )
-    # The scan saw what it had to see: git talking to the server, and the engines.
+    # The scan saw what it had to see: git talking to the server, and the engines (in the runs'
+    # scopes, with the argv of the configured engine: a warm one shows its template's).
     assert any("git" in line and "fetch" in line for line in sampler.seen), sorted(sampler.seen)
     assert any("remote-http" in line for line in sampler.seen), sorted(sampler.seen)
-    assert any("prefect.engine" in line for line in sampler.seen), sorted(sampler.seen)
+    assert any(argv_engine(line) == sec.engine for line in sampler.in_runs), sorted(sampler.in_runs)
     canaries = [hit for hit in sampler.cmdline_hits if hit.startswith("canary ")]
     assert any(
         hit.startswith("canary (base64) in cmdline of pid") and "sh -c sleep 2" in hit
@@ -501,14 +525,17 @@ def test_only_the_runs_own_processes_hold_the_api_key_in_their_environment(
 
     # A sample can catch the launching process inside execve, its argv not readable yet (empty
     # cmdline); it is allowed when the same pid is seen as systemd-run or inside the run's scope.
+    # The canary's service proves the scan reads environments (checked below).
+    canaries = [hit for hit in sampler.environ_hits if hit[0].startswith("canary ")]
+    found = [hit for hit in sampler.environ_hits if not hit[0].startswith("canary ")]
     run_pids = {
         match.group(1)
-        for what, unit, cmdline in sampler.environ_hits
+        for what, unit, cmdline in found
         if becomes_a_run(unit, cmdline) and (match := pid_of.search(what))
     }
     unexpected = [
         (what, unit, cmdline)
-        for what, unit, cmdline in sampler.environ_hits
+        for what, unit, cmdline in found
         if not (
             what.startswith(f"{sec.key.name} (as is)")
             and (
@@ -523,8 +550,17 @@ def test_only_the_runs_own_processes_hold_the_api_key_in_their_environment(
     ]
     print("environments holding a secret:\n" + "\n".join(map(str, sampler.environ_hits)))
     assert not unexpected, "\n".join(map(str, unexpected))
-    # The engines do hold it (else this test would prove nothing about the sampler).
-    assert any("prefect.engine" in cmdline for _w, _u, cmdline in sampler.environ_hits)
+    assert any(
+        what.startswith("canary (as is) in environ of pid") and "sleep 2" in cmdline
+        for what, _u, cmdline in canaries
+    ), canaries
+    if sec.engine == "cold":
+        # The cold engines do hold it, where they were seen.
+        assert any("prefect.engine" in cmdline for _w, _u, cmdline in found), found
+    else:
+        # A warm engine has it in its memory only: its /proc/<pid>/environ (and W's) is the
+        # template's, which never saw a run. So no process at all shows it.
+        assert not found, found
 
 
 def test_no_secret_in_units_journal_logs_status_or_files(
@@ -751,26 +787,35 @@ def test_state_and_runtime_files_are_the_agents_alone(observed: Observed) -> Non
 # -- 4. flows as another user -------------------------------------------------------------------
 
 
-def test_flows_run_as_the_configured_user_with_exactly_its_groups(observed: Observed) -> None:
+def test_flows_run_as_the_configured_user_with_exactly_its_groups(
+    sec: SecurityBed, observed: Observed
+) -> None:
     """Real, effective, saved and file-system uid and gid are the user's, the supplementary
-    groups exactly its own, no capability is left; only the wrapper stays the agent's."""
+    groups exactly its own, no capability is left; only the wrapper (a warm run's W) stays the
+    agent's."""
     for name in ("local-user", "git-user", "local", "git"):
         processes = observed.processes[name]
         print(
             f"{name}: "
             + "; ".join(
-                f"{cmd[:60]!r} Uid={st['Uid']} Gid={st['Gid']} Groups={st['Groups']!r} "
-                f"CapEff={st['CapEff']}"
+                f"{cmd[:60]!r} Pid={st['Pid']} PPid={st['PPid']} Uid={st['Uid']} "
+                f"Gid={st['Gid']} Groups={st['Groups']!r} CapEff={st['CapEff']}"
                 for cmd, st in processes
             )
         )
-        wrappers = [st for cmd, st in processes if cmd.startswith("/bin/sh -c ")]
-        engines = [
-            st
-            for cmd, st in processes
-            if " -m prefect.engine" in cmd and not cmd.startswith("/bin/sh")
-        ]
+        # The wrapper is the process the run's pid record names; the engine is its child. A
+        # warm run's W and E both show the template's argv: who is whose parent tells them apart.
+        wrappers = [st for _cmd, st in processes if int(st["Pid"]) == observed.pid_records[name]]
+        engines = [st for _cmd, st in processes if wrappers and st["PPid"] == wrappers[0]["Pid"]]
         assert len(engines) == 1 and len(wrappers) == 1 and len(processes) == 2, processes
+        [wrapper_cmd] = [cmd for cmd, st in processes if st is wrappers[0]]
+        [engine_cmd] = [cmd for cmd, st in processes if st is engines[0]]
+        if sec.engine == "cold":
+            assert wrapper_cmd.startswith("/bin/sh -c "), processes
+            assert " -m prefect.engine" in engine_cmd, processes
+            assert not engine_cmd.startswith("/bin/sh"), processes
+        else:
+            assert argv_engine(wrapper_cmd) == argv_engine(engine_cmd) == "warm", processes
         engine, wrapper = engines[0], wrappers[0]
         if name.endswith("-user"):
             assert engine["Uid"].split() == [str(FLOW_UID)] * 4, engine

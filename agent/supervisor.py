@@ -27,10 +27,10 @@ from agent.launch.base import LaunchError, LaunchRequest, RunHandle
 from agent.outcomes import Phase, RunContext, RunOutcomes
 from agent.processes import process_create_time
 from agent.records import RecordError
-from agent.settings import DeploymentSettings
+from agent.settings import DeploymentSettings, FlowRunSettings
 from agent.storage import StorageError
 from agent.values import format_duration
-from agent.warm.launcher import WarmHandle
+from agent.warm.keys import same_startup
 from agent.workspace import Workspace, engine_environment, limits_text
 
 __all__ = ["CRITICAL_PHASES", "Phase", "RunContext", "Supervisor"]
@@ -170,8 +170,18 @@ class Supervisor(RunOutcomes):
             env={**env, **control_env},
             run_dir=ws.run_dir,
             slice=settings.agent.slice,
-            engine=flow_run.engine,
+            engine=self._engine(flow_run),
         )
+
+    def _engine(self, flow_run: FlowRunSettings) -> str:
+        """A warm template runs as the agent's user: the interpreter start-up variables it is
+        started with (PYTHONPATH, ...) are the host's to choose, never a job variable's."""
+        if flow_run.engine == "warm" and not same_startup(flow_run.env, self.base_settings.env):
+            self.note(
+                "Starting cold: the job variables change the interpreter's start-up variables"
+            )
+            return "cold"
+        return flow_run.engine
 
     def rebuild_request(self) -> LaunchRequest | None:
         if self.deployment is None or self.workspace is None:
@@ -220,7 +230,7 @@ class Supervisor(RunOutcomes):
         )
         self.mark_running()
         where = handle.unit or f"process {handle.pid}"
-        how = ", forked from a warm engine template" if isinstance(handle, WarmHandle) else ""
+        how = ", forked from a warm engine template" if getattr(handle, "warm", False) else ""
         self.note(
             f"Launched in {where} via the {self.ctx.launcher.name} launcher{how} "
             f"({limits_text(flow_run)}; {self.engine.describe()})"

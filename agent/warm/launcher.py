@@ -15,7 +15,6 @@ Before `go` nothing was started: a failure there is a cold start. After it the r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ from uuid import UUID
 from agent.launch.base import (
     DEFAULT_PATH,
     Launcher,
-    LaunchError,
     LaunchRequest,
     RunHandle,
     base_environment,
@@ -40,7 +38,8 @@ from agent.launch.base import (
 from agent.launch.systemd import SystemdLauncher, identifier, unit_name
 from agent.launch.wrapper import OUTPUT_LOG, read_exit_record, user_ids
 from agent.run_settings import FlowRunSettings
-from agent.warm.pool import Template, WarmPool, connect_path, template_key
+from agent.warm.keys import connect_path, template_key
+from agent.warm.pool import Template, WarmPool
 
 log = logging.getLogger("agent.warm")
 
@@ -69,8 +68,11 @@ class WarmHandle:
         self.output: asyncio.StreamReader | None = None
         self.run_dir = run_dir
         self._pidfd = pidfd
+        self._status: int | None = None
 
     async def wait(self) -> int:
+        if self._status is not None:
+            return self._status
         if self._pidfd >= 0:
             loop = asyncio.get_running_loop()
             ended: asyncio.Future[None] = loop.create_future()
@@ -79,12 +81,17 @@ class WarmHandle:
                 await ended
             finally:
                 loop.remove_reader(self._pidfd)
-                os.close(self._pidfd)
-                self._pidfd = -1
+                self.close()
         status = read_exit_record(self.run_dir)
         # No record: W itself was SIGKILLed (the whole run killed, or the OOM killer chose it),
         # which is what a cold run's wait() reports when its wrapper is.
-        return status if status is not None else SIGKILL_STATUS
+        self._status = status if status is not None else SIGKILL_STATUS
+        return self._status
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -103,9 +110,12 @@ def resolve_python(python: str, env: dict[str, str]) -> str | None:
 
 
 def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The agent's umask, which a cold run inherits (read, not set: no window where it changes)."""
+    with Path("/proc/self/status").open() as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 class WarmLauncher:
@@ -116,7 +126,6 @@ class WarmLauncher:
         self.inner = inner
         self.pool = pool
         self._systemd = inner if isinstance(inner, SystemdLauncher) else None
-        self._directory_fd: int | None = None
 
     def keep_warm(self, flow_runs: Iterable[FlowRunSettings]) -> None:
         """Start (and keep) the templates of the deployments configured with engine "warm"."""
@@ -195,24 +204,12 @@ class WarmLauncher:
         unit = unit_name(req.flow_run_id, req.kind) if self._systemd else None
         return WarmHandle(req.flow_run_id, unit, pid, pidfd, req.run_dir)
 
-    def _connect_path(self, template: Template) -> str:
-        if self._directory_fd is None and len(str(template.socket_path)) > 100:
-            self._directory_fd = os.open(self.pool.directory, os.O_RDONLY | os.O_DIRECTORY)
-        return connect_path(template.socket_path, self._directory_fd)
-
     async def _hand_over(
         self, template: Template, req: LaunchRequest, spec: dict[str, Any]
     ) -> tuple[int, int]:
         """W's pid and a pidfd of it, once W was told to go; WarmRefused before that."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self._connect_path(template), limit=MAX_ANSWER),
-                timeout=HANDOVER_TIMEOUT,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise WarmRefused(f"its template did not answer: {exc!r}") from None
+        reader, writer = await self._connect(template)
         pidfd = -1
-        moved = False
         go = False
         try:
             writer.write(json.dumps({"spec": spec}).encode() + b"\n")
@@ -224,37 +221,68 @@ class WarmLauncher:
             # W waits for `go`, so it is alive now: the pidfd cannot name a reused pid.
             pidfd = os.pidfd_open(pid)
             if self._systemd is not None:
-                moved = True
+                # A failure here is the run's launch failure, as systemd-run's is for a cold
+                # start: the unit may exist already (the run is running), so no cold start.
                 await self._systemd.move_into_scope(req, pid)
             go = True
             writer.write(b'{"go": true}\n')
             await writer.drain()
-        except (OSError, TimeoutError, ValueError, LaunchError, WarmRefused) as exc:
+        except (OSError, TimeoutError, ValueError, WarmRefused) as exc:
             # A `go` that could not be written never reached W (the connection is broken): W
             # exits having started nothing, and the run starts cold.
-            await self._abandon(req, writer, pidfd, moved)
+            _abandon(writer, pidfd)
             if isinstance(exc, WarmRefused):
                 raise
             raise WarmRefused(f"the hand-over failed: {exc!r}") from None
         except BaseException:
-            if not go:  # cancelled (the agent stops): W sees EOF and starts nothing
-                await self._abandon(req, writer, pidfd, moved)
+            if not go:  # LaunchError, or cancelled: W sees EOF and starts nothing
+                _abandon(writer, pidfd)
+            else:
+                os.close(pidfd)  # cancelled after go: the run goes on, an agent restart adopts it
+                writer.close()
             raise
-        # The run has started. The engine's pid is only reported; its absence changes nothing.
-        with contextlib.suppress(OSError, TimeoutError, ValueError):
-            await _answer(reader, ENGINE_ANSWER_TIMEOUT)
+        # The run has started. The engine's pid is only reported; W's failure ends the run with
+        # its own recorded status, and its reason goes to the log here.
+        try:
+            answer = await _answer(reader, ENGINE_ANSWER_TIMEOUT)
+        except (OSError, TimeoutError, ValueError):
+            answer = {}
+        except BaseException:
+            os.close(pidfd)
+            writer.close()
+            raise
         writer.close()
+        if "error" in answer:
+            log.warning(
+                "warm start of run %s failed before its engine started: %s",
+                req.flow_run_id,
+                answer["error"],
+                extra={"flow_run_id": str(req.flow_run_id)},
+            )
         return pid, pidfd
 
-    async def _abandon(
-        self, req: LaunchRequest, writer: asyncio.StreamWriter, pidfd: int, moved: bool
-    ) -> None:
-        writer.close()
-        if pidfd >= 0:
-            os.close(pidfd)
-        if moved and self._systemd is not None:
-            # The scope may hold W until it exits; a cold start must be free to use the name.
-            await self._systemd.stop_units(unit_name(req.flow_run_id, req.kind))
+    async def _connect(
+        self, template: Template
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        directory_fd = None
+        if len(str(template.socket_path)) > 100:
+            directory_fd = os.open(self.pool.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            async with asyncio.timeout(HANDOVER_TIMEOUT):
+                return await asyncio.open_unix_connection(
+                    connect_path(template.socket_path, directory_fd), limit=MAX_ANSWER
+                )
+        except (OSError, TimeoutError) as exc:
+            raise WarmRefused(f"its template did not answer: {exc!r}") from None
+        finally:
+            if directory_fd is not None:
+                os.close(directory_fd)
+
+
+def _abandon(writer: asyncio.StreamWriter, pidfd: int) -> None:
+    writer.close()
+    if pidfd >= 0:
+        os.close(pidfd)
 
 
 async def _answer(reader: asyncio.StreamReader, within: float) -> dict[str, Any]:

@@ -2,89 +2,36 @@
 
 A template (agent/warm/template.py, run by the flow's python) has imported Prefect's engine and
 forks one supervisor W per run. The pool starts templates (in their own scope under systemd),
-tells when one is ready, notices one that died or whose venv changed, and stops templates that
-no configured deployment wants and that served no run for a while. A run never waits here: a
-template that is not ready means a cold start (agent/warm/launcher.py).
+tells when one is ready, notices one that died, refused or whose venv changed, and stops the
+ones no configured deployment keeps after a while without runs. A run never waits here: no
+ready template means a cold start (agent/warm/launcher.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.launch.base import DEFAULT_PATH
+from agent.processes import process_create_time
+from agent.warm.keys import Stamps, TemplateKey, parse_stamps, still_fresh, unsafe_venv
+from agent.warm.memory import write_state
 
 log = logging.getLogger("agent.warm")
 
 PROGRAM = Path(__file__).with_name("template.py")
 READY_TIMEOUT = 180.0  # imports beside busy runs; a slower template is stopped and retried
-RETRY_AFTER = 60.0  # after a template died or failed to start
+RETRY_AFTER = 60.0  # after a template died or could not start
 IDLE_STOP = 600.0  # a template no deployment keeps, unused this long, is stopped
 STOP_GRACE = 5.0
-STATE_FILE = "templates.json"
 UNIT_PREFIX = "runner-agent-warm-"
-# Read by the interpreter at start-up: a template serves runs with the same values only.
-APPLIED_IN_CHILD = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
-MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
-
-
-def startup_values(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """The variables the interpreter reads once at start-up (template.startup_values)."""
-    return tuple(
-        sorted(
-            (k, v)
-            for k, v in env.items()
-            if (k.startswith(("PYTHON", "LC_")) or k == "LANG") and k not in APPLIED_IN_CHILD
-        )
-    )
-
-
-@dataclass(frozen=True)
-class TemplateKey:
-    python: str  # absolute, as configured (a venv's python is a symlink: not resolved)
-    values: tuple[tuple[str, str], ...]
-
-    @property
-    def id(self) -> str:
-        text = json.dumps([self.python, self.values])
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def environment(self, prefect_home: Path, extra: Mapping[str, str]) -> dict[str, str]:
-        """What a template starts with: the start-up variables, a private PREFECT_HOME for
-        what Prefect reads at import, and nothing of any run (no API URL, no key, no id)."""
-        return {
-            "PATH": DEFAULT_PATH,
-            "LANG": "C.UTF-8",
-            **dict(self.values),
-            "PREFECT_HOME": str(prefect_home),
-            **extra,
-        }
-
-
-def template_key(python: str, env: Mapping[str, str]) -> TemplateKey:
-    return TemplateKey(python, startup_values(env))
-
-
-def _fingerprint(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
-    """Stats that move with the venv: pip adds and removes dist-info directories."""
-    stamps = []
-    for path in paths:
-        try:
-            st = Path(path).stat()
-        except OSError:
-            stamps.append((path, -1, -1))
-        else:
-            stamps.append((path, st.st_ino, st.st_mtime_ns))
-    return tuple(stamps)
 
 
 @dataclass
@@ -94,16 +41,13 @@ class Template:
     socket_path: Path
     started_at: float  # monotonic
     process: asyncio.subprocess.Process | None = None
-    pid: int | None = None  # the template's pid once it said it is ready
-    site: tuple[str, ...] = ()
-    user_site: bool = False
-    fingerprint: tuple[tuple[str, int, int], ...] = ()
+    pid: int | None = None  # once it said it is ready
+    stamps: Stamps = ()  # the venv before its imports
     ready: bool = False
     ended: bool = False
-    problem: str | None = None  # why it refused to serve (unsafe to fork)
     last_used: float = 0.0
     forks: int = 0
-    output: list[str] = field(default_factory=list)
+    last_line: str = ""
 
     @property
     def unit(self) -> str:
@@ -114,6 +58,7 @@ class Template:
             "key": self.key.id,
             "python": self.key.python,
             "pid": self.pid,
+            "create_time": process_create_time(self.pid),
             "unit": self.unit,
             "ready": self.ready,
             "forks": self.forks,
@@ -130,9 +75,10 @@ class WarmPool:
         *,
         prefix: Callable[[str, str], list[str]] = lambda unit, what: [],
         extra_env: Mapping[str, str] | None = None,
-        before_first_start: Callable[[], Any] | None = None,
+        before_first_start: Callable[[], Coroutine[Any, Any, None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         program: Path = PROGRAM,
+        venv_problem: Callable[[str], str | None] = unsafe_venv,
     ) -> None:
         """`prefix(unit, description)`: argv in front of the template's (systemd-run --scope);
         `before_first_start`: run once before the first template starts (stops leftovers)."""
@@ -142,12 +88,15 @@ class WarmPool:
         self._before_first_start = before_first_start
         self._clock = clock
         self._program = program
+        self._venv_problem = venv_problem
         self._templates: dict[TemplateKey, Template] = {}
         self._retry_at: dict[TemplateKey, float] = {}
+        # Refused (unsafe to fork, a user site, an unsafe venv): not again while the venv stays.
+        self._refused: dict[TemplateKey, tuple[str, Stamps]] = {}
         self._kept: set[TemplateKey] = set()
         self._generation = 0
         self._group: asyncio.TaskGroup | None = None
-        self._first_start: asyncio.Future[Any] | None = None
+        self._first_start: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -166,7 +115,7 @@ class WarmPool:
         if group is not None:
             await group.__aexit__(None, None, None)
         self._templates.clear()
-        self._write_state()
+        write_state(self.directory, [])
 
     # -- what the launcher asks ----------------------------------------------------------------
 
@@ -175,21 +124,19 @@ class WarmPool:
         self._kept = set(keys)
         for key in self._kept:
             self.ensure(key)
-        for key, template in list(self._templates.items()):
-            if key not in self._kept and self._idle(template):
-                self._stop(template, "no deployment uses it")
+        self._stop_idle()
 
     def ensure(self, key: TemplateKey) -> None:
-        """Start a template for `key` unless one runs or one failed a moment ago."""
-        if self._group is None or key in self._templates:
+        """Start a template for `key` unless one runs, failed a moment ago, or was refused."""
+        if self._group is None or self._closing or key in self._templates:
             return
-        if self._clock() < self._retry_at.get(key, 0.0):
+        if self._clock() < self._retry_at.get(key, 0.0) or self._refusal(key):
             return
         self._generation += 1
         template = Template(
             key,
             self._generation,
-            self._socket_path(key, self._generation),
+            self.directory / f"{key.id}-{self._generation}.sock",
             started_at=self._clock(),
         )
         self._templates[key] = template
@@ -199,64 +146,76 @@ class WarmPool:
         """The ready template for `key`, or why there is none (the run starts cold)."""
         self.ensure(key)
         self._stop_idle()
+        refusal = self._refusal(key)
+        if refusal:
+            return refusal
         template = self._templates.get(key)
         if template is None:
             return "its template failed a moment ago and is not restarted yet"
-        if template.problem:
-            return f"the template refused to serve: {template.problem}"
         if not template.ready:
             if self._clock() - template.started_at > READY_TIMEOUT:
                 self._stop(template, f"not ready within {READY_TIMEOUT:g}s")
             return "its template is still importing Prefect"
-        if template.user_site:
-            return "the flow's python has a user site directory, which depends on the run's user"
-        if _fingerprint([key.python, *template.site]) != template.fingerprint:
+        if not still_fresh(template.stamps):
             self._stop(template, "the flow's venv changed")
             self.ensure(key)
             return "the flow's venv changed since its template started; a new one is starting"
         template.last_used = self._clock()
         template.forks += 1
+        self._write_state()
         return template
 
-    # -- a template's life ---------------------------------------------------------------------
+    def _refusal(self, key: TemplateKey) -> str | None:
+        refused = self._refused.get(key)
+        if refused is None:
+            return None
+        reason, stamps = refused
+        if stamps and not still_fresh(stamps):
+            del self._refused[key]  # the venv changed: worth another try
+            return None
+        return f"its template refused to serve: {reason}"
 
-    def _socket_path(self, key: TemplateKey, generation: int) -> Path:
-        return self.directory / f"{key.id}-{generation}.sock"
+    # -- a template's life ---------------------------------------------------------------------
 
     async def _life(self, template: Template) -> None:
         key = template.key
         try:
             await self._start(template)
             process = template.process
-            assert process is not None and process.stderr is not None
-            while line := await _readline(process.stderr):
-                self._heard(template, line)
-            status = await process.wait()
-            if template.problem is None and not template.ended:
-                log.warning(
-                    "warm template %s for %s exited with status %s%s",
-                    key.id,
-                    key.python,
-                    status,
-                    f": {template.output[-1]}" if template.output else "",
-                )
-        except OSError as exc:
+            if process is not None and process.stderr is not None:
+                while line := await _readline(process.stderr):
+                    self._heard(template, line)
+                status = await process.wait()
+                if key not in self._refused and not template.ended:
+                    tail = f": {template.last_line}" if template.last_line else ""
+                    log.warning(
+                        "warm template %s for %s exited with status %s%s",
+                        key.id,
+                        key.python,
+                        status,
+                        tail,
+                    )
+        except Exception as exc:  # the template's trouble is never the agent's
             log.warning("warm template for %s could not start: %s", key.python, exc)
         finally:
-            ended_by_us = template.ended
-            template.ready = False
-            template.ended = True
-            if self._templates.get(key) is template:
-                del self._templates[key]
-                if not ended_by_us:
-                    self._retry_at[key] = self._clock() + RETRY_AFTER
-                    if key in self._kept and self._group is not None and not self._closing:
-                        restart = self._group.create_task(self._restart_later(key))
-                        self._restarts.add(restart)
-                        restart.add_done_callback(self._restarts.discard)
-            with contextlib.suppress(OSError):
-                template.socket_path.unlink()
-            self._write_state()
+            self._ended(template)
+
+    def _ended(self, template: Template) -> None:
+        key = template.key
+        ended_by_us = template.ended
+        template.ready = False
+        template.ended = True
+        if self._templates.get(key) is template:
+            del self._templates[key]
+            if not ended_by_us and key not in self._refused:
+                self._retry_at[key] = self._clock() + RETRY_AFTER
+                if key in self._kept and self._group is not None and not self._closing:
+                    restart = self._group.create_task(self._restart_later(key))
+                    self._restarts.add(restart)
+                    restart.add_done_callback(self._restarts.discard)
+        with contextlib.suppress(OSError):
+            template.socket_path.unlink()
+        self._write_state()
 
     async def _restart_later(self, key: TemplateKey) -> None:
         """A kept template that died comes back after the pause, not at the next run."""
@@ -265,21 +224,29 @@ class WarmPool:
             self.ensure(key)
 
     async def _start(self, template: Template) -> None:
-        if self._before_first_start is not None and self._first_start is None:
-            self._first_start = asyncio.ensure_future(self._before_first_start())
-        if self._first_start is not None:
+        key = template.key
+        if self._before_first_start is not None and self._group is not None:
+            if self._first_start is None:
+                self._first_start = self._group.create_task(self._before_first_start())
             await asyncio.shield(self._first_start)
+        problem = self._venv_problem(key.python)
+        if problem:
+            self._refuse(template, f"unsafe venv: {problem}", ())
+            return
+        if template.ended:
+            return  # stopped (the agent is stopping) before it was even spawned
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         home = self.directory / "prefect-home"
         home.mkdir(mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             template.socket_path.unlink()
-        what = f"runner-agent warm engine template for {template.key.python}"
+        what = f"runner-agent warm engine template for {key.python}"
         argv = [
             *self._prefix(template.unit, what),
-            template.key.python,
+            key.python,
             str(self._program),
             template.socket_path.name,
+            str(os.getpid()),
         ]
         # Its working directory is the sockets' directory: the socket is bound by a short name.
         template.process = await asyncio.create_subprocess_exec(
@@ -287,10 +254,12 @@ class WarmPool:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=template.key.environment(home, self._extra_env),
+            env=key.environment(home, self._extra_env),
             cwd=self.directory,
         )
-        log.info("starting a warm template for %s (%s)", template.key.python, template.unit)
+        log.info("starting a warm template for %s (%s)", key.python, template.unit)
+        if _stopped(template):  # while it was being spawned
+            self._terminate(template)
 
     def _heard(self, template: Template, line: str) -> None:
         try:
@@ -299,29 +268,31 @@ class WarmPool:
             message = None
         if isinstance(message, dict) and "ready" in message:
             template.pid = int(message["ready"])
-            template.site = tuple(str(p) for p in message.get("site", ()))
-            template.user_site = bool(message.get("user_site"))
-            template.fingerprint = _fingerprint([template.key.python, *template.site])
-            template.ready = True
-            waited = self._clock() - template.started_at
+            template.stamps = parse_stamps(message.get("stamps"))
+            template.ready = not template.ended
             log.info(
                 "warm template %s for %s is ready (pid %d, %.1fs)",
                 template.key.id,
                 template.key.python,
                 template.pid,
-                waited,
+                self._clock() - template.started_at,
             )
             self._write_state()
         elif isinstance(message, dict) and "refused" in message:
-            template.problem = str(message["refused"])
-            log.warning(
-                "warm template for %s refused to serve (runs start cold): %s",
-                template.key.python,
-                template.problem,
-            )
+            stamps = parse_stamps(message.get("stamps"))
+            self._refuse(template, str(message["refused"]), stamps)
         else:
-            template.output = [*template.output[-19:], line]
-            log.warning("warm template %s: %s", template.key.id, line)
+            template.last_line = line[:500]
+            log.warning("warm template %s: %s", template.key.id, template.last_line)
+
+    def _refuse(self, template: Template, reason: str, stamps: Stamps) -> None:
+        self._refused[template.key] = (reason, stamps)
+        log.warning(
+            "warm template for %s refused to serve (its runs start cold until its venv "
+            "changes): %s",
+            template.key.python,
+            reason,
+        )
 
     def _idle(self, template: Template) -> bool:
         last = max(template.last_used, template.started_at)
@@ -340,8 +311,8 @@ class WarmPool:
         self._write_state()
 
     def _terminate(self, template: Template) -> None:
-        """SIGTERM: the template exits; runs it forked live on (they are in their own scopes
-        and sessions). SIGKILL after a grace, from the template's own task."""
+        """SIGTERM: the template exits; runs it forked live on (their own scopes and sessions).
+        SIGKILL after a grace."""
         template.ended = True
         template.ready = False
         process = template.process
@@ -353,16 +324,12 @@ class WarmPool:
             self._group.create_task(_kill_after(process, STOP_GRACE))
 
     def _write_state(self) -> None:
-        """For `runner-agent status`: which templates run, and where."""
-        path = self.directory / STATE_FILE
-        data = [t.state() for t in self._templates.values() if t.pid is not None]
-        with contextlib.suppress(OSError):
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(json.dumps(data))
-            tmp.replace(path)
+        states = [t.state() for t in self._templates.values() if t.pid is not None]
+        write_state(self.directory, states)
+
+
+def _stopped(template: Template) -> bool:
+    return template.ended
 
 
 async def _kill_after(process: asyncio.subprocess.Process, grace: float) -> None:
@@ -382,19 +349,3 @@ async def _readline(stream: asyncio.StreamReader) -> str:
     if not raw:
         return ""
     return raw.decode(errors="replace").rstrip("\n") or " "
-
-
-def connect_path(socket_path: Path, directory_fd: int | None) -> str:
-    """A path short enough for sun_path: through the directory's fd when the real one is long."""
-    text = str(socket_path)
-    if len(text) <= MAX_SOCKET_PATH or directory_fd is None:
-        return text
-    return f"/proc/self/fd/{directory_fd}/{socket_path.name}"
-
-
-def read_state(directory: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads((directory / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []

@@ -1,40 +1,31 @@
 """The warm engine template: a program run by the FLOW's python (never imported by the agent).
 
-    <flow python> template.py SOCKET_PATH
+    <flow python> template.py SOCKET AGENT_PID
 
-It imports what every run of Prefect's engine needs, checks that the imports started no thread
-and left no file open (forking is safe), and forks one child per connection without reading from
-it. The child, W, is the run's supervisor; it alone reads the run's spec (its environment holds
-the run's secrets), so nothing of any run ever enters the template, whose memory every later
-child, of any user, inherits.
+It imports what every run of Prefect's engine needs, checks that forking it is safe (no thread,
+no open file, nothing configured), and forks one child per connection without reading from it.
+The child, W (supervise.py), is the run's supervisor; it alone reads the run's spec, so nothing
+of any run ever enters the template, whose memory every later child, of any user, inherits. E,
+W's child, becomes the run's engine (turn.py) at the top of this script's stack, so SystemExit,
+exceptions, atexit and non-daemon threads end it exactly as they end a cold engine.
 
-W does what the cold path's sh wrapper does (agent/launch/wrapper.py): a session of its own, the
-run's output (a journal stream, or `<run_dir>/output.log`), the `<run_dir>/pid` record (its own
-pid), one child E that becomes the engine, the `<run_dir>/exit-status` record, and it exits with
-E's status. TERM and INT are no-ops in W, as the wrapper traps them, so a SIGTERM aimed at the
-whole run still lets W record E's status. W holds `<run_dir>` open for its life: its argv is the
-template's, and the open directory is what identifies it as this run's (agent/processes.py).
-
-E becomes the run's engine through turn.py: at the top of this script's stack, so SystemExit,
-exceptions, atexit and non-daemon threads end E exactly as they end a cold engine.
-
-Protocol, one JSON object per line (the agent's side: agent/warm/pool.py, launcher.py):
-  template -> agent (stderr)  {"ready": pid, "site": [...], "user_site": bool, "values": {...}}
+Protocol, one JSON object per line (the agent's side: agent/warm/pool.py and launcher.py):
+  template -> agent (stderr)  {"ready": pid, "stamps": [...]} | {"refused": why, "stamps": [...]}
   agent -> W  {"spec": {...}}
-  W -> agent  {"pid": W} | {"error": "..."}   (an error: nothing started, start it cold)
-  agent -> W  {"go": true}                    (W's scope, if any, is being set up)
-  W -> agent  {"engine": E}
+  W -> agent  {"pid": W} | {"error": "..."}   (nothing started: the agent starts it cold)
+  agent -> W  {"go": true}                    (W is in the run's scope, if any)
+  W -> agent  {"engine": E} | {"error": "..."}  (the run has started; an error ends it)
 Stdlib only, Python 3.9 or newer: it runs in the flow's venv.
 """
 
-# ruff: noqa: PTH100, PTH101, PTH105, PTH112, PTH118, PTH208
+# ruff: noqa: PTH100, PTH101, PTH116, PTH118, PTH120, PTH208
 
 from __future__ import annotations
 
 import sys
 
 # Not this file's directory on sys.path: the agent's own modules must never shadow a flow's.
-if __name__ == "__main__":
+if __name__ == "__main__" and not getattr(sys.flags, "safe_path", False):
     del sys.path[0]
 
 import contextlib
@@ -45,7 +36,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from typing import Any
@@ -72,37 +62,27 @@ PRELOAD = (
     "runpy",
 )
 OPTIONAL = ("prefect._internal.metrics", "pydantic.v1")  # not in every Prefect release
-# Read by the interpreter at start-up (or by the C locale): a run whose values differ cannot use
-# this template. These two are applied in E instead (sys.dont_write_bytecode, pycache_prefix).
-APPLIED_IN_CHILD = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
-MAX_SPEC = 4 * 1024 * 1024
-SPEC_TIMEOUT = 30.0
-GO_TIMEOUT = 60.0
-SCOPE_TIMEOUT = 10.0
-EXIT_REFUSED = 75  # nothing was started; the agent starts the run cold
-EXIT_INTERNAL = 70
+EXIT_REFUSED = 75
 _PR_SET_PDEATHSIG = 1
-JOURNAL_STDOUT = "/run/systemd/journal/stdout"
-
-Spec = dict[str, Any]
 
 
-def startup_values(environ: dict[str, str]) -> dict[str, str]:
-    return {
-        k: v
-        for k, v in environ.items()
-        if (k.startswith(("PYTHON", "LC_")) or k == "LANG") and k not in APPLIED_IN_CHILD
-    }
+def load_sibling(name: str) -> Any:
+    """supervise.py or turn.py, by path (this directory is not on sys.path), before any fork."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"runner_agent_warm_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Start:
     """What the fresh interpreter had before the template changed anything."""
 
-    def __init__(self) -> None:
-        self.values = startup_values(dict(os.environ))
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
         self.handlers = {s: signal.getsignal(s) for s in _signals()}
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        self.ppid = os.getppid()
 
 
 def _signals() -> list[signal.Signals]:
@@ -113,14 +93,29 @@ def _signals() -> list[signal.Signals]:
     ]
 
 
-def die_with_parent(expected_ppid: int) -> None:
+def die_with_agent(agent_pid: int) -> None:
     """A template never outlives the agent that started it (an upgrade leaves none behind)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != expected_ppid:  # the parent died before prctl
+    if os.getppid() != agent_pid:  # the agent died before prctl
         os._exit(0)
+
+
+def stamps() -> list[list[Any]]:
+    """The venv as it is before the imports: the agent compares it before each warm start (pip
+    adds and removes dist-info directories, so site-packages' mtime moves with every change)."""
+    import site
+
+    found = []
+    for path in [sys.executable, *site.getsitepackages()]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found.append([path, st.st_ino, st.st_mtime_ns])
+    return found
 
 
 def preload() -> None:
@@ -147,23 +142,26 @@ def check_clean() -> list[str]:
     return problems
 
 
-# -- the template's loop ---------------------------------------------------------------------
-
-
-def serve(listener: socket.socket, start: Start) -> tuple[Spec, socket.socket]:
-    """Fork one W per connection; returns only in E."""
+def serve(listener: socket.socket, start: Start, w: Any) -> dict[str, Any]:
+    """Fork one W per connection; returns (the run's spec) only in E."""
     listener.settimeout(1.0)
     while True:
         _reap()
         try:
             conn, _ = listener.accept()
-        except OSError:  # socket.timeout: TimeoutError only from Python 3.10
+        except OSError as exc:  # the 1 s timeout; EMFILE and the like: not a busy loop
+            if not isinstance(exc, (TimeoutError, socket.timeout)):
+                time.sleep(0.1)
             continue
         conn.settimeout(None)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # TasksMax or memory: this run starts cold, the template lives on
+            conn.close()
+            continue
         if pid == 0:
             listener.close()
-            return supervise(conn, start)
+            return w.supervise(conn, start.values)  # type: ignore[no-any-return]
         conn.close()
 
 
@@ -177,189 +175,28 @@ def _reap() -> None:
             return
 
 
-# -- W: the run's supervisor -----------------------------------------------------------------
+def _say(message: dict[str, Any]) -> None:
+    sys.stderr.write(json.dumps(message) + "\n")
+    sys.stderr.flush()
 
 
-def _defer(signum: int, frame: Any) -> None:
-    """TERM/INT while E runs: W records E's status first (what the wrapper's trap does)."""
-
-
-def supervise(conn: socket.socket, start: Start) -> tuple[Spec, socket.socket]:
-    """W's life. Returns only in E; W itself always ends with os._exit."""
-    try:
-        if os.getsid(0) != os.getpid():
-            os.setsid()
-        signal.signal(signal.SIGTERM, _defer)
-        signal.signal(signal.SIGINT, _defer)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        # Only the agent's own user may hand runs over (the socket's directory is its alone too).
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        if struct.unpack("3i", creds)[1] != os.getuid():
-            os._exit(EXIT_REFUSED)
-        reader = conn.makefile("rb")
-        conn.settimeout(SPEC_TIMEOUT)
-        spec = _read(reader)["spec"]
-        problem = incompatible(spec, start)
-        if problem:
-            _send(conn, {"error": problem})
-            os._exit(EXIT_REFUSED)
-        before = _cgroups()
-        _send(conn, {"pid": os.getpid()})
-        # Nothing is started or recorded before `go`: if the agent dies first, W just exits and
-        # the run was never launched. After it, the agent holds a pidfd of W.
-        conn.settimeout(GO_TIMEOUT)
-        if not _read(reader).get("go"):
-            os._exit(EXIT_REFUSED)
-        if spec.get("scope"):
-            wait_for_scope(spec["scope"], before)
-        connect_output(spec)
-        run_dir = spec["run_dir"]
-        run_dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # held: W's identity
-        _record(run_dir, "pid", os.getpid())
-        engine = os.fork()
-        if engine == 0:
-            reader.close()
-            os.close(run_dir_fd)
-            return spec, conn
-        _send(conn, {"engine": engine})
-        reader.close()
-        conn.close()
-        status = _wait(engine)
-        _record(run_dir, "exit-status", status)
-        os._exit(status)
-    except BaseException as exc:  # W never returns into the template's loop
-        try:
-            sys.stderr.write(f"runner-agent warm supervisor: {exc!r}\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(EXIT_INTERNAL)
-
-
-def incompatible(spec: Spec, start: Start) -> str | None:
-    wanted = startup_values(spec["env"])
-    if wanted != start.values:
-        keys = sorted({k for k, _ in set(wanted.items()) ^ set(start.values.items())})
-        return f"interpreter start-up variables differ from the template's: {keys}"
+def main(argv: list[str], w: Any) -> tuple[dict[str, Any], Start]:
+    start = Start(w.startup_values(os.environ))
+    die_with_agent(int(argv[2]))
+    # Whatever the starter let us inherit beyond stdio would be shared by every run.
+    os.closerange(3, 1 << 16)
+    before = stamps()
     import site
 
     if site.ENABLE_USER_SITE:
-        return "the flow's python has a user site directory (it depends on the run's user)"
-    return None
-
-
-def _cgroups() -> dict[str, str]:
-    """/proc/self/cgroup as hierarchy -> path ("name=systemd", "memory", "" for v2, ...)."""
-    with open("/proc/self/cgroup") as f:
-        return {
-            key: path
-            for _, key, path in (line.rstrip("\n").split(":", 2) for line in f if line.strip())
-        }
-
-
-def wait_for_scope(unit: str, before: dict[str, str]) -> None:
-    """StartTransientUnit returns before systemd has moved the pid, and on cgroup v1 systemd
-    moves it hierarchy by hierarchy: wait until every hierarchy that had W in a scope (the
-    template's) has it in the run's, so that E is born in the run's memory, pids and cpu
-    cgroups."""
-    deadline = time.monotonic() + SCOPE_TIMEOUT
-    suffix = "/" + unit
-    while True:
-        now = _cgroups()
-        tracking = now.get("name=systemd", now.get(""))
-        moved = [key for key, path in before.items() if path.endswith(".scope")]
-        if (
-            tracking is not None
-            and tracking.endswith(suffix)
-            and all(now.get(key, "").endswith(suffix) for key in moved)
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not moved into {unit} within {SCOPE_TIMEOUT:g}s: {now}")
-        time.sleep(0.001)
-
-
-def connect_output(spec: Spec) -> None:
-    """fds 1 and 2 of W (and so E): the journal stream, or the run's output.log."""
-    out = spec.get("output") or {}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if "journal" in out:
-        fd = journal_stream(out["journal"])
-    elif "file" in out:
-        fd = os.open(out["file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    else:
-        return
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-
-
-def journal_stream(identifier: str) -> int:
-    """What systemd-cat does: a stream to journald, opened from inside the run's scope (journald
-    attributes a stream to its peer's cgroup). Header per sd_journal_stream_fd(3): identifier,
-    unit id, priority 6 (info), level prefix 1, no forwarding to syslog, kmsg or console."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(JOURNAL_STDOUT)
-    sock.shutdown(socket.SHUT_RD)
-    sock.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
-    return sock.detach()
-
-
-def _wait(pid: int) -> int:
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            return 255
-        except InterruptedError:
-            continue
-        if os.WIFEXITED(status):
-            return os.WEXITSTATUS(status)
-        if os.WIFSIGNALED(status):
-            return 128 + os.WTERMSIG(status)
-
-
-def _record(run_dir: str, name: str, value: int) -> None:
-    """Atomic and 0600, like the wrapper's records."""
-    tmp = os.path.join(run_dir, f".{name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, f"{value}\n".encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(run_dir, name))
-
-
-def _read(reader: Any) -> dict[str, Any]:
-    line = reader.readline(MAX_SPEC)
-    if not line.endswith(b"\n"):
-        raise RuntimeError("the agent closed the connection or sent too much")
-    message = json.loads(line)
-    if not isinstance(message, dict):
-        raise RuntimeError("not a JSON object")
-    return message
-
-
-def _send(conn: socket.socket, message: dict[str, Any]) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")
-
-
-def main(argv: list[str]) -> tuple[Spec, socket.socket, Start]:
-    start = Start()
-    die_with_parent(start.ppid)
-    # Whatever the starter let us inherit beyond stdio would be shared by every run.
-    os.closerange(3, 1 << 16)
+        # Its directory depends on the run's user and HOME, which a template cannot know.
+        _say({"refused": "the flow's python has a user site directory", "stamps": before})
+        sys.exit(EXIT_REFUSED)
     preload()
     problems = check_clean()
     if problems:
-        sys.stderr.write(json.dumps({"refused": "; ".join(problems)}) + "\n")
-        sys.stderr.flush()
+        _say({"refused": "; ".join(problems), "stamps": before})
         sys.exit(EXIT_REFUSED)
-    import site
-
     # Objects that survive the imports go to a permanent generation: the collector of every
     # child then never touches (and so never copies) their pages.
     gc.collect()
@@ -368,33 +205,13 @@ def main(argv: list[str]) -> tuple[Spec, socket.socket, Start]:
     listener.bind(argv[1])
     os.chmod(argv[1], 0o600)  # the agent's alone, like every file in its runtime directory
     listener.listen(64)
-    ready = {
-        "ready": os.getpid(),
-        "site": [p for p in site.getsitepackages() if os.path.isdir(p)],
-        "user_site": bool(site.ENABLE_USER_SITE),
-        "values": start.values,
-    }
-    sys.stderr.write(json.dumps(ready) + "\n")
-    sys.stderr.flush()
-    spec, conn = serve(listener, start)
-    return spec, conn, start
-
-
-def load_turn() -> Any:
-    """E's half (turn.py), loaded by path (this directory is not on sys.path), before forks."""
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "turn.py")  # noqa: PTH120
-    spec = importlib.util.spec_from_file_location("runner_agent_warm_turn", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    _say({"ready": os.getpid(), "stamps": before})
+    return serve(listener, start, w), start
 
 
 if __name__ == "__main__":
-    _turn = load_turn()
-    _spec, _conn, _start = main(sys.argv)
-    _conn.close()
+    _w, _turn = load_sibling("supervise"), load_sibling("turn")
+    _spec, _start = main(sys.argv, _w)
     _turn.turn_into_run(_spec, _start.handlers, _start.mask)
-    del _spec, _conn, _start
+    del _spec, _start, _w
     _turn.run_engine()

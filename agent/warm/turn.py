@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+_PR_SET_DUMPABLE = 4
+
 
 def turn_into_run(
     spec: dict[str, Any], handlers: Mapping[signal.Signals, Any], mask: Iterable[int]
@@ -31,6 +33,9 @@ def turn_into_run(
         os.setgroups(user["groups"])
         os.setresgid(user["gid"], user["gid"], user["gid"])
         os.setresuid(user["uid"], user["uid"], user["uid"])
+        # A uid change without an exec leaves the process undumpable: /proc/<pid> owned by root,
+        # no ptrace (py-spy, gdb), no core dumps. A cold engine, exec'd by setpriv, has all that.
+        _prctl(_PR_SET_DUMPABLE, 1)
     os.umask(spec["umask"])
     os.chdir(spec["cwd"])
     os.environ.clear()
@@ -38,8 +43,9 @@ def turn_into_run(
     # The cold path's sh wrapper exports PWD (kept if it names the working directory).
     if not _same_dir(os.environ.get("PWD"), "."):
         os.environ["PWD"] = os.getcwd()
-    # `python -m` puts the working directory first on sys.path.
-    sys.path.insert(0, os.getcwd())
+    # `python -m` puts the working directory first on sys.path (unless PYTHONSAFEPATH).
+    if not getattr(sys.flags, "safe_path", False):
+        sys.path.insert(0, os.getcwd())
     sys.argv[:] = [""]
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
     sys.pycache_prefix = os.environ.get("PYTHONPYCACHEPREFIX") or None
@@ -53,6 +59,12 @@ def turn_into_run(
     context.refresh_global_settings_context()
     configuration.PROCESS_LOGGING_CONFIG.clear()
     configuration.setup_logging()
+
+
+def _prctl(option: int, value: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
 def reset_import_time_state() -> None:

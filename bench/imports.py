@@ -11,6 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procs import MIB
+
 # (label, modules imported at this step), cumulative: each step includes the ones before.
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("interpreter alone (site, no imports)", ()),
@@ -71,3 +73,32 @@ def measure(python: Path, cwd: Path) -> list[ImportStep]:
     if len(steps) != len(STEPS):
         raise RuntimeError(f"import probe reported {len(steps)} of {len(STEPS)} steps")
     return steps
+
+
+def imports_table(steps: list[ImportStep]) -> list[str]:
+    lines = ["| import step (cumulative) | RSS | PSS | USS | +RSS |", "|---|---|---|---|---|"]
+    previous = 0
+    for step in steps:
+        lines.append(
+            f"| {step.label} | {step.rss / MIB:.1f} MiB | {step.pss / MIB:.1f} MiB "
+            f"| {step.uss / MIB:.1f} MiB | {(step.rss - previous) / MIB:+.1f} MiB |"
+        )
+        previous = step.rss
+    return lines
+
+
+def floor(steps: list[ImportStep], idle_rss: float | None) -> list[str]:
+    """What the mandated dependencies alone take, against the running agent's idle RSS."""
+    if len(steps) < 2:
+        return []
+    deps, agent = steps[-2], steps[-1]
+    idle_text = f"; the running agent's idle RSS is {idle_rss / MIB:.1f} MiB" if idle_rss else ""
+    return [
+        "",
+        f"The mandated dependencies alone, before any of the agent's own modules, take "
+        f"**{deps.rss / MIB:.1f} MiB RSS** ({deps.pss / MIB:.1f} MiB PSS, {deps.uss / MIB:.1f} MiB "
+        f"USS) in a fresh interpreter, the interpreter by itself "
+        f"{steps[0].rss / MIB:.1f} MiB. The 25 MiB idle RSS target is therefore below "
+        f"the floor of the dependency set, whatever the agent does. The agent's own modules add "
+        f"{(agent.rss - deps.rss) / MIB:.1f} MiB{idle_text}.",
+    ]

@@ -1,11 +1,16 @@
-"""The machine a benchmark ran on: the report's "Machine" table."""
+"""The machine a benchmark ran on (the report's "Machine" table), and the command it ran."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
+
+from tests.integration.prefect_server import VENV_ENV
 
 
 def machine_info(agent_python: str, prefect_python: str) -> dict[str, str]:
@@ -57,3 +62,21 @@ def agent_revision(repo: Path) -> str:
     commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
     dirty = " + uncommitted changes in agent/" if git("status", "--porcelain", "agent") else ""
     return f"{__version__} ({commit}{dirty})"
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this report."""
+    parts = [
+        f"{VENV_ENV}={shlex.quote(str(args.prefect_venv))}",
+        shlex.quote(sys.executable),
+        "-m",
+        "bench.run",
+    ]
+    if args.smoke:
+        parts.append("--smoke")
+    for scenario in args.only:
+        parts += ["--only", scenario]
+    parts += ["--out", shlex.quote(str(args.out))]
+    for item in args.agent_flow_env:
+        parts += ["--agent-flow-env", shlex.quote(item)]
+    return " ".join(parts)

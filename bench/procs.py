@@ -4,6 +4,11 @@ Every process the benchmark starts carries MARKER=<tag> in its environment, and 
 pass it on to their flow runs (runner-agent through `flow_run.env`, the Runner by inheritance).
 So "what did this benchmark leave behind" is a question psutil can answer exactly, without
 guessing from command lines that another test on the same host might share.
+
+Except for warm runs (agent/warm): their supervisor and engine are forks of a template, whose
+/proc environ and argv they show, so they are found through the agent's own records instead
+(`run_processes`: each run directory's `pid` record and its descendants); what they exec (a
+flow's `sleep` grandchild) carries the marker again.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +95,69 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process itself (not its children)."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def children_cpu(pid: int) -> float:
+    """User + system CPU time of the children the process has waited for (and of theirs)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.children_user + times.children_system)
+
+
+def wait_reaped(pid: int, keep: Callable[[psutil.Process], bool], timeout: float) -> None:
+    """Until every child of `pid` but the `keep` ones has exited and been waited for, so that
+    its CPU time is in `children_cpu(pid)`. TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    parent = psutil.Process(pid)
+    while True:
+        left = [c for c in parent.children() if not _kept(c, keep)]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"children of {pid} still not reaped: {[c.pid for c in left]}")
+        time.sleep(0.1)
+
+
+def _kept(proc: psutil.Process, keep: Callable[[psutil.Process], bool]) -> bool:
+    try:
+        return keep(proc)
+    except psutil.Error:
+        return False
+
+
+def run_processes(runtime_dir: Path) -> list[psutil.Process]:
+    """The live processes of runner-agent's runs: each run directory's `pid` record (the cold
+    wrapper or the warm supervisor, checked as the agent checks it) and its descendants."""
+    from agent.processes import wrapper_start_time
+
+    found: list[psutil.Process] = []
+    for record in sorted((runtime_dir / "runs").glob("*/pid")):
+        try:
+            pid = int(record.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if wrapper_start_time(pid, record.parent) is None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(pid)
+            found += [top, *top.children(recursive=True)]
+    return found
+
+
+def with_cwd_under(directory: Path) -> list[psutil.Process]:
+    """Live processes whose working directory is `directory` or below it (a warm template runs
+    in its agent's runtime directory)."""
+    top = os.path.realpath(directory)
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            cwd = proc.cwd()
+            if proc.status() == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+        except psutil.Error:
+            continue
+        if cwd == top or cwd.startswith(top + os.sep):
+            found.append(proc)
+    return found
 
 
 def cpu_ns(pid: int) -> tuple[int, frozenset[int]]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench import pools
-from bench.imports import ImportStep
+from bench import engines_report, pools
+from bench.engines import EnginesResult
+from bench.imports import ImportStep, floor, imports_table
 from bench.procs import MIB
 from bench.scenarios import Burst, Cancellation, FootprintSeries, Idle, Sequential, percentile
 
@@ -43,6 +44,7 @@ class Report:
     footprint: FootprintSeries | None
     pool: pools.PoolPickup | None
     imports: list[ImportStep]
+    engines: EnginesResult | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -234,18 +236,6 @@ def footprint_table(series: FootprintSeries | None) -> list[str]:
     return lines
 
 
-def imports_table(steps: list[ImportStep]) -> list[str]:
-    lines = ["| import step (cumulative) | RSS | PSS | USS | +RSS |", "|---|---|---|---|---|"]
-    previous = 0
-    for step in steps:
-        lines.append(
-            f"| {step.label} | {step.rss / MIB:.1f} MiB | {step.pss / MIB:.1f} MiB "
-            f"| {step.uss / MIB:.1f} MiB | {(step.rss - previous) / MIB:+.1f} MiB |"
-        )
-        previous = step.rss
-    return lines
-
-
 METHOD = """\
 - Both contenders run against one Prefect server (SQLite, loopback) that the benchmark starts and
   stops itself. Each serves its own deployments of the same two flows (a no-op flow, and a sleeper
@@ -298,23 +288,6 @@ def _targets(report: Report) -> list[str]:
         else "- rows where the Runner is better: " + "; ".join(beaten)
     )
     return lines
-
-
-def _floor(report: Report) -> list[str]:
-    if len(report.imports) < 2:
-        return []
-    deps, agent = report.imports[-2], report.imports[-1]
-    idle = report.agent.idle
-    idle_text = f"; the running agent's idle RSS is {idle.rss / MIB:.1f} MiB" if idle else ""
-    return [
-        "",
-        f"The mandated dependencies alone, before any of the agent's own modules, take "
-        f"**{deps.rss / MIB:.1f} MiB RSS** ({deps.pss / MIB:.1f} MiB PSS, {deps.uss / MIB:.1f} MiB "
-        f"USS) in a fresh interpreter, the interpreter by itself "
-        f"{report.imports[0].rss / MIB:.1f} MiB. The 25 MiB idle RSS target is therefore below "
-        f"the floor of the dependency set, whatever the agent does. The agent's own modules add "
-        f"{(agent.rss - deps.rss) / MIB:.1f} MiB{idle_text}.",
-    ]
 
 
 def cancellation_detail(results: tuple[ContenderResult, ...]) -> list[str]:
@@ -385,11 +358,12 @@ def render(report: Report) -> str:
         ]
     lines += [
         *pools.section(report.pool),
+        *engines_report.section(report.engines),
         "",
         "## Import footprint",
         "",
         *imports_table(report.imports),
-        *_floor(report),
+        *floor(report.imports, report.agent.idle.rss if report.agent.idle else None),
         "",
         "## How it is measured",
         "",

@@ -9,17 +9,17 @@ From the repository root, in the agent's venv (which has runner-agent installed)
 partial report needs an explicit `--out` and never replaces BENCHMARKS.md by default.
 
 It starts its own Prefect server, runs every scenario against runner-agent, then against the
-Runner (`footprint` and `pool`, a work pool's pickup, are runner-agent's only), and stops
-everything it started, also on failure and on Ctrl-C or SIGTERM. Exit status 0 when every
-scenario was measured, 1 when one failed (the report then says which), 2 on bad usage. Not
-for CI: the test suite runs `--smoke` (tests/bench).
+Runner (`footprint` and `pool`, a work pool's pickup, are runner-agent's only; `engines`
+compares runner-agent's cold and warm engines with the Runner at its default and at a 1 s
+poll, bench/engines.py), and stops everything it started, also on failure and on Ctrl-C or
+SIGTERM. Exit status 0 when every scenario was measured, 1 when one failed (the report then
+says which), 2 on bad usage. Not for CI: the test suite runs `--smoke` (tests/bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -27,7 +27,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -35,50 +34,28 @@ from typing import NoReturn
 
 import httpx
 
-from bench import pools, procs, scenarios, subjects
+from bench import engines, pools, procs, scenarios, subjects
 from bench.api import BenchApi, BenchError
 from bench.imports import ImportStep
 from bench.imports import measure as measure_imports
-from bench.machine import agent_revision, machine_info
+from bench.machine import agent_revision, command_line, machine_info
+from bench.plan import FULL, LIMIT, SMOKE
 from bench.report import ContenderResult, Report, render
 from tests.integration.prefect_server import VENV_ENV, PrefectServer, PrefectServerError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Plan:
-    idle: float  # seconds
-    sequential: int
-    bursts: int
-    burst_size: int
-    cancellations: int
-    footprint: tuple[int, ...]
-    settle: float  # seconds after the deployments are registered
-
-    def describe(self) -> str:
-        return (
-            f"idle {self.idle:g} s; {self.sequential} sequential no-op runs; {self.bursts} "
-            f"burst(s) of {self.burst_size} no-op runs; {self.cancellations} cancellation(s); "
-            f"footprint with {', '.join(map(str, self.footprint))} runs; work-pool pickup: "
-            f"{self.sequential} pool and {self.sequential} config runs, alternating"
-        )
-
-
-FULL = Plan(
-    idle=30,
-    sequential=15,
-    bursts=3,
-    burst_size=24,
-    cancellations=3,
-    footprint=(0, 4, 50),
-    settle=10,
+SCENARIOS = (
+    "idle",
+    "sequential",
+    "bursts",
+    "cancel",
+    "footprint",
+    "pool",
+    "engines",
+    "imports",
 )
-SMOKE = Plan(
-    idle=3, sequential=1, bursts=1, burst_size=4, cancellations=1, footprint=(0, 4), settle=3
-)
-LIMIT = 4
-SCENARIOS = ("idle", "sequential", "bursts", "cancel", "footprint", "pool", "imports")
 # What `Bench.contender` measures: neither contender is started when none of these is asked for.
 SIDE_BY_SIDE = frozenset({"idle", "sequential", "bursts", "cancel"})
 
@@ -275,7 +252,32 @@ class Bench:
         self.log(f"{contender.label} stopped (exit status {status})")
         # Flow runs of a stopped contender keep running by design; the benchmark's must not.
         leftover = [p for p in procs.marked(self.tag) if _session(p.pid) not in self.spare_sessions]
+        if contender.config is not None and contender.workdir is not None:
+            # Warm runs carry no marker in /proc (bench/procs.py); nor do templates, which die
+            # with their agent and run in its runtime directory.
+            runtime = contender.workdir / "run"
+            leftover += procs.run_processes(runtime) + procs.with_cwd_under(runtime)
         procs.kill(leftover)
+
+    def engines(self, api: BenchApi, flows_dir: Path) -> engines.EnginesResult:
+        default_poll = subjects.runner_default_poll(
+            self.prefect_python, self.tag, self.workdir / "prefect-home"
+        )
+        setup = engines.Setup(
+            api=api,
+            plan=self.plan,
+            workdir=self.workdir,
+            flows_dir=flows_dir,
+            agent_bin=self.agent_bin,
+            api_url=self.server.api_url,
+            server_env=self.server.env(),
+            prefect_python=self.prefect_python,
+            tag=self.tag,
+            log_level=self.args.agent_log_level,
+            log=self.log,
+            stop=self.stop,
+        )
+        return engines.measure(setup, default_poll)
 
 
 def _session(pid: int) -> int | None:
@@ -336,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             ),
             runner,
         )
+        engine_result: engines.EnginesResult | None = None
+        if "engines" in args.scenarios:
+            bench.log("engines: runner-agent cold and warm, the Runner at two poll intervals")
+
+            def run_engines() -> None:
+                nonlocal engine_result
+                engine_result = bench.engines(api, flows_dir) if api else None
+
+            _attempt(errors, "engines", run_engines)
         imports: list[ImportStep] = []
         if "imports" in args.scenarios:
             bench.log("import footprint")
@@ -346,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f", {' and '.join(sorted(args.scenarios))} only" if args.only else ""),
             date=date,
             duration=time.monotonic() - started,
-            command=_command(args),
+            command=command_line(args),
             plan=bench.plan.describe()
             + (f" (measured: {', '.join(sorted(args.scenarios))})" if args.only else ""),
             poll_interval=bench.poll_interval,
@@ -355,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             runner=runner,
             footprint=footprint,
             pool=pool,
+            engines=engine_result,
             imports=imports,
             errors=errors,
         )
         args.out.write_text(render(report))
         failed = bool(errors or agent.errors or runner.errors)
+        failed = failed or bool(engine_result and engine_result.failed)
         bench.log(
             f"wrote {args.out} in {report.duration / 60:.1f} min"
             + ("; some scenarios FAILED (see its Errors section)" if failed else "")
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if api is not None:
             api.close()
         server.stop()
-        left = procs.kill_marked(tag)
+        left = procs.kill_marked(tag) + procs.kill(procs.with_cwd_under(workdir))
         if left:
             print(f"bench: killed {left} leftover process(es)", file=sys.stderr)
         if failed or args.keep:
@@ -380,23 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0
-
-
-def _command(args: argparse.Namespace) -> str:
-    parts = [
-        f"{VENV_ENV}={shlex.quote(str(args.prefect_venv))}",
-        shlex.quote(sys.executable),
-        "-m",
-        "bench.run",
-    ]
-    if args.smoke:
-        parts.append("--smoke")
-    for scenario in args.only:
-        parts += ["--only", scenario]
-    parts += ["--out", shlex.quote(str(args.out))]
-    for item in args.agent_flow_env:
-        parts += ["--agent-flow-env", shlex.quote(item)]
-    return " ".join(parts)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class Burst:
     wall: float  # first created -> last final, server time
     peak_rss: int
     cpu_seconds: float  # of the serving process during the burst
+    run_ids: tuple[str, ...] = ()
 
 
 def burst(api: BenchApi, contender: Contender, deployment_id: str, runs: int) -> Burst:
@@ -118,6 +119,7 @@ def burst(api: BenchApi, contender: Contender, deployment_id: str, runs: int) ->
         wall=max(finals) - min(t.created for t in timelines),
         peak_rss=peak.peak,
         cpu_seconds=cpu1 - cpu0,
+        run_ids=tuple(run_ids),
     )
 
 

@@ -7,6 +7,7 @@ before the next one starts, so neither ever sees the other's runs.
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,12 +53,13 @@ SERVE = textwrap.dedent(
     from flows import noop, sleeper
 
     if __name__ == "__main__":
-        prefix, limit, poll = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        # poll "default": the Runner's own default (PREFECT_RUNNER_POLL_FREQUENCY unset).
+        prefix, limit, poll = sys.argv[1], int(sys.argv[2]), sys.argv[3]
         serve(
             noop.to_deployment(name=f"{prefix}-noop"),
             sleeper.to_deployment(name=f"{prefix}-sleeper"),
             limit=limit,
-            query_seconds=poll,
+            query_seconds=None if poll == "default" else int(poll),
             print_starting_message=False,
         )
     """
@@ -98,6 +100,16 @@ def write_fake_python(directory: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class AgentDeployment:
+    """A `[[deployment]]` of the benchmark's agent: its flow, entrypoint, and any other keys
+    (`python`, `engine`, `env`, ...)."""
+
+    flow_name: str
+    entrypoint: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
 def agent_config(
     *,
     api_url: str,
@@ -106,15 +118,15 @@ def agent_config(
     workdir: Path,
     python: str,
     flow_env: Mapping[str, str],
-    deployments: Mapping[str, tuple[str, str, str | None]],
+    deployments: Mapping[str, AgentDeployment],
     flows_dir: Path,
     work_pools: Sequence[str] = (),
 ) -> str:
     """The agent's TOML: defaults everywhere except what the benchmark must pin.
 
-    `deployments` maps a deployment name to (flow name, entrypoint, python override or None);
-    each of `work_pools` is served, and created if missing. poll_interval and prefetch are left
-    at their defaults on purpose.
+    `deployments` maps a deployment name to its flow, entrypoint and other keys; each of
+    `work_pools` is served, and created if missing. poll_interval and prefetch are left at
+    their defaults on purpose.
     """
     sections: dict[str, dict[str, Any]] = {
         "api": {"url": api_url},
@@ -127,17 +139,16 @@ def agent_config(
         },
         "flow_run": {"python": python, "env": dict(flow_env)},
     }
-    listed = []
-    for dep_name, (flow_name, entrypoint, python_override) in deployments.items():
-        entry = {
+    listed = [
+        {
             "name": dep_name,
-            "flow_name": flow_name,
-            "entrypoint": entrypoint,
+            "flow_name": dep.flow_name,
+            "entrypoint": dep.entrypoint,
             "path": str(flows_dir),
+            **dep.extra,
         }
-        if python_override is not None:
-            entry["python"] = python_override
-        listed.append(entry)
+        for dep_name, dep in deployments.items()
+    ]
     return render_config(sections, listed, [{"name": n, "create": True} for n in work_pools])
 
 
@@ -161,6 +172,8 @@ class Contender:
     proc: psutil.Popen
     log_path: Path
     deployments: dict[str, tuple[str, str]] = field(default_factory=dict)  # role -> (flow, name)
+    workdir: Path | None = None
+    config: Path | None = None  # runner-agent's TOML
 
     @property
     def pid(self) -> int:
@@ -189,20 +202,29 @@ def start_agent(
     fake_python: Path | None = None,
     flow_env: Mapping[str, str] | None = None,
     work_pools: Sequence[str] = (),
+    deployments: Mapping[str, tuple[str, AgentDeployment]] | None = None,
+    label: str = "runner-agent",
 ) -> Contender:
-    """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake),
-    and `work_pools`."""
+    """runner-agent serving the no-op and sleeper flows (or, with fake_python, only a fake; or,
+    with `deployments`, role -> (name, deployment), those), and `work_pools`."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {procs.MARKER: tag, "PREFECT_HOME": str(workdir / "prefect-home")}
     env.update(flow_env or {})
-    if fake_python is None:
-        deployments: dict[str, tuple[str, str, str | None]] = {
-            "agent-noop": (NOOP_FLOW, "flows.py:noop", None),
-            "agent-sleeper": (SLEEPER_FLOW, "flows.py:sleeper", None),
+    if deployments is not None:
+        served = dict(deployments.values())
+        roles = {role: (dep.flow_name, name) for role, (name, dep) in deployments.items()}
+    elif fake_python is None:
+        served = {
+            "agent-noop": AgentDeployment(NOOP_FLOW, "flows.py:noop"),
+            "agent-sleeper": AgentDeployment(SLEEPER_FLOW, "flows.py:sleeper"),
         }
         roles = {"noop": (NOOP_FLOW, "agent-noop"), "sleeper": (SLEEPER_FLOW, "agent-sleeper")}
     else:
-        deployments = {"agent-fake": (SLEEPER_FLOW, "flows.py:sleeper", str(fake_python))}
+        served = {
+            "agent-fake": AgentDeployment(
+                SLEEPER_FLOW, "flows.py:sleeper", {"python": str(fake_python)}
+            )
+        }
         roles = {"fake": (SLEEPER_FLOW, "agent-fake")}
     config = workdir / "agent.toml"
     config.write_text(
@@ -213,7 +235,7 @@ def start_agent(
             workdir=workdir,
             python=flow_python,
             flow_env=env,
-            deployments=deployments,
+            deployments=served,
             flows_dir=flows_dir,
             work_pools=work_pools,
         )
@@ -226,7 +248,7 @@ def start_agent(
         cwd=workdir,
         log=log,
     )
-    return Contender("runner-agent", proc, log, roles)
+    return Contender(label, proc, log, roles, workdir=workdir, config=config)
 
 
 def start_runner(
@@ -237,27 +259,52 @@ def start_runner(
     flows_dir: Path,
     tag: str,
     limit: int,
-    poll_interval: int,
+    poll_interval: int | None,
+    prefix: str = "runner",
+    label: str = "Prefect Runner",
 ) -> Contender:
-    """Prefect's Runner via `prefect.serve(..., limit=...)`, polling every `poll_interval`."""
+    """Prefect's Runner via `prefect.serve(..., limit=...)`, polling every `poll_interval`
+    seconds (None: the Runner's own default); its deployments are `<prefix>-noop`, `-sleeper`."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(server_env)
     env.update(
         {
             procs.MARKER: tag,
             "PREFECT_HOME": str(workdir / "prefect-home"),
-            "PREFECT_RUNNER_POLL_FREQUENCY": str(poll_interval),
             # The Runner keeps its scratch space under TMPDIR; keep it in our work dir.
             "TMPDIR": str(workdir / "tmp"),
         }
     )
+    if poll_interval is not None:
+        env["PREFECT_RUNNER_POLL_FREQUENCY"] = str(poll_interval)
     (workdir / "tmp").mkdir(exist_ok=True)
     log = workdir / "runner.log"
+    poll = "default" if poll_interval is None else str(poll_interval)
     proc = procs.start(
-        [python, "serve_runner.py", "runner", str(limit), str(poll_interval)],
+        [python, "serve_runner.py", prefix, str(limit), poll],
         env=env,
         cwd=flows_dir,
         log=log,
     )
-    roles = {"noop": (NOOP_FLOW, "runner-noop"), "sleeper": (SLEEPER_FLOW, "runner-sleeper")}
-    return Contender("Prefect Runner", proc, log, roles)
+    roles = {"noop": (NOOP_FLOW, f"{prefix}-noop"), "sleeper": (SLEEPER_FLOW, f"{prefix}-sleeper")}
+    return Contender(label, proc, log, roles, workdir=workdir)
+
+
+RUNNER_DEFAULT_POLL = (
+    "from prefect.settings import get_current_settings; "
+    "print(get_current_settings().runner.poll_frequency)"
+)
+
+
+def runner_default_poll(python: str, tag: str, home: Path) -> int:
+    """The Runner's default poll interval (`PREFECT_RUNNER_POLL_FREQUENCY`) in this Prefect."""
+    home.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        [python, "-c", RUNNER_DEFAULT_POLL],
+        env={**base_env(tag), "PREFECT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])

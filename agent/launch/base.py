@@ -17,6 +17,9 @@ from agent.states import shell_status
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# What a run's python runs: Prefect's engine, as Prefect's Runner starts it.
+ENGINE_ARGS = ("-m", "prefect.engine")
+
 
 class LaunchError(Exception):
     """The run could not be started; str() is the reason, shown in the Crashed state."""
@@ -38,7 +41,7 @@ class LaunchRequest:
     run_dir: Path  # exists, the agent's own: the wrapper records the pid and exit status here
     slice: str
     # What the python runs: the engine, or (kind "hook") the hook runner script.
-    args: tuple[str, ...] = ("-m", "prefect.engine")
+    args: tuple[str, ...] = ENGINE_ARGS
     kind: str = "run"  # names the unit: runner-agent-<kind>-<flow run id>.scope
     # The engine's output goes to the journal (or output.log); a hook's comes back on a pipe
     # (RunHandle.output), to be posted to the run's Prefect logs.

@@ -88,7 +88,9 @@ def unsafe_venv(python: str, *, euid: int | None = None) -> str | None:
         return None  # the template is the agent's own user: nothing to gain
     exe = Path(python)
     prefix = exe.parent.parent
-    candidates: list[Path] = [exe, exe.resolve(), exe.parent, prefix, prefix / "lib"]
+    # pyvenv.cfg names the base interpreter; deeper files are left to their directories' owners
+    candidates: list[Path] = [exe, exe.resolve(), exe.parent, prefix, prefix / "pyvenv.cfg"]
+    candidates.append(prefix / "lib")
     for lib in sorted(prefix.glob("lib/python3*")):
         candidates.append(lib)
         for packages in (lib / "site-packages", lib / "dist-packages"):

@@ -27,6 +27,7 @@ from uuid import UUID
 
 from agent.launch.base import (
     DEFAULT_PATH,
+    ENGINE_ARGS,
     Launcher,
     LaunchRequest,
     RunHandle,
@@ -81,7 +82,8 @@ class WarmHandle:
                 await ended
             finally:
                 loop.remove_reader(self._pidfd)
-                self.close()
+            # Only once W ended: a cancelled wait() must leave the pidfd for the next one.
+            self.close()
         status = read_exit_record(self.run_dir)
         # No record: W itself was SIGKILLed (the whole run killed, or the OOM killer chose it),
         # which is what a cold run's wait() reports when its wrapper is.
@@ -100,7 +102,13 @@ def _settle(future: asyncio.Future[None]) -> None:
 
 
 def wants_warm(req: LaunchRequest) -> bool:
-    return req.engine == "warm" and req.kind == "run" and not req.capture_output
+    # The template can only become `python -m prefect.engine`: any other program starts cold.
+    return (
+        req.engine == "warm"
+        and req.kind == "run"
+        and not req.capture_output
+        and req.args == ENGINE_ARGS
+    )
 
 
 def resolve_python(python: str, env: dict[str, str]) -> str | None:

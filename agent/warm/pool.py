@@ -93,6 +93,7 @@ class WarmPool:
         self._retry_at: dict[TemplateKey, float] = {}
         # Refused (unsafe to fork, a user site, an unsafe venv): not again while the venv stays.
         self._refused: dict[TemplateKey, tuple[str, Stamps]] = {}
+        self._unsafe_since: dict[TemplateKey, float] = {}
         self._kept: set[TemplateKey] = set()
         self._generation = 0
         self._group: asyncio.TaskGroup | None = None
@@ -173,6 +174,13 @@ class WarmPool:
         if stamps and not still_fresh(stamps):
             del self._refused[key]  # the venv changed: worth another try
             return None
+        since = self._unsafe_since.get(key)
+        # A chmod/chown that makes the venv safe changes no stamp: look again after the pause.
+        if since is not None and self._clock() >= since + RETRY_AFTER:
+            if self._venv_problem(key.python) is None:
+                del self._refused[key], self._unsafe_since[key]
+                return None
+            self._unsafe_since[key] = self._clock()
         return f"its template refused to serve: {reason}"
 
     # -- a template's life ---------------------------------------------------------------------
@@ -232,6 +240,7 @@ class WarmPool:
         problem = self._venv_problem(key.python)
         if problem:
             self._refuse(template, f"unsafe venv: {problem}", ())
+            self._unsafe_since[key] = self._clock()
             return
         if template.ended:
             return  # stopped (the agent is stopping) before it was even spawned

@@ -1,8 +1,10 @@
 """The benchmark keeps working (issue 8): `python -m bench.run --smoke` end to end.
 
 It starts its own Prefect server, runs every scenario once against runner-agent and Prefect's
-Runner (and runner-agent's work-pool pickup beside a config deployment), and must write a
-complete report and leave no process behind.
+Runner (and runner-agent's work-pool pickup beside a config deployment, and issue 17's cold and
+warm engines beside the Runner at two poll intervals), and must write a complete report and
+leave no process behind: no warm template, no forked run either. Figures are checked for being
+figures, never against a time budget.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import pools, procs
+from bench import engines_report, phases, pools, procs
 from bench.imports import STEPS
 from bench.report import ROWS, TABLE_HEADER
 from tests.integration.prefect_server import VENV_ENV
@@ -29,7 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 # A hang guard, not a speed target: the smoke run takes a few minutes, longer on a busy machine.
 TIMEOUT = 900.0
 # A figure the report prints: "0.12 s", "45.3 MiB", "0.010 %", "15", "0 of 3".
-NUMBER = re.compile(r"^(\d+(\.\d+)?) (s|MiB|%)$|^\d+$|^\d+ of \d+$")
+NUMBER = re.compile(r"^(\d+(\.\d+)?) (s|MiB|%|CPU-s)$|^\d+$|^\d+ of \d+$")
+# A phase can come out a few ms below zero: a process's start time has 10 ms ticks.
+PHASE = re.compile(r"^-?\d+\.\d+ (s|CPU-s)$")
 
 
 def table(text: str, header: str) -> list[list[str]]:
@@ -42,6 +46,12 @@ def table(text: str, header: str) -> list[list[str]]:
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
+
+
+def table_starting(text: str, prefix: str) -> list[list[str]]:
+    """The rows of the markdown table whose header line starts with `prefix`."""
+    header = next(line for line in text.splitlines() if line.startswith(prefix))
+    return table(text, header)
 
 
 def leftovers(tag: str, workdir: str) -> list[str]:
@@ -136,8 +146,42 @@ def test_smoke_benchmark_writes_a_full_report(tmp_path: Path) -> None:
         assert 0 < float(latencies[0].split()[0]) < 60, (label, latencies)
         assert not_completed == "0 of 1", (label, not_completed)
 
+    check_engines(report)
+
     imports = table(report, "| import step (cumulative) | RSS | PSS | USS | +RSS |")
     assert [row[0] for row in imports] == [label for label, _ in STEPS]
     rss = [float(row[1].split()[0]) for row in imports]
     assert rss == sorted(rss) and rss[0] > 3, rss
     assert "## Errors" not in report
+
+
+def check_engines(report: str) -> None:
+    """Issue 17's section: four columns of figures, the template's memory, the phases."""
+    rows = table_starting(report, engines_report.TABLE_HEADER_START)
+    labels = [label for label, _, _ in engines_report.ROWS]
+    assert [row[0] for row in rows] == [
+        *labels,
+        "runs not COMPLETED",
+        "warm runs the agent started cold",
+    ]
+    for label, *cells in rows[: len(labels)]:
+        for cell in cells[:4]:  # cold, warm, Runner at its default poll, Runner at 1 s
+            assert NUMBER.match(cell), (label, cell, cells)
+    not_completed = rows[len(labels)][1:5]
+    assert all(cell.startswith("0 of ") for cell in not_completed), not_completed
+    assert rows[-1][2].isdigit(), rows[-1]
+    for target in ("- warm start p50", "- a burst of", "- engine CPU per run: warm"):
+        line = next(line for line in report.splitlines() if line.startswith(target))
+        assert line.endswith((": met", ": **not met**")), line
+
+    memory = table(report, engines_report.MEMORY_HEADER)
+    assert len(memory) == 2, memory
+    for row in memory:
+        assert all(NUMBER.match(cell) and cell.endswith(" MiB") for cell in row[1:4]), row
+
+    steps = table(report, engines_report.PHASES_HEADER)
+    assert len(steps) == len(phases.PHASES) + 1, steps
+    untimed_cold = {p.label for p in phases.PHASES if p.cold is None}
+    for label, cold, warm in steps:
+        assert PHASE.match(warm), (label, warm)  # a warm run really was forked and timed
+        assert PHASE.match(cold) or (cold == "—" and label in untimed_cold), (label, cold)

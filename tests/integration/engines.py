@@ -12,12 +12,12 @@ wrapper, or W, which holds its run directory open) and its descendants, and the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import psutil
 
 from agent.launch.wrapper import PID_RECORD, WRAPPER_NAME
+from agent.processes import holds_open
 from tests.integration.agent_process import Api, wait_for
 
 ENGINES = ("cold", "warm")
@@ -67,22 +67,6 @@ def engine_of(engine_pid: int) -> str | None:
         return argv_engine(parent.cmdline()) if parent is not None else None
     except psutil.Error:
         return None
-
-
-def holds_open(pid: int, path: Path) -> bool:
-    """Whether the process has `path` open (W holds its run directory open for its life)."""
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return False
-    wanted = {str(path), os.path.realpath(path)}
-    for fd in fds:
-        try:
-            if str(fd.readlink()) in wanted:
-                return True
-        except OSError:
-            continue  # closed meanwhile
-    return False
 
 
 def run_supervisor(run_dir: Path) -> tuple[str, psutil.Process] | None:

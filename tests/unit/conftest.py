@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.server import serve
 from websockets.typing import Subprotocol
 
 from tests.unit.fakes import FakeEngines, FakeEventsServer, FakeHooks, FakeLauncher, FakePrefect
+from tests.unit.fakes.warm import Warm, flow_venv, warm_setup
 
 
 @pytest.fixture
@@ -41,3 +43,16 @@ async def fake_events() -> AsyncIterator[FakeEventsServer]:
         fake.server = srv
         fake.port = next(iter(srv.sockets)).getsockname()[1]
         yield fake
+
+
+@pytest.fixture(scope="module")
+def flow_python() -> Iterator[Path]:
+    """A throwaway venv (fake `prefect`) per test module, for warm templates to run under."""
+    yield from flow_venv()
+
+
+@pytest.fixture
+async def warm(tmp_path: Path, flow_python: Path) -> AsyncIterator[Warm]:
+    """A warm pool and launcher; runs and templates are gone when the test ends."""
+    async with warm_setup(tmp_path, flow_python) as harness:
+        yield harness

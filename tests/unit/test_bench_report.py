@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 from bench.report import ROWS, ContenderResult, Row, cancellation_detail
@@ -79,12 +77,3 @@ def test_only_selects_scenarios_and_needs_an_explicit_report_path(
     assert "--only writes a partial report" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([*venv, "--only", "nonsense", "--out", "/tmp/partial.md"])
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["measure", "compare", "scope_check", "import_caches", "pool"],
-)
-def test_the_warm_prototype_still_imports_the_agent_it_measures(module: str) -> None:
-    """docs/warm-engine.md tells how to re-run them; a moved agent module must not break that."""
-    importlib.import_module(f"bench.warm_proto.{module}")

@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import agent
 from agent.cli import EX_CONFIG, main
 from agent.deployments import deployment_body
 from agent.settings import ConfigError, Settings, load_settings
@@ -570,6 +571,8 @@ def test_every_config_exits_0_or_78_with_one_named_line(
 
             fake.run = run  # type: ignore[attr-defined]
             patch.setitem(sys.modules, "agent.daemon", fake)
+            # `from agent import daemon` finds the attribute first once the real module was imported
+            patch.setattr(agent, "daemon", fake, raising=False)
             status, out, err = run_cli(argv, environ)
         if case.problem is None:
             event("valid")

@@ -1,6 +1,0 @@
-from prefect import flow
-
-
-@flow
-def noop() -> None:
-    pass

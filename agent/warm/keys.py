@@ -88,7 +88,8 @@ def unsafe_venv(python: str, *, euid: int | None = None) -> str | None:
         return None  # the template is the agent's own user: nothing to gain
     exe = Path(python)
     prefix = exe.parent.parent
-    # pyvenv.cfg names the base interpreter; deeper files are left to their directories' owners
+    # pyvenv.cfg names the base interpreter. Files below a site-packages entry are not walked
+    # (tens of thousands): a writable one there passes; docs/warm-engine.md says so.
     candidates: list[Path] = [exe, exe.resolve(), exe.parent, prefix, prefix / "pyvenv.cfg"]
     candidates.append(prefix / "lib")
     for lib in sorted(prefix.glob("lib/python3*")):

@@ -10,7 +10,7 @@ from websockets.asyncio.server import serve
 from websockets.typing import Subprotocol
 
 from tests.unit.fakes import FakeEngines, FakeEventsServer, FakeHooks, FakeLauncher, FakePrefect
-from tests.unit.fakes.warm import Warm, flow_venv, warm_setup
+from tests.unit.fakes.warm import Clock, Warm, flow_venv, warm_setup
 
 
 @pytest.fixture
@@ -56,3 +56,8 @@ async def warm(tmp_path: Path, flow_python: Path) -> AsyncIterator[Warm]:
     """A warm pool and launcher; runs and templates are gone when the test ends."""
     async with warm_setup(tmp_path, flow_python) as harness:
         yield harness
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

@@ -19,10 +19,12 @@ from agent.warm.launcher import WarmHandle
 from agent.warm.pool import IDLE_STOP, RETRY_AFTER, Template
 from tests.unit.fakes.warm import (
     BLOCK,
+    Clock,
     Warm,
     eventually,
     exit_with,
     gone,
+    launch_warm,
     refusal,
     site_packages,
     template_of,
@@ -30,19 +32,6 @@ from tests.unit.fakes.warm import (
     warm_setup,
     write_fake_packages,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
@@ -68,12 +57,6 @@ async def launch_cold(warm: Warm, req: LaunchRequest, caplog: pytest.LogCaptureF
     assert await handle.wait() == 0
     [reason] = cold_because(caplog, req)
     return reason
-
-
-async def launch_warm(warm: Warm, req: LaunchRequest) -> int:
-    handle = await warm.launch(req)
-    assert isinstance(handle, WarmHandle), "the run started cold"
-    return await handle.wait()
 
 
 async def test_a_run_never_waits_for_a_template_that_is_still_importing(
@@ -139,7 +122,7 @@ def touch_site_packages(warm: Warm) -> None:
 
 
 async def test_an_unsafe_venv_is_refused_without_starting_a_template(
-    tmp_path: Path, flow_python: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, flow_python: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     checked: list[str] = []
 
@@ -147,7 +130,7 @@ async def test_an_unsafe_venv_is_refused_without_starting_a_template(
         checked.append(python)
         return f"{python} is writable by its group or others (mode 775)"
 
-    async with warm_setup(tmp_path, flow_python, venv_problem=unsafe) as harness:
+    async with warm_setup(tmp_path, flow_python, venv_problem=unsafe, clock=clock) as harness:
         req = harness.request(exit_with(0))
         key = harness.key(req)
         harness.pool.ensure(key)
@@ -163,8 +146,11 @@ async def test_an_unsafe_venv_made_safe_is_looked_at_again_after_the_pause(
     tmp_path: Path, flow_python: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     problems = ["bin is writable by its group or others (mode 777)"]
+    checked = 0
 
     def venv_problem(python: str) -> str | None:
+        nonlocal checked
+        checked += 1
         return problems[0] if problems else None
 
     async with warm_setup(tmp_path, flow_python, venv_problem=venv_problem, clock=clock) as harness:
@@ -172,9 +158,18 @@ async def test_an_unsafe_venv_made_safe_is_looked_at_again_after_the_pause(
         key = harness.key(req)
         harness.pool.ensure(key)
         await eventually(lambda: refusal(harness.pool, key), "refused")
-        problems.clear()  # the admin's chmod: no stamp changes
+        assert checked == 1
+        clock.now += RETRY_AFTER  # still unsafe: looked at once more, then not for a while
         assert (await launch_cold(harness, req, caplog)).startswith("its template refused")
-        clock.now += RETRY_AFTER
+        caplog.clear()
+        assert (await launch_cold(harness, req, caplog)).startswith("its template refused")
+        assert checked == 2
+        problems.clear()  # the admin's chmod: no stamp changes
+        clock.now += RETRY_AFTER - 1
+        caplog.clear()
+        assert (await launch_cold(harness, req, caplog)).startswith("its template refused")
+        assert checked == 2
+        clock.now += 1
         caplog.clear()
         await harness.ready(req)
         assert refusal(harness.pool, key) is None

@@ -18,6 +18,7 @@ from agent.warm.launcher import WarmHandle
 from agent.warm.memory import read_state
 from agent.warm.pool import Template, WarmPool
 from tests.unit.fakes.warm import (
+    Clock,
     eventually,
     exit_with,
     key_for,
@@ -31,10 +32,9 @@ from tests.unit.fakes.warm import (
 
 
 async def test_the_pools_exit_cancels_a_pending_restart(
-    tmp_path: Path,
-    flow_python: Path,
+    tmp_path: Path, flow_python: Path, clock: Clock
 ) -> None:
-    async with warm_pool(tmp_path / "warm") as pool:
+    async with warm_pool(tmp_path / "warm", clock=clock) as pool:
         key = key_for(flow_python)
         pool.keep([key])
         template = await ready(pool, key)

@@ -14,6 +14,7 @@ from uuid import UUID
 import pytest
 from pytest_subprocess import FakeProcess
 
+from agent import daemon
 from agent.launch.base import LaunchError, LaunchRequest
 from agent.launch.process import ProcessLauncher
 from agent.launch.systemd import (
@@ -26,7 +27,6 @@ from agent.launch.systemd import (
 from agent.settings import Settings
 from agent.warm.memory import WARM_DIRECTORY
 from agent.warm.pool import PROGRAM
-from tests.unit.fakes.warm import daemon_module
 
 RUN_ID = UUID("0b9a5c1e-6f55-4f3e-9d0a-2f1c7d9e8a11")
 UNIT = f"runner-agent-run-{RUN_ID}.scope"
@@ -268,8 +268,7 @@ async def test_the_daemons_pool_under_systemd(tmp_path: Path, fp: FakeProcess) -
     launcher = SystemdLauncher(
         slice=SLICE, user_manager=True, manager_env={"XDG_RUNTIME_DIR": "/run/user/7"}
     )
-    with daemon_module() as daemon:
-        pool = daemon.warm_pool(launcher, settings)
+    pool = daemon.warm_pool(launcher, settings)
     assert pool.directory == tmp_path / "rt" / WARM_DIRECTORY
     assert pool._prefix("u.scope", "w") == launcher.template_prefix("u.scope", "w")
     assert pool._extra_env == {"XDG_RUNTIME_DIR": "/run/user/7"}
@@ -283,8 +282,7 @@ async def test_the_daemons_pool_under_systemd(tmp_path: Path, fp: FakeProcess) -
 
 def test_the_daemons_pool_under_the_process_launcher(tmp_path: Path) -> None:
     settings = Settings.model_validate({"agent": {"runtime_dir": str(tmp_path / "rt")}})
-    with daemon_module() as daemon:
-        pool = daemon.warm_pool(ProcessLauncher(), settings)
+    pool = daemon.warm_pool(ProcessLauncher(), settings)
     assert pool.directory == tmp_path / "rt" / WARM_DIRECTORY
     assert pool._prefix("u.scope", "w") == []
     assert (pool._extra_env, pool._before_first_start) == ({}, None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent import daemon
 from agent.jobvars import JobVariablesError, Layer, apply_job_variables
 from agent.processes import holds_open, wrapper_start_time
 from agent.settings import (
@@ -22,7 +23,6 @@ from agent.settings import (
     FlowRunSettings,
     load_settings,
 )
-from tests.unit.fakes.warm import daemon_module
 
 DEPLOYMENT = '[[deployment]]\nname = "{name}"\nentrypoint = "f.py:f"\npath = "/srv/flows"\n'
 
@@ -47,8 +47,7 @@ def test_engine_is_cold_unless_configured(tmp_path: Path) -> None:
     assert FlowRunSettings().engine == "cold"
     settings = load_settings(config(tmp_path, DEPLOYMENT.format(name="a")), {})
     assert settings.flow_run.engine == "cold"
-    with daemon_module() as daemon:
-        assert [s.engine for s in daemon.warm_candidates(settings)] == ["cold"]
+    assert [s.engine for s in daemon.warm_candidates(settings)] == ["cold"]
 
 
 def test_a_deployment_overrides_the_engine_of_flow_run(tmp_path: Path) -> None:
@@ -62,8 +61,7 @@ def test_a_deployment_overrides_the_engine_of_flow_run(tmp_path: Path) -> None:
     )
     settings = load_settings(config(tmp_path, text), {})
     assert settings.flow_run.engine == "warm"
-    with daemon_module() as daemon:
-        engines = [(s.engine, s.python) for s in daemon.warm_candidates(settings)]
+    engines = [(s.engine, s.python) for s in daemon.warm_candidates(settings)]
     assert engines == [
         ("cold", "/opt/v/bin/python"),
         ("warm", "/opt/v/bin/python"),

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.launch.base import LaunchRequest
 from agent.status import render_json, render_templates
-from agent.warm.launcher import WarmHandle
 from agent.warm.memory import (
     STATE_FILE,
     WARM_DIRECTORY,
@@ -19,14 +17,7 @@ from agent.warm.memory import (
     read_state,
     write_state,
 )
-from tests.unit.fakes.warm import Warm, exit_with, key_for, ready, warm_pool, warm_setup
-
-
-async def launch_warm(warm: Warm, req: LaunchRequest) -> int:
-    handle = await warm.launch(req)
-    assert isinstance(handle, WarmHandle), "the run started cold"
-    return await handle.wait()
-
+from tests.unit.fakes.warm import exit_with, key_for, launch_warm, ready, warm_pool, warm_setup
 
 LIVE = TemplateStatus(
     key="0123456789ab",

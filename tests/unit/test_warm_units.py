@@ -228,16 +228,21 @@ async def test_warm_handle_waits_on_the_pidfd_then_reads_the_record(tmp_path: Pa
         run_dir.mkdir()
         child = await asyncio.create_subprocess_exec("sleep", "300")
         handle = WarmHandle(uuid4(), None, child.pid, os.pidfd_open(child.pid), run_dir)
-        waiting = asyncio.ensure_future(handle.wait())
-        await asyncio.sleep(0)
-        assert not waiting.done()
-        if record is not None:
-            (run_dir / "exit-status").write_text(record)
-        child.kill()
-        assert await waiting == status
-        (run_dir / "exit-status").unlink(missing_ok=True)
-        assert await handle.wait() == status  # the status it saw, once and for all
-        await child.wait()
+        try:
+            waiting = asyncio.ensure_future(handle.wait())
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            if record is not None:
+                (run_dir / "exit-status").write_text(record)
+            child.kill()
+            assert await waiting == status
+            (run_dir / "exit-status").unlink(missing_ok=True)
+            assert await handle.wait() == status  # the status it saw, once and for all
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+            handle.close()
 
 
 async def test_warm_handle_can_be_waited_for_again_after_a_cancelled_wait(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import importlib
 import os
 import shutil
 import signal
@@ -29,7 +28,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from uuid import uuid4
 
@@ -38,7 +36,7 @@ import psutil
 from agent.launch.base import Launcher, LaunchRequest, RunHandle, base_environment
 from agent.launch.process import ProcessLauncher
 from agent.warm.keys import TemplateKey, connect_path, template_key
-from agent.warm.launcher import WarmLauncher
+from agent.warm.launcher import WarmHandle, WarmLauncher
 from agent.warm.pool import Template, WarmPool
 from agent.warm.template import PRELOAD
 
@@ -328,6 +326,16 @@ def flow_venv() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+class Clock:
+    """The pool's clock, moved by hand: pauses (RETRY_AFTER, IDLE_STOP) pass at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Warm:
     """A pool and a WarmLauncher around `inner`, and the runs of one test."""
@@ -389,19 +397,8 @@ async def connection(
         writer.close()
 
 
-@contextlib.contextmanager
-def daemon_module() -> Iterator[ModuleType]:
-    """agent.daemon, leaving the `agent` package as it was: tests that replace the daemon with
-    a fake in sys.modules (test_fuzz_config) would otherwise get the real one, which the cli's
-    `from agent import daemon` finds as the package's attribute once it was imported."""
-    import agent
-
-    before = sys.modules.get("agent.daemon")
-    module = importlib.import_module("agent.daemon")
-    try:
-        yield module
-    finally:
-        if before is None:
-            sys.modules.pop("agent.daemon", None)
-            if getattr(agent, "daemon", None) is module:
-                delattr(agent, "daemon")
+async def launch_warm(warm: Warm, req: LaunchRequest) -> int:
+    """Launch `req`, which must start warm; its exit status."""
+    handle = await warm.launch(req)
+    assert isinstance(handle, WarmHandle), "the run started cold"
+    return await handle.wait()
